@@ -1,0 +1,31 @@
+"""The backbone contract: a network built for any input shape and number of outputs."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+
+class Backbone:
+    """Base class of backbone plugins.
+
+    A subclass implements :meth:`build_features`, returning a feature extractor and
+    the size of its output; the core appends the linear layer. Learners that
+    replace the head (pretrain + fine-tune, prototypical networks) use the
+    feature extractor alone.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **params: Any):
+        self.config = params
+
+    def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+        raise NotImplementedError
+
+    def build(self, input_shape: tuple[int, ...], num_outputs: int) -> nn.Sequential:
+        features, width = self.build_features(input_shape)
+        return nn.Sequential(features, nn.Linear(width, num_outputs))

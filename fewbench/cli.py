@@ -1,0 +1,143 @@
+"""The ``fewbench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import platformdirs
+
+from fewbench import __version__
+from fewbench.errors import FewbenchError
+from fewbench.grid import expand
+from fewbench.registry import KINDS, Registry
+from fewbench.report import FORMATS, render
+from fewbench.suite import load_suite_file
+
+EXIT_FAILED_CELLS = 1
+EXIT_USAGE = 2
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("FEWBENCH_DATA") or platformdirs.user_data_dir("fewbench"))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEWBENCH_CACHE") or platformdirs.user_cache_dir("fewbench"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewbench", description="Benchmark few-shot learners on fixed episodes."
+    )
+    parser.add_argument("--version", action="version", version=f"fewbench {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train and evaluate every cell of a suite")
+    run.add_argument("suite", help="suite YAML file")
+    run.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a suite key (dotted path, YAML value), e.g. train.iterations=200",
+    )
+    run.add_argument(
+        "--out", type=Path, help="run directory (default results/<suite name>/<run id>)"
+    )
+    run.add_argument(
+        "--data-root", type=Path, help="data root (default $FEWBENCH_DATA or the user data folder)"
+    )
+    run.add_argument(
+        "--cache-dir", type=Path, help="cache for decoded datasets (default $FEWBENCH_CACHE)"
+    )
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the expanded grid and train nothing"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = commands.add_parser("report", help="tables from a run directory")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--format", choices=FORMATS, default="table")
+    report.add_argument("--decimals", type=int, default=2)
+
+    commands.add_parser(
+        "plugins", help="list datasets, backbones and learners with their providers"
+    )
+    return parser
+
+
+def cmd_plugins(registry: Registry) -> int:
+    for kind in KINDS:
+        print(f"{kind}s:")
+        for item in registry.items(kind):
+            print(f"  {item.name:<12} {item.description}  [{item.provider}]")
+            for name, param in item.params.params.items():
+                print(
+                    f"      {name} = {param.describe()}"
+                    + (f"  # {param.help}" if param.help else "")
+                )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
+    from fewbench.runner import resolve_device, run_suite, suite_text_of
+
+    data_root = args.data_root or default_data_root()
+    source = load_suite_file(args.suite, args.sets)
+    suite = expand(source, registry, data_root, require_data=not args.dry_run)
+    for warning in suite.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.dry_run:
+        for cell in suite.cells:
+            print(f"{cell.id}  {cell.label}")
+        print(f"{len(suite.cells)} cells")
+        return 0
+    device = resolve_device(args.device)
+    run_dir = args.out or Path("results") / suite.name / time.strftime("%Y%m%d-%H%M%S")
+    print(f"fewbench: {len(suite.cells)} cells on {device}, results in {run_dir}", file=sys.stderr)
+    summary = run_suite(
+        suite,
+        suite_text_of(suite),
+        registry,
+        run_dir=run_dir,
+        data_root=data_root,
+        cache_dir=args.cache_dir or default_cache_dir(),
+        device=device,
+        log=sys.stderr,
+        progress=not args.no_progress,
+    )
+    print(render(run_dir, "table"))
+    if summary.failed:
+        print(f"{len(summary.failed)} of {len(suite.cells)} cells failed:", file=sys.stderr)
+        for label, reason in summary.failed:
+            print(f"  {label}: {reason}", file=sys.stderr)
+        return EXIT_FAILED_CELLS
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        registry = Registry()
+        if args.command == "plugins":
+            return cmd_plugins(registry)
+        if args.command == "report":
+            sys.stdout.write(render(args.run_dir, args.format, args.decimals))
+            return 0
+        return cmd_run(args, registry)
+    except FewbenchError as exc:
+        print(f"fewbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fewbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The dataset contract: what a dataset plugin hands the core, and episode sampling.
+
+A dataset plugin turns its files into one :class:`EpisodeSource` per split
+(``train``, ``val``, ``test``). The core never looks inside: it asks a source for
+meta-batches of episodes or for batches of labelled examples. Image datasets use
+:class:`ClassPool`, which holds every example of a split in one uint8 tensor of
+shape ``[classes, examples, *image]`` and draws episodes by index arithmetic, so
+no per-image Python work happens while training. A task-generating dataset (for
+example sinusoid regression) implements :class:`EpisodeSource` directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EpisodeBatch:
+    """``T`` episodes stacked along the first dimension; labels are 0..ways-1 within each."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    ways: int
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> EpisodeBatch:
+        return EpisodeBatch(
+            self.support_x.to(device, non_blocking=True),
+            self.support_y.to(device, non_blocking=True),
+            self.query_x.to(device, non_blocking=True),
+            self.query_y.to(device, non_blocking=True),
+            self.ways,
+        )
+
+    @staticmethod
+    def concat(parts: list[EpisodeBatch]) -> EpisodeBatch:
+        return EpisodeBatch(
+            torch.cat([p.support_x for p in parts]),
+            torch.cat([p.support_y for p in parts]),
+            torch.cat([p.query_x for p in parts]),
+            torch.cat([p.query_y for p in parts]),
+            parts[0].ways,
+        )
+
+
+@dataclass
+class LabelledBatch:
+    """Ordinary supervised examples drawn from all classes of a split."""
+
+    x: Tensor
+    y: Tensor
+
+    def to(self, device: torch.device | str) -> LabelledBatch:
+        return LabelledBatch(
+            self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True)
+        )
+
+
+@dataclass(frozen=True)
+class SplitSize:
+    """How many classes a split has and how many examples the smallest class has."""
+
+    classes: int
+    examples_per_class: int
+
+
+class EpisodeSource:
+    """One split of a dataset, as the core consumes it."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def sample_episodes(
+        self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
+    ) -> EpisodeBatch:
+        raise NotImplementedError
+
+    def sample_labelled(self, batch_size: int, generator: torch.Generator) -> LabelledBatch:
+        raise NotImplementedError(f"{type(self).__name__} cannot give labelled batches")
+
+    def to(self, device: torch.device | str) -> EpisodeSource:
+        return self
+
+
+class ClassPool(EpisodeSource):
+    """A split held as ``uint8[classes, examples, *shape]``, scaled to [0, 1] on sampling."""
+
+    def __init__(self, images: Tensor):
+        if images.dtype != torch.uint8 or images.dim() < 3:
+            raise ValueError("ClassPool expects uint8[classes, examples, *shape]")
+        self.images = images
+        self.num_classes = images.shape[0]
+        self.examples_per_class = images.shape[1]
+        self.input_shape = tuple(images.shape[2:])
+
+    def to(self, device: torch.device | str) -> ClassPool:
+        return ClassPool(self.images.to(device))
+
+    def _scale(self, raw: Tensor) -> Tensor:
+        return raw.float().div_(255.0)
+
+    def sample_episodes(
+        self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
+    ) -> EpisodeBatch:
+        per_class = shots + query
+        if ways > self.num_classes or per_class > self.examples_per_class:
+            raise ValueError(
+                f"cannot draw {ways}-way episodes with {per_class} examples per class from "
+                f"{self.num_classes} classes of {self.examples_per_class} examples"
+            )
+        # Random keys + argsort draw classes (and examples) without replacement, batched.
+        classes = torch.rand(count, self.num_classes, generator=generator).argsort(dim=1)[:, :ways]
+        examples = torch.rand(count, ways, self.examples_per_class, generator=generator)
+        examples = examples.argsort(dim=2)[:, :, :per_class]
+        device = self.images.device
+        picked = self.images[
+            classes.to(device)[:, :, None], examples.to(device)
+        ]  # [T, N, K+Q, *shape]
+        picked = self._scale(picked)
+        labels = torch.arange(ways, device=device)
+        support = picked[:, :, :shots].reshape(count, ways * shots, *self.input_shape)
+        query_x = picked[:, :, shots:].reshape(count, ways * query, *self.input_shape)
+        return EpisodeBatch(
+            support,
+            labels.repeat_interleave(shots).expand(count, -1).contiguous(),
+            query_x,
+            labels.repeat_interleave(query).expand(count, -1).contiguous(),
+            ways,
+        )
+
+    def sample_labelled(self, batch_size: int, generator: torch.Generator) -> LabelledBatch:
+        flat = torch.randint(
+            self.num_classes * self.examples_per_class, (batch_size,), generator=generator
+        )
+        classes = flat // self.examples_per_class
+        examples = flat % self.examples_per_class
+        device = self.images.device
+        x = self._scale(self.images[classes.to(device), examples.to(device)])
+        return LabelledBatch(x, classes.to(device))
+
+
+class Dataset:
+    """Base class of dataset plugins.
+
+    Subclasses set ``name``, ``description`` and ``params`` and implement
+    :meth:`split_sizes` (cheap: used to validate a suite before anything trains)
+    and :meth:`load`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+    task_type: ClassVar[str] = "classification"
+
+    def __init__(self, **params: Any):
+        self.config = params
+
+    def split_sizes(self, root: Path) -> dict[str, SplitSize]:
+        raise NotImplementedError
+
+    def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
+        raise NotImplementedError
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any printable parts (same on every machine and run)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(*parts: Any) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(*parts))
+    return generator

@@ -1,0 +1,68 @@
+"""What a result was produced with: versions, device, git commit, plugin providers."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fewbench
+from fewbench.registry import KINDS, Registry
+
+
+def _git_commit(path: Path) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
+    ).stdout.strip()
+    return result.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def collect(device: torch.device, registry: Registry) -> dict[str, Any]:
+    providers = sorted({item.provider for kind in KINDS for item in registry.items(kind)})
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "fewbench": fewbench.__version__,
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(Path(fewbench.__file__).resolve().parent),
+        "plugin_providers": {name: _version(name) for name in providers},
+        "command": sys.argv,
+    }

@@ -1,0 +1,90 @@
+"""Fixed episodes and the per-episode metric.
+
+Episode ``i`` of a split is drawn from its own generator, seeded from
+(dataset identity, split, ways, shots, query, eval seed, i). So every learner
+and backbone of a suite, in any run and in any chunking, sees exactly the same
+validation and test episodes, and their per-episode results can be paired.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewbench.data import EpisodeBatch, EpisodeSource, seeded_generator
+from fewbench.learner import Learner
+
+
+def dataset_identity(
+    dataset_config: dict[str, Any], identity_params: tuple[str, ...] | None
+) -> tuple:
+    """What fixes the episodes of a dataset: its name and the parameters that choose classes.
+
+    Parameters such as the image size change how examples look, not which
+    examples an episode holds, so a dataset may leave them out.
+    """
+    keys = sorted(k for k in dataset_config if k != "name")
+    if identity_params is not None:
+        keys = [k for k in keys if k in identity_params]
+    return (dataset_config["name"], *((k, dataset_config[k]) for k in keys))
+
+
+def fixed_episodes(
+    source: EpisodeSource,
+    identity: tuple,
+    split: str,
+    ways: int,
+    shots: int,
+    query: int,
+    seed: int,
+    start: int,
+    count: int,
+) -> EpisodeBatch:
+    """Episodes ``start .. start+count-1`` of the fixed sequence for these settings."""
+    parts = [
+        source.sample_episodes(
+            1,
+            ways,
+            shots,
+            query,
+            seeded_generator("episode", identity, split, ways, shots, query, seed, index),
+        )
+        for index in range(start, start + count)
+    ]
+    return EpisodeBatch.concat(parts)
+
+
+def episode_metric(outputs: Tensor, targets: Tensor, task_type: str) -> Tensor:
+    """Per-episode accuracy (classification) or mean squared error (regression)."""
+    if task_type == "classification":
+        return (outputs.argmax(dim=-1) == targets).float().mean(dim=-1)
+    return ((outputs - targets) ** 2).reshape(outputs.shape[0], -1).mean(dim=-1)
+
+
+def evaluate(
+    learner: Learner,
+    source: EpisodeSource,
+    *,
+    identity: tuple,
+    split: str,
+    ways: int,
+    shots: int,
+    query: int,
+    seed: int,
+    episodes: int,
+    chunk: int,
+    device: torch.device,
+    task_type: str = "classification",
+) -> np.ndarray:
+    """Adapt to each fixed episode and return the per-episode metric."""
+    values = []
+    for start in range(0, episodes, chunk):
+        batch = fixed_episodes(
+            source, identity, split, ways, shots, query, seed, start, min(chunk, episodes - start)
+        ).to(device)
+        outputs = learner.predict(batch)
+        values.append(episode_metric(outputs, batch.query_y, task_type).detach().cpu())
+    return torch.cat(values).numpy().astype(np.float64)

@@ -1,0 +1,42 @@
+"""The hook specifications: the whole plugin API of fewbench in one module.
+
+Each hook receives a ``register`` callback in the style of ``llm``'s
+``register_models(register)``. A plugin calls ``register(cls)`` once per thing it
+provides. The class describes itself through class attributes:
+
+* ``name``: the name used in suite files (unique per kind across all plugins);
+* ``description``: one line shown by ``fewbench plugins``;
+* ``params``: ``{parameter: default}`` (or :class:`fewbench.params.Param`), which is
+  what a suite may set and what validation checks against.
+
+The built-in plugins in ``plugins/`` implement these hooks exactly as a
+third-party package would, and are found through the ``fewbench`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT_NAME = "fewbench"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+Register = Callable[[type], None]
+
+
+@hookspec
+def fewbench_register_datasets(register: Register) -> None:
+    """Register dataset classes (subclasses of :class:`fewbench.data.Dataset`)."""
+
+
+@hookspec
+def fewbench_register_backbones(register: Register) -> None:
+    """Register backbone classes (subclasses of :class:`fewbench.backbone.Backbone`)."""
+
+
+@hookspec
+def fewbench_register_learners(register: Register) -> None:
+    """Register learner classes (subclasses of :class:`fewbench.learner.Learner`)."""

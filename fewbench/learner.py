@@ -1,0 +1,91 @@
+"""The learner contract, the heart of the plugin API.
+
+The core owns the loop: it draws training batches, counts iterations, validates
+on fixed episodes, keeps the best state, checkpoints, and evaluates on the fixed
+test episodes. A learner supplies only
+
+* what kind of training batch it wants (:attr:`Learner.batch_kind`:
+  ``"episodes"`` for a meta-batch of episodes, ``"examples"`` for labelled
+  examples from all training classes) and how many per step (:meth:`batch_size`);
+* one training step on such a batch (:meth:`train_step`), returning the loss;
+* how it adapts to a batch of episodes and predicts their query sets (:meth:`predict`);
+* its state, for keeping the best parameters and for checkpoints.
+
+MAML, first-order MAML and pretrain + fine-tune fit this, and so do prototypical
+networks, Reptile, ANIL or Meta-SGD (episodes in, query predictions out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fewbench.backbone import Backbone
+from fewbench.data import EpisodeBatch, LabelledBatch
+
+
+@dataclass(frozen=True)
+class LearnerContext:
+    """What the core tells a learner before training."""
+
+    backbone: Backbone
+    input_shape: tuple[int, ...]
+    ways: int
+    shots: int
+    query: int
+    num_train_classes: int
+    device: torch.device
+    task_type: str = "classification"
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The training loss for this task type (outputs flattened over tasks)."""
+        if self.task_type == "classification":
+            return nn.functional.cross_entropy(
+                outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+            )
+        return nn.functional.mse_loss(outputs, targets)
+
+
+class Learner:
+    """Base class of learner plugins; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+    batch_kind: ClassVar[str] = "episodes"
+
+    def __init__(self, **params: Any):
+        self.config = params
+        self.ctx: LearnerContext | None = None
+
+    def setup(self, ctx: LearnerContext) -> None:
+        """Build networks and optimizers (the core has seeded torch's global generator)."""
+        self.ctx = ctx
+
+    def batch_size(self) -> int:
+        """Episodes per meta-batch (``episodes``) or examples per batch (``examples``)."""
+        raise NotImplementedError
+
+    def iterations(self, suite_iterations: int) -> int:
+        """How many training steps to run; the suite's ``train.iterations`` by default."""
+        return suite_iterations
+
+    def train_step(self, batch: EpisodeBatch | LabelledBatch, iteration: int) -> float:
+        raise NotImplementedError
+
+    def predict(self, episodes: EpisodeBatch) -> Tensor:
+        """Adapt to each episode's support set; return query outputs ``[T, N*Q, ways]``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def describe_engine(self) -> str:
+        """A short word recorded with results so a number can be traced to its code path."""
+        return "default"

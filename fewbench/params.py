@@ -1,0 +1,101 @@
+"""Declared plugin parameters and the checks a suite value must pass."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A plugin parameter: its default, accepted type, allowed choices and help.
+
+    ``type`` defaults to the type of ``default``; a ``None`` default with no type
+    accepts any value. ``nullable`` lets ``None`` stand for "use the framework's
+    value" (for example a learner's own iteration count).
+    """
+
+    default: Any
+    type: Any = _UNSET
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+    nullable: bool = False
+    minimum: float | None = None
+
+    @property
+    def value_type(self) -> type | None:
+        if self.type is not _UNSET:
+            return self.type
+        return None if self.default is None else type(self.default)
+
+    def describe(self) -> str:
+        text = f"{self.default!r}"
+        if self.choices:
+            text += " (" + "|".join(str(c) for c in self.choices) + ")"
+        return text
+
+
+def as_param(spec: Any) -> Param:
+    """Accept either a bare default or a :class:`Param`."""
+    return spec if isinstance(spec, Param) else Param(spec)
+
+
+def check_value(param: Param, value: Any) -> tuple[Any, str | None]:
+    """Return the value (ints widened to float where a float is expected) or an error."""
+    if value is None and (param.nullable or param.default is None):
+        return None, None
+    expected = param.value_type
+    if expected is not None:
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is int and isinstance(value, bool):
+            return value, f"expected an integer, got {value!r}"
+        if not isinstance(value, expected):
+            return (
+                value,
+                f"expected {_type_name(expected)}, got {_type_name(type(value))} {value!r}",
+            )
+    if param.minimum is not None and isinstance(value, int | float) and value < param.minimum:
+        return value, f"must be at least {param.minimum:g}, got {value!r}"
+    if param.choices is not None and value not in param.choices:
+        options = ", ".join(repr(c) for c in param.choices)
+        return value, f"must be one of {options}, got {value!r}"
+    return value, None
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(_type_name(k) for k in kind)
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(kind, kind.__name__)
+
+
+def closest(name: str, known: list[str] | set[str] | tuple[str, ...]) -> str:
+    """A ' (did you mean X?)' hint, or an empty string when nothing is close."""
+    match = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+@dataclass
+class ParamSet:
+    """The resolved parameters of one plugin class."""
+
+    params: dict[str, Param] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, plugin: type) -> ParamSet:
+        raw = getattr(plugin, "params", {}) or {}
+        return cls({key: as_param(spec) for key, spec in raw.items()})
+
+    def defaults(self) -> dict[str, Any]:
+        return {key: param.default for key, param in self.params.items()}

@@ -1,0 +1,104 @@
+"""Plugin discovery and the name -> class registry built from the hooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from fewbench import hookspecs
+from fewbench.errors import PluginError
+from fewbench.params import ParamSet, closest
+
+KINDS = ("dataset", "backbone", "learner")
+_HOOKS = {
+    "dataset": "fewbench_register_datasets",
+    "backbone": "fewbench_register_backbones",
+    "learner": "fewbench_register_learners",
+}
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One plugin class as the registry knows it."""
+
+    kind: str
+    name: str
+    cls: type
+    description: str
+    params: ParamSet
+    provider: str
+
+    def build(self, **params: Any) -> Any:
+        return self.cls(**params)
+
+
+class Registry:
+    """Loads plugins (entry points plus any given modules) and indexes what they register."""
+
+    def __init__(
+        self, extra_plugins: list[ModuleType | object] | None = None, *, entry_points: bool = True
+    ):
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.manager.add_hookspecs(hookspecs)
+        if entry_points:
+            try:
+                self.manager.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+            except Exception as exc:  # a broken third-party plugin must say who it is
+                raise PluginError(
+                    f"could not load a '{hookspecs.PROJECT_NAME}' entry point: {exc}"
+                ) from exc
+        for plugin in extra_plugins or []:
+            self.manager.register(plugin)
+        self._items: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
+        providers = {
+            id(plugin): dist.project_name for plugin, dist in self.manager.list_plugin_distinfo()
+        }
+        for kind, hook_name in _HOOKS.items():
+            hook = getattr(self.manager.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                provider = providers.get(id(impl.plugin)) or impl.plugin_name
+                impl.function(register=self._registrar(kind, provider, impl.plugin_name))
+
+    def _registrar(self, kind: str, provider: str, module: str):
+        def register(cls: type) -> None:
+            name = getattr(cls, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginError(
+                    f"{provider} ({module}) registered a {kind} class {cls!r} without a 'name'"
+                )
+            existing = self._items[kind].get(name)
+            if existing is not None:
+                raise PluginError(
+                    f"{kind} '{name}' is registered twice: by {existing.provider} "
+                    f"({existing.cls.__module__}.{existing.cls.__qualname__}) and by {provider} "
+                    f"({cls.__module__}.{cls.__qualname__})"
+                )
+            description = (
+                getattr(cls, "description", "") or (cls.__doc__ or "").strip().split("\n")[0]
+            )
+            self._items[kind][name] = Registered(
+                kind, name, cls, description, ParamSet.of(cls), provider
+            )
+
+        return register
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._items[kind])
+
+    def items(self, kind: str) -> list[Registered]:
+        return [self._items[kind][name] for name in self.names(kind)]
+
+    def get(self, kind: str, name: str) -> Registered:
+        try:
+            return self._items[kind][name]
+        except KeyError:
+            known = self.names(kind)
+            raise PluginError(
+                f"unknown {kind} '{name}'{closest(name, known)}; known {kind}s: {', '.join(known) or 'none'}"
+            ) from None
+
+    def has(self, kind: str, name: str) -> bool:
+        return name in self._items[kind]

@@ -1,0 +1,244 @@
+"""Runs every cell of a suite into a run directory, containing each cell's failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import yaml
+
+from fewbench import environment
+from fewbench.data import EpisodeSource, derive_seed
+from fewbench.errors import FewbenchError
+from fewbench.evaluation import dataset_identity, evaluate
+from fewbench.grid import Cell, Suite
+from fewbench.learner import LearnerContext
+from fewbench.registry import Registry
+from fewbench.stats import mean_ci95
+from fewbench.store import ResultsStore
+from fewbench.training import Diverged, save_atomically, train
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FewbenchError(
+            f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})"
+        )
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FewbenchError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+class DatasetCache:
+    """Loads each distinct dataset configuration once per run and keeps it on the device."""
+
+    def __init__(self, registry: Registry, data_root: Path, cache_dir: Path, device: torch.device):
+        self.registry, self.data_root, self.cache_dir, self.device = (
+            registry,
+            data_root,
+            cache_dir,
+            device,
+        )
+        self._loaded: dict[str, tuple[Any, dict[str, EpisodeSource]]] = {}
+
+    def get(self, config: dict[str, Any]) -> tuple[Any, dict[str, EpisodeSource]]:
+        key = json.dumps(config, sort_keys=True)
+        if key not in self._loaded:
+            params = {k: v for k, v in config.items() if k != "name"}
+            dataset = self.registry.get("dataset", config["name"]).build(**params)
+            sources = dataset.load(self.data_root, self.cache_dir)
+            self._loaded[key] = (
+                dataset,
+                {split: s.to(self.device) for split, s in sources.items()},
+            )
+        return self._loaded[key]
+
+
+def prepare_run_dir(
+    run_dir: Path, suite: Suite, suite_text: str, registry: Registry, device: torch.device
+) -> ResultsStore:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "suite.yaml").write_text(suite_text, encoding="utf-8")
+    env = environment.collect(device, registry)
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+    store = ResultsStore.open_run(run_dir)
+    store.set_meta("suite", suite_text)
+    store.set_meta("suite_name", suite.name)
+    store.set_meta("environment", env)
+    store.add_cells(suite.cells)
+    return store
+
+
+def run_cell(
+    cell: Cell,
+    store: ResultsStore,
+    registry: Registry,
+    datasets: DatasetCache,
+    run_dir: Path,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    config = cell.config
+    dataset, sources = datasets.get(config["dataset"])
+    task_type = getattr(dataset, "task_type", "classification")
+    identity = dataset_identity(config["dataset"], getattr(dataset, "episode_identity", None))
+    backbone_cfg = {k: v for k, v in config["backbone"].items() if k != "name"}
+    learner_cfg = {k: v for k, v in config["learner"].items() if k != "name"}
+    backbone = registry.get("backbone", config["backbone"]["name"]).build(**backbone_cfg)
+    learner = registry.get("learner", config["learner"]["name"]).build(**learner_cfg)
+    torch.manual_seed(derive_seed("init", config["seed"]))
+    tasks = config["tasks"]
+    learner.setup(
+        LearnerContext(
+            backbone=backbone,
+            input_shape=sources["train"].input_shape,
+            ways=tasks["ways"],
+            shots=tasks["shots"],
+            query=tasks["query"],
+            num_train_classes=sources["train"].num_classes,
+            device=device,
+            task_type=task_type,
+        )
+    )
+    engine = learner.describe_engine()
+    store.mark(cell.id, "running", engine=engine)
+    checkpoint_dir = run_dir / "checkpoints" / cell.id
+    try:
+        outcome = train(
+            learner,
+            sources,
+            cell,
+            identity=identity,
+            device=device,
+            checkpoint_dir=checkpoint_dir,
+            task_type=task_type,
+            progress=progress,
+            on_validate=lambda curve: store.save_curve(cell.id, curve),
+        )
+    except Diverged as exc:
+        store.save_curve(cell.id, exc.curve)
+        raise
+    started = time.perf_counter()
+    values = evaluate(
+        learner,
+        sources["test"],
+        identity=identity,
+        split="test",
+        ways=tasks["ways"],
+        shots=tasks["shots"],
+        query=config["eval"]["query"],
+        seed=config["eval"]["seed"],
+        episodes=config["eval"]["episodes"],
+        chunk=config["eval"]["chunk"],
+        device=device,
+        task_type=task_type,
+    )
+    eval_seconds = time.perf_counter() - started
+    estimate = mean_ci95(values)
+    save_atomically(learner.state_dict(), checkpoint_dir / "best.pt")
+    store.complete(
+        cell.id,
+        metric="accuracy" if task_type == "classification" else "mse",
+        values=values.tolist(),
+        mean=estimate.mean,
+        ci95=estimate.ci95,
+        curve=outcome.curve,
+        iterations=outcome.iterations,
+        best_iteration=outcome.best_iteration,
+        best_val=outcome.best_val,
+        engine=engine,
+        train_seconds=outcome.seconds,
+        eval_seconds=eval_seconds,
+    )
+    (checkpoint_dir / "last.pt").unlink(missing_ok=True)
+    return {
+        "mean": estimate.mean,
+        "ci95": estimate.ci95,
+        "train_seconds": outcome.seconds,
+        "eval_seconds": eval_seconds,
+    }
+
+
+def run_suite(
+    suite: Suite,
+    suite_text: str,
+    registry: Registry,
+    *,
+    run_dir: Path,
+    data_root: Path,
+    cache_dir: Path,
+    device: torch.device,
+    log: TextIO,
+    progress: bool = True,
+) -> RunSummary:
+    """Run every cell not already done; a failing cell is recorded and the suite goes on."""
+    created = not run_dir.exists()
+    try:
+        store = prepare_run_dir(run_dir, suite, suite_text, registry, device)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    datasets = DatasetCache(registry, data_root, cache_dir, device)
+    summary = RunSummary(run_dir)
+    try:
+        for number, cell in enumerate(suite.cells, start=1):
+            prefix = f"[{number}/{len(suite.cells)}] {cell.label} ({cell.id})"
+            if store.status(cell.id) == "done":
+                summary.skipped.append(cell.id)
+                print(f"{prefix}: done in an earlier run, skipped", file=log, flush=True)
+                continue
+            try:
+                result = run_cell(cell, store, registry, datasets, run_dir, device, progress)
+            except KeyboardInterrupt:
+                store.mark(cell.id, "interrupted")
+                raise
+            except FewbenchError as exc:
+                store.mark(cell.id, "failed", error=str(exc))
+                summary.failed.append((cell.label, str(exc)))
+                print(f"{prefix}: FAILED: {exc}", file=log, flush=True)
+                continue
+            except Exception as exc:  # a bug in a plugin must not take the suite down
+                reason = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, torch.OutOfMemoryError):
+                    reason += " (lower meta_batch_size or use first_order: true)"
+                store.mark(cell.id, "failed", error=reason + "\n" + traceback.format_exc())
+                summary.failed.append((cell.label, reason))
+                print(f"{prefix}: FAILED: {reason}", file=log, flush=True)
+                continue
+            summary.done.append(cell.id)
+            print(
+                f"{prefix}: {100 * result['mean']:.2f} ± {100 * result['ci95']:.2f} "
+                f"(train {result['train_seconds']:.0f}s, eval {result['eval_seconds']:.0f}s)",
+                file=log,
+                flush=True,
+            )
+    finally:
+        store.close()
+    return summary
+
+
+def suite_text_of(suite: Suite) -> str:
+    """The suite as resolved (after --set), for the run directory."""
+    return yaml.safe_dump(suite.data, sort_keys=False)

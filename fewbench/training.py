@@ -1,0 +1,178 @@
+"""The training loop the core owns for every learner.
+
+It draws the training batches (a seeded stream: batch ``t`` comes from a generator
+seeded by the cell seed and ``t``, so a resumed run sees the same batches),
+calls the learner's step, records the loss, validates on fixed episodes, keeps the
+best state, and writes checkpoints atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fewbench.data import EpisodeSource, seeded_generator
+from fewbench.errors import FewbenchError
+from fewbench.evaluation import evaluate
+from fewbench.grid import Cell
+from fewbench.learner import Learner
+
+
+class Diverged(FewbenchError):
+    """The training loss became NaN or infinite; ``curve`` holds the points recorded so far."""
+
+    curve: list = []
+
+
+@dataclass
+class TrainOutcome:
+    iterations: int
+    best_iteration: int | None
+    best_val: float | None
+    curve: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def save_atomically(payload: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train(
+    learner: Learner,
+    sources: dict[str, EpisodeSource],
+    cell: Cell,
+    *,
+    identity: tuple,
+    device: torch.device,
+    checkpoint_dir: Path | None,
+    task_type: str = "classification",
+    progress: bool = True,
+    on_validate: Callable[[list], None] | None = None,
+) -> TrainOutcome:
+    """Train ``learner`` on the cell's training split; leave it holding its best state."""
+    config = cell.config
+    tasks, train_cfg, eval_cfg = config["tasks"], config["train"], config["eval"]
+    total = learner.iterations(train_cfg["iterations"])
+    ways, shots, query = tasks["ways"], tasks["shots"], tasks["query"]
+    started = time.perf_counter()
+    checkpoint = checkpoint_dir / "last.pt" if checkpoint_dir else None
+
+    state = {
+        "iteration": 0,
+        "curve": [],
+        "best_val": None,
+        "best_iteration": None,
+        "best_state": None,
+        "seconds": 0.0,
+    }
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=False)
+        learner.load_state_dict(saved["learner"])
+        state = saved["loop"]
+
+    def validate() -> float | None:
+        if train_cfg["val_episodes"] == 0:
+            return None
+        values = evaluate(
+            learner,
+            sources["val"],
+            identity=identity,
+            split="val",
+            ways=ways,
+            shots=shots,
+            query=eval_cfg["query"],
+            seed=eval_cfg["seed"],
+            episodes=train_cfg["val_episodes"],
+            chunk=eval_cfg["chunk"],
+            device=device,
+            task_type=task_type,
+        )
+        return float(values.mean())
+
+    better = (
+        (lambda new, old: new > old)
+        if task_type == "classification"
+        else (lambda new, old: new < old)
+    )
+    losses: list[float] = []
+    last_val = state["best_val"]
+    bar = tqdm(
+        total=total,
+        initial=state["iteration"],
+        desc=cell.label,
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    for iteration in range(state["iteration"] + 1, total + 1):
+        generator = seeded_generator("train", config["seed"], iteration)
+        if learner.batch_kind == "episodes":
+            batch = sources["train"].sample_episodes(
+                learner.batch_size(), ways, shots, query, generator
+            )
+        else:
+            batch = sources["train"].sample_labelled(learner.batch_size(), generator)
+        loss = learner.train_step(batch.to(device), iteration)
+        if not math.isfinite(loss):
+            bar.close()
+            state["curve"].append((iteration, loss if not math.isnan(loss) else None, None))
+            error = Diverged(
+                f"training loss became {loss} at iteration {iteration}; try a lower learning rate"
+            )
+            error.curve = state["curve"]
+            raise error
+        losses.append(loss)
+        record_loss = iteration % train_cfg["log_every"] == 0 or iteration == total
+        validating = iteration % train_cfg["validate_every"] == 0 or iteration == total
+        val = None
+        if validating:
+            val = validate()
+            if val is not None:
+                last_val = val
+                if state["best_val"] is None or better(val, state["best_val"]):
+                    state["best_val"], state["best_iteration"] = val, iteration
+                    state["best_state"] = copy.deepcopy(learner.state_dict())
+        if record_loss or validating:
+            state["curve"].append((iteration, sum(losses) / len(losses), val))
+            losses.clear()
+        if validating and on_validate is not None:
+            on_validate(state["curve"])
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{loss:.3f}", val="-" if last_val is None else f"{last_val:.3f}", refresh=False
+        )
+        state["iteration"] = iteration
+        if (
+            checkpoint is not None
+            and (iteration % train_cfg["checkpoint_every"] == 0)
+            and iteration < total
+        ):
+            state["seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            save_atomically({"learner": learner.state_dict(), "loop": state}, checkpoint)
+    bar.close()
+    if state["best_state"] is not None:
+        learner.load_state_dict(state["best_state"])
+    seconds = state["seconds"] + time.perf_counter() - started
+    return TrainOutcome(total, state["best_iteration"], state["best_val"], state["curve"], seconds)

@@ -1,0 +1,75 @@
+"""Built-in backbones: Finn et al.'s Conv-4 and a plain multilayer perceptron."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fewbench.backbone import Backbone
+from fewbench.hookspecs import hookimpl
+from fewbench.params import Param
+
+
+class GlobalAverage(nn.Module):
+    """Average over every spatial position (Finn et al.'s Omniglot network)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1))
+
+
+class Conv4(Backbone):
+    name = "conv4"
+    description = "Four 3x3 conv blocks with batch norm and ReLU (Finn et al. 2017)"
+    params = {
+        "hidden": Param(64, help="filters per convolution"),
+        "pool": Param(
+            "stride", choices=("stride", "max"), help="stride-2 convs (Omniglot) or 2x2 max-pool"
+        ),
+    }
+
+    def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"conv4 needs images shaped (channels, height, width), got {input_shape}"
+            )
+        hidden, pool = self.config["hidden"], self.config["pool"]
+        layers: list[nn.Module] = []
+        channels = input_shape[0]
+        for _ in range(4):
+            stride = 2 if pool == "stride" else 1
+            layers += [
+                nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
+                # Batch statistics of the batch at hand, as the original MAML (transductive).
+                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.ReLU(),
+            ]
+            if pool == "max":
+                layers.append(nn.MaxPool2d(2))
+            channels = hidden
+        layers.append(GlobalAverage() if pool == "stride" else nn.Flatten())
+        features = nn.Sequential(*layers)
+        with torch.no_grad():
+            width = features(torch.zeros(2, *input_shape)).shape[-1]
+        return features, width
+
+
+class MLP(Backbone):
+    name = "mlp"
+    description = "Fully connected ReLU network with configurable hidden sizes"
+    params = {"hidden": Param([40, 40], help="sizes of the hidden layers")}
+
+    def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+        width = math.prod(input_shape)
+        layers: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []
+        for size in self.config["hidden"]:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        return nn.Sequential(*layers), width
+
+
+@hookimpl
+def fewbench_register_backbones(register):
+    register(Conv4)
+    register(MLP)

@@ -1,0 +1,174 @@
+"""Omniglot (Lake et al. 2015) from its official folder layout.
+
+Expected under the data root::
+
+    omniglot/images_background/<Alphabet>/characterNN/*.png   (30 alphabets, 964 characters)
+    omniglot/images_evaluation/<Alphabet>/characterNN/*.png   (20 alphabets, 659 characters)
+    omniglot/splits/vinyals/{train,val,test}.txt             (for split: vinyals)
+
+All 1,623 characters are decoded once, resized to ``image_size`` and cached as a
+uint8 tensor file (ink = 255) keyed by the image size, so later runs start in
+about a second.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fewbench.cache import load_tensor_cache, save_tensor_cache
+from fewbench.data import ClassPool, Dataset, EpisodeSource, SplitSize
+from fewbench.errors import DataError
+from fewbench.hookspecs import hookimpl
+from fewbench.params import Param
+
+BACKGROUND, EVALUATION = "images_background", "images_evaluation"
+DRAWINGS_PER_CHARACTER = 20
+ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
+# Lake split: the last LAKE_VAL_ALPHABETS background alphabets (sorted by name) validate.
+LAKE_VAL_ALPHABETS = 5
+HOW_TO_GET = (
+    "download images_background.zip and images_evaluation.zip from github.com/brendenlake/omniglot "
+    "(python/), unzip both into <data root>/omniglot/, and for the vinyals split put train.txt, "
+    "val.txt and test.txt of the Vinyals split into <data root>/omniglot/splits/vinyals/"
+)
+
+
+def _decode(args: tuple[list[str], int]) -> np.ndarray:
+    paths, size = args
+    out = np.empty((len(paths), size, size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            image = image.convert("L").resize((size, size), resample=Image.LANCZOS)
+            out[i] = 255 - np.asarray(image, dtype=np.uint8)  # strokes bright, background 0
+    return out
+
+
+class Omniglot(Dataset):
+    name = "omniglot"
+    description = "Omniglot handwritten characters; Vinyals split (with rotations) or Lake split"
+    params = {
+        "split": Param("vinyals", choices=("vinyals", "lake"), help="class split"),
+        "image_size": Param(28, help="side of the square images, in pixels"),
+    }
+    episode_identity = ("split",)
+
+    def _folder(self, root: Path) -> Path:
+        folder = Path(root) / "omniglot"
+        missing = [sub for sub in (BACKGROUND, EVALUATION) if not (folder / sub).is_dir()]
+        if missing:
+            raise DataError(
+                f"Omniglot not found: {folder}/{missing[0]} does not exist; {HOW_TO_GET}"
+            )
+        return folder
+
+    def _characters(self, folder: Path) -> list[tuple[str, str]]:
+        """(background|evaluation, Alphabet/characterNN) for every character, sorted."""
+        found = []
+        for part in (BACKGROUND, EVALUATION):
+            for alphabet in sorted(os.listdir(folder / part)):
+                alphabet_dir = folder / part / alphabet
+                if alphabet_dir.is_dir():
+                    found += [(part, f"{alphabet}/{c}") for c in sorted(os.listdir(alphabet_dir))]
+        return found
+
+    def _split_classes(self, folder: Path) -> dict[str, list[tuple[str, int]]]:
+        """Per split, the classes as (Alphabet/characterNN, quarter turns)."""
+        if self.config["split"] == "vinyals":
+            split_dir = folder / "splits" / "vinyals"
+            result = {}
+            for split in ("train", "val", "test"):
+                path = split_dir / f"{split}.txt"
+                if not path.is_file():
+                    raise DataError(
+                        f"Omniglot Vinyals split file {path} does not exist; {HOW_TO_GET}"
+                    )
+                classes = []
+                for number, line in enumerate(path.read_text().split("\n"), start=1):
+                    if not line.strip():
+                        continue
+                    character, _, rotation = line.strip().rpartition("/")
+                    if rotation not in ROTATIONS:
+                        raise DataError(
+                            f"{path}:{number}: expected <Alphabet>/characterNN/rotDDD, got {line!r}"
+                        )
+                    classes.append((character, ROTATIONS[rotation]))
+                result[split] = classes
+            return result
+        characters = self._characters(folder)
+        background = sorted({c.split("/")[0] for part, c in characters if part == BACKGROUND})
+        val_alphabets = set(background[-LAKE_VAL_ALPHABETS:])
+        result = {"train": [], "val": [], "test": []}
+        for part, character in characters:
+            split = (
+                "test"
+                if part == EVALUATION
+                else ("val" if character.split("/")[0] in val_alphabets else "train")
+            )
+            result[split].append((character, 0))
+        return result
+
+    def split_sizes(self, root: Path) -> dict[str, SplitSize]:
+        classes = self._split_classes(self._folder(root))
+        return {
+            split: SplitSize(len(items), DRAWINGS_PER_CHARACTER) for split, items in classes.items()
+        }
+
+    def _all_images(self, folder: Path, cache_dir: Path) -> tuple[list[str], torch.Tensor]:
+        size = self.config["image_size"]
+        characters = self._characters(folder)
+        names = [name for _, name in characters]
+        cache_file = Path(cache_dir) / "omniglot" / f"images-{size}.pt"
+        cached = load_tensor_cache(cache_file, expect={"names": names})
+        if cached is not None:
+            return names, cached["images"]
+        paths = []
+        for part, name in characters:
+            drawings = sorted((folder / part / name).glob("*.png"))
+            if len(drawings) != DRAWINGS_PER_CHARACTER:
+                raise DataError(
+                    f"Omniglot is incomplete: {folder / part / name} has {len(drawings)} drawings, "
+                    f"expected {DRAWINGS_PER_CHARACTER}; {HOW_TO_GET}"
+                )
+            paths.append([str(p) for p in drawings])
+        workers = max(1, min(4, os.cpu_count() or 1))
+        chunks = [(sum(paths[i::workers], []), size) for i in range(workers)]
+        with ProcessPoolExecutor(workers) as pool:
+            decoded = list(pool.map(_decode, chunks))
+        images = np.empty((len(paths), DRAWINGS_PER_CHARACTER, size, size), dtype=np.uint8)
+        for i in range(workers):
+            images[i::workers] = decoded[i].reshape(-1, DRAWINGS_PER_CHARACTER, size, size)
+        tensor = torch.from_numpy(images)
+        save_tensor_cache(cache_file, {"names": names, "images": tensor})
+        return names, tensor
+
+    def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
+        folder = self._folder(root)
+        split_classes = self._split_classes(folder)
+        names, images = self._all_images(folder, cache_dir)
+        index = {name: i for i, name in enumerate(names)}
+        sources: dict[str, EpisodeSource] = {}
+        for split, classes in split_classes.items():
+            unknown = [c for c, _ in classes if c not in index]
+            if unknown:
+                raise DataError(
+                    f"Omniglot split '{split}' names {unknown[0]}, which is not under {folder}"
+                )
+            picked = images[[index[c] for c, _ in classes]]  # [C, 20, H, W]
+            turns = torch.tensor([t for _, t in classes])
+            for quarter in range(1, 4):
+                rows = (turns == quarter).nonzero().flatten()
+                if len(rows):
+                    picked[rows] = torch.rot90(picked[rows], quarter, dims=(-2, -1))
+            sources[split] = ClassPool(picked.unsqueeze(2).contiguous())  # add a channel axis
+        return sources
+
+
+@hookimpl
+def fewbench_register_datasets(register):
+    register(Omniglot)

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real data root, a per-session dataset cache, the registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fewbench.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The read-only data root: $FEWBENCH_DATA, else ../shared/data beside the checkout."""
+    root = Path(os.environ.get("FEWBENCH_DATA") or REPO.parent / "shared" / "data")
+    if not (root / "omniglot" / "images_background").is_dir():
+        pytest.skip(f"real Omniglot not found under {root} (set FEWBENCH_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(os.environ.get("FEWBENCH_TEST_CACHE") or tmp_path_factory.mktemp("fewbench-cache"))
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return Registry()
+
+
+@pytest.fixture(scope="session")
+def omniglot_sources(data_root: Path, cache_dir: Path):
+    dataset = Registry().get("dataset", "omniglot").build(split="vinyals", image_size=28)
+    return dataset.load(data_root, cache_dir)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run the installed ``fewbench`` command as a user would (a fresh process)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "fewbench.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=900,
+        check=False,
+    )

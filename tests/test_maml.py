@@ -1,0 +1,165 @@
+"""The MAML meta-gradient: torch.func against higher, and against derivations by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fewbench.data import EpisodeBatch
+from fewbench.learner import LearnerContext
+from fewbench.params import ParamSet
+from fewbench_plugins.backbones import MLP, Conv4
+from fewbench_plugins.maml import MAML, FirstOrderMAML
+
+
+def make_learner(cls, backbone, input_shape, ways, dtype=torch.float32, **params):
+    torch.manual_seed(0)
+    learner = cls(**{**ParamSet.of(cls).defaults(), **params})
+    learner.setup(
+        LearnerContext(
+            backbone=backbone,
+            input_shape=input_shape,
+            ways=ways,
+            shots=1,
+            query=2,
+            num_train_classes=10,
+            device=torch.device("cpu"),
+        )
+    )
+    learner.model.to(dtype)
+    return learner
+
+
+def random_episodes(tasks, ways, shots, query, shape, dtype=torch.float32, seed=1) -> EpisodeBatch:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return EpisodeBatch(
+        torch.randn(tasks, ways * shots, *shape, generator=g, dtype=dtype),
+        labels.repeat_interleave(shots).expand(tasks, -1),
+        torch.randn(tasks, ways * query, *shape, generator=g, dtype=dtype),
+        labels.repeat_interleave(query).expand(tasks, -1),
+        ways,
+    )
+
+
+def meta_gradient(learner, batch) -> list[torch.Tensor]:
+    learner.model.zero_grad(set_to_none=True)
+    learner.meta_gradient_step(batch)
+    return [p.grad.clone() for p in learner.model.parameters()]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_functional_and_higher_give_the_same_meta_gradient(first_order, steps):
+    backbone = Conv4(hidden=8, pool="stride")
+    batch = random_episodes(tasks=3, ways=3, shots=2, query=2, shape=(1, 14, 14))
+    grads = {}
+    for loop in ("functional", "higher"):
+        learner = make_learner(
+            MAML,
+            backbone,
+            (1, 14, 14),
+            3,
+            inner_loop=loop,
+            first_order=first_order,
+            inner_steps=steps,
+            inner_lr=0.3,
+        )
+        grads[loop] = meta_gradient(learner, batch)
+    for a, b in zip(grads["functional"], grads["higher"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_second_order_differs_from_first_order():
+    backbone = Conv4(hidden=8, pool="stride")
+    batch = random_episodes(tasks=2, ways=3, shots=2, query=2, shape=(1, 14, 14))
+    second = meta_gradient(make_learner(MAML, backbone, (1, 14, 14), 3), batch)
+    first = meta_gradient(make_learner(FirstOrderMAML, backbone, (1, 14, 14), 3), batch)
+    assert max((a - b).abs().max().item() for a, b in zip(second, first, strict=True)) > 1e-4
+
+
+def _meta_loss(model, params, batch, lr, steps):
+    """Mean query loss after ``steps`` plain SGD steps, written out directly."""
+    total = 0.0
+    for t in range(len(batch)):
+        adapted = dict(params)
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(
+                functional_call(model, adapted, (batch.support_x[t],)), batch.support_y[t]
+            )
+            grads = torch.autograd.grad(loss, list(adapted.values()), create_graph=True)
+            adapted = {k: v - lr * g for (k, v), g in zip(adapted.items(), grads, strict=True)}
+        total = total + nn.functional.cross_entropy(
+            functional_call(model, adapted, (batch.query_x[t],)), batch.query_y[t]
+        )
+    return total / len(batch)
+
+
+def test_second_order_matches_finite_differences():
+    backbone = MLP(hidden=[6])
+    learner = make_learner(
+        MAML, backbone, (4,), 3, dtype=torch.float64, inner_lr=0.5, inner_steps=2
+    )
+    batch = random_episodes(tasks=2, ways=3, shots=2, query=3, shape=(4,), dtype=torch.float64)
+    analytic = meta_gradient(learner, batch)
+    names = [n for n, _ in learner.model.named_parameters()]
+    base = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    eps = 1e-6
+    checked = 0
+    for name, grad in zip(names, analytic, strict=True):
+        for index in [(0,) * base[name].dim(), tuple(s - 1 for s in base[name].shape)]:
+            plus, minus = copy.deepcopy(base), copy.deepcopy(base)
+            plus[name][index] += eps
+            minus[name][index] -= eps
+            plus = {k: v.requires_grad_() for k, v in plus.items()}
+            minus = {k: v.requires_grad_() for k, v in minus.items()}
+            numeric = (
+                _meta_loss(learner.model, plus, batch, 0.5, 2)
+                - _meta_loss(learner.model, minus, batch, 0.5, 2)
+            ).item() / (2 * eps)
+            assert grad[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+            checked += 1
+    assert checked == 2 * len(names)
+
+
+def test_first_order_applies_the_query_gradient_at_the_adapted_weights():
+    """By hand: one SGD step to theta', then the plain gradient of the query loss at theta'."""
+    backbone = MLP(hidden=[5])
+    learner = make_learner(FirstOrderMAML, backbone, (4,), 3, dtype=torch.float64, inner_lr=0.3)
+    batch = random_episodes(tasks=2, ways=3, shots=1, query=2, shape=(4,), dtype=torch.float64)
+    analytic = meta_gradient(learner, batch)
+    expected = None
+    for t in range(len(batch)):
+        model = copy.deepcopy(learner.model)
+        loss = nn.functional.cross_entropy(model(batch.support_x[t]), batch.support_y[t])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p -= 0.3 * g
+        query_loss = nn.functional.cross_entropy(model(batch.query_x[t]), batch.query_y[t]) / len(
+            batch
+        )
+        task_grads = torch.autograd.grad(query_loss, list(model.parameters()))
+        expected = (
+            list(task_grads)
+            if expected is None
+            else [e + g for e, g in zip(expected, task_grads, strict=True)]
+        )
+    for a, b in zip(analytic, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_predict_adapts_with_eval_steps_and_leaves_the_weights_alone():
+    backbone = Conv4(hidden=8, pool="stride")
+    learner = make_learner(MAML, backbone, (1, 14, 14), 3, eval_inner_steps=2)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    batch = random_episodes(tasks=2, ways=3, shots=2, query=4, shape=(1, 14, 14))
+    outputs = learner.predict(batch)
+    assert outputs.shape == (2, 12, 3)
+    assert not outputs.requires_grad
+    for a, b in zip(before, learner.model.parameters(), strict=True):
+        assert torch.equal(a, b)
