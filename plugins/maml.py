@@ -70,10 +70,10 @@ class MAML(Learner):
         tasks = len(batch)
         steps = self.config["inner_steps"]
         second_order = not self.config["first_order"]
-        total = 0.0
         if self.config["inner_loop"] == "higher":
             return self._higher_meta_gradient(batch, steps, second_order)
         base = dict(self.model.named_parameters())
+        total = 0.0
         for t in range(tasks):
             adapted = self.adapt(base, batch.support_x[t], batch.support_y[t], steps, second_order)
             query_out = functional_call(self.model, adapted, (batch.query_x[t],))

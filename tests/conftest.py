@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,19 +35,3 @@ def registry() -> Registry:
 def omniglot_sources(data_root: Path, cache_dir: Path):
     dataset = Registry().get("dataset", "omniglot").build(split="vinyals", image_size=28)
     return dataset.load(data_root, cache_dir)
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess:
-    """Run the installed ``fewbench`` command as a user would (a fresh process)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "fewbench.cli", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd or REPO,
-        timeout=900,
-        check=False,
-    )

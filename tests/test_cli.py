@@ -1,0 +1,224 @@
+"""End to end through the command line, on the real Omniglot data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from helpers import REPO, run_cli
+
+TINY = [
+    "--set",
+    "tasks.ways=5",
+    "--set",
+    "tasks.shots=1",
+    "--set",
+    "learners.maml.meta_batch_size=2",
+    "--set",
+    "learners.fomaml.meta_batch_size=2",
+    "--set",
+    "learners.finetune.batch_size=16",
+    "--set",
+    "train={iterations: 4, validate_every: 2, val_episodes: 4, log_every: 1}",
+    "--set",
+    "eval.episodes=12",
+    "--set",
+    "eval.query=3",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_root, cache_dir):
+    out = tmp_path_factory.mktemp("run") / "omniglot-tiny"
+    result = run_cli(
+        "run",
+        "suites/omniglot.yaml",
+        *TINY,
+        "--out",
+        str(out),
+        "--data-root",
+        str(data_root),
+        "--device",
+        "cpu",
+        env={"FEWBENCH_CACHE": str(cache_dir)},
+    )
+    return out, result
+
+
+def test_run_stores_every_cell_and_prints_the_table(tiny_run):
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr
+    assert "omniglot 5-way 1-shot" in result.stdout
+    for learner in ("maml", "fomaml", "finetune"):
+        assert learner in result.stdout
+    db = sqlite3.connect(out / "results.sqlite")
+    cells = db.execute("SELECT id, learner, status, engine, mean FROM cells").fetchall()
+    assert sorted(c[1] for c in cells) == ["finetune", "fomaml", "maml"]
+    assert all(c[2] == "done" and c[3] and 0 <= c[4] <= 1 for c in cells)
+    for cell_id, *_ in cells:
+        values = [
+            v
+            for (v,) in db.execute(
+                "SELECT value FROM episodes WHERE cell_id = ? ORDER BY episode", (cell_id,)
+            )
+        ]
+        assert len(values) == 12
+        assert all(
+            v in {i / 15 for i in range(16)} or abs(v * 15 - round(v * 15)) < 1e-6 for v in values
+        )
+        curve = db.execute(
+            "SELECT iteration, loss, val_metric FROM curve WHERE cell_id = ?", (cell_id,)
+        ).fetchall()
+        assert [row[0] for row in curve] == [1, 2, 3, 4]
+        assert [row[2] is not None for row in curve] == [False, True, False, True]
+        assert (out / "checkpoints" / cell_id / "best.pt").is_file()
+    env = json.loads((out / "environment.json").read_text())
+    assert {"python", "torch", "fewbench", "device", "git_commit"} <= set(env)
+    assert "iterations: 4" in (out / "suite.yaml").read_text()
+
+
+def test_csv_report_has_one_row_per_setting(tiny_run):
+    out, _ = tiny_run
+    result = run_cli("report", str(out), "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["learner"] for r in rows] == ["maml", "fomaml", "finetune"]
+    db = sqlite3.connect(out / "results.sqlite")
+    for row in rows:
+        assert row["dataset"] == "omniglot" and row["ways"] == "5" and row["shots"] == "1"
+        assert row["backbone"] == "conv4" and row["seeds"] == "1" and row["episodes"] == "12"
+        values = [
+            v
+            for (v,) in db.execute(
+                "SELECT e.value FROM episodes e JOIN cells c ON c.id = e.cell_id "
+                "WHERE c.learner = ?",
+                (row["learner"],),
+            )
+        ]
+        assert float(row["accuracy"]) == pytest.approx(100 * sum(values) / len(values), abs=1e-3)
+        assert 0 < float(row["ci95"]) < 100
+
+
+def test_markdown_and_json_reports(tiny_run):
+    out, _ = tiny_run
+    markdown = run_cli("report", str(out), "--format", "markdown").stdout
+    assert markdown.startswith("| learner | backbone | omniglot 5-way 1-shot |")
+    records = json.loads(run_cli("report", str(out), "--format", "json").stdout)
+    assert {r["learner"] for r in records} == {"maml", "fomaml", "finetune"}
+
+
+def test_rerun_into_the_same_directory_skips_finished_cells(tiny_run, data_root, cache_dir):
+    out, _ = tiny_run
+    before = (
+        sqlite3.connect(out / "results.sqlite").execute("SELECT id, mean FROM cells").fetchall()
+    )
+    result = run_cli(
+        "run",
+        "suites/omniglot.yaml",
+        *TINY,
+        "--out",
+        str(out),
+        "--data-root",
+        str(data_root),
+        env={"FEWBENCH_CACHE": str(cache_dir)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("done in an earlier run, skipped") == 3
+    assert (
+        sqlite3.connect(out / "results.sqlite").execute("SELECT id, mean FROM cells").fetchall()
+        == before
+    )
+
+
+def test_dry_run_prints_the_grid_and_trains_nothing(data_root):
+    result = run_cli("run", "suites/omniglot.yaml", "--dry-run", "--data-root", str(data_root))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "12 cells"
+    assert sum("omniglot/20w5s/conv4/" in line for line in lines) == 3
+
+
+def test_data_root_from_the_environment(data_root, tmp_path):
+    ok = run_cli("run", "suites/omniglot.yaml", "--dry-run", env={"FEWBENCH_DATA": str(data_root)})
+    assert ok.returncode == 0 and not ok.stderr
+    missing = run_cli(
+        "run",
+        "suites/omniglot.yaml",
+        "--out",
+        str(tmp_path / "x"),
+        env={"FEWBENCH_DATA": str(tmp_path)},
+    )
+    assert missing.returncode == 2
+    assert (
+        str(tmp_path / "omniglot") in missing.stderr and "images_background.zip" in missing.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (
+            "name: x\ndatasets: [{name: omniglot}]\ntasks: {ways: 5}\nbackbones: [conv4]\nlearners: [mamal]\n",
+            "did you mean 'maml'",
+        ),
+        ("name: [unclosed\n", "invalid YAML"),
+        (
+            "name: x\ndatasets: [{name: omniglot}]\ntasks: {ways: 5, shots: 1}\nbackbones: [conv4]\n"
+            "learners: [maml]\ntrain: {iterations: 1e400}\n",
+            "train.iterations",
+        ),
+    ],
+)
+def test_bad_suites_give_one_line_exit_2_and_leave_no_run_directory(
+    tmp_path, data_root, content, fragment
+):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(content)
+    out = tmp_path / "run"
+    result = run_cli("run", str(suite), "--out", str(out), "--data-root", str(data_root))
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert str(suite) in result.stderr
+    assert not out.exists()
+
+
+def test_report_on_a_folder_that_is_not_a_run(tmp_path):
+    result = run_cli("report", str(tmp_path))
+    assert result.returncode == 2 and "no results.sqlite" in result.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci_line = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_line in (REPO / "README.md").read_text()
+    assert "pytest" in ci_line
+
+
+def test_readme_main_command_runs_the_cpu_suite():
+    readme = (REPO / "README.md").read_text()
+    assert "fewbench run suites/omniglot-cpu.yaml" in readme
+
+
+def test_unknown_device_is_a_clear_error(data_root, tmp_path):
+    result = run_cli(
+        "run",
+        "suites/omniglot.yaml",
+        "--device",
+        "tpu",
+        "--out",
+        str(tmp_path / "x"),
+        "--data-root",
+        str(data_root),
+    )
+    assert result.returncode == 2 and "--device 'tpu'" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_results_readme_is_tracked():
+    assert (REPO / "results" / "README.md").is_file()
+    assert Path(REPO / ".gitignore").read_text().count("results/") >= 1

@@ -1,0 +1,230 @@
+"""Suite loading, --set, validation errors and grid expansion."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fewbench.errors import DataError, SuiteError
+from fewbench.grid import cell_id, expand
+from fewbench.suite import apply_set, load_suite_file, parse_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+BASE = """\
+name: demo
+seeds: [0]
+datasets:
+  - {name: omniglot, split: vinyals, image_size: 28}
+tasks: {ways: [5, 20], shots: [1, 5], query: 1}
+backbones:
+  - {name: conv4, hidden: 64, pool: stride}
+learners:
+  - {name: maml, inner_lr: 0.4, meta_batch_size: 32}
+  - {name: fomaml}
+  - {name: finetune, head: linear}
+train: {iterations: 100, validate_every: 50, val_episodes: 10}
+eval: {episodes: 20, query: 15, seed: 0}
+"""
+
+
+def grid(text: str, registry, data_root, sets=(), require_data=True):
+    source = parse_yaml(textwrap.dedent(text), "demo.yaml")
+    for assignment in sets:
+        apply_set(source, assignment)
+    return expand(source, registry, data_root, require_data=require_data)
+
+
+def error_of(text: str, registry, data_root, sets=()) -> SuiteError:
+    with pytest.raises(SuiteError) as info:
+        grid(text, registry, data_root, sets)
+    return info.value
+
+
+def test_grid_is_the_product_of_its_axes(registry, data_root):
+    suite = grid(BASE, registry, data_root)
+    assert len(suite.cells) == 2 * 2 * 3
+    assert suite.cells[0].label == "omniglot/5w1s/conv4/maml/seed0"
+    assert len({c.id for c in suite.cells}) == 12
+    # Every plugin parameter is filled with its default.
+    maml = suite.cells[0].config["learner"]
+    assert maml["inner_steps"] == 1 and maml["first_order"] is False
+
+
+def test_list_parameters_expand_and_get_readable_labels(registry, data_root):
+    text = BASE.replace(
+        "{name: maml, inner_lr: 0.4, meta_batch_size: 32}", "{name: maml, inner_lr: [0.1, 0.4]}"
+    )
+    suite = grid(text, registry, data_root, sets=["tasks.ways=5", "tasks.shots=1", "seeds=[0, 1]"])
+    labels = [c.label for c in suite.cells]
+    assert len(labels) == 4 * 2
+    assert "omniglot/5w1s/conv4/maml[inner_lr=0.1]/seed1" in labels
+    assert "omniglot/5w1s/conv4/maml[inner_lr=0.4]/seed0" in labels
+
+
+def test_list_valued_parameter_expands_only_from_a_list_of_lists(registry, data_root):
+    text = BASE.replace(
+        "{name: conv4, hidden: 64, pool: stride}", "{name: mlp, hidden: [[8], [16, 16]]}"
+    )
+    suite = grid(
+        text, registry, data_root, sets=["tasks.ways=5", "tasks.shots=1", "learners=[maml]"]
+    )
+    assert [c.config["backbone"]["hidden"] for c in suite.cells] == [[8], [16, 16]]
+    single = grid(
+        BASE.replace("{name: conv4, hidden: 64, pool: stride}", "{name: mlp, hidden: [8, 8]}"),
+        registry,
+        data_root,
+        sets=["tasks.ways=5", "tasks.shots=1", "learners=[maml]"],
+    )
+    assert [c.config["backbone"]["hidden"] for c in single.cells] == [[8, 8]]
+
+
+def test_overrides_apply_to_matching_cells_only(registry, data_root):
+    text = BASE + textwrap.dedent("""\
+        overrides:
+          - when: {shots: 5}
+            set: {tasks.query: 5}
+          - when: {ways: 20, learner: [maml, fomaml]}
+            set: {learner.inner_lr: 0.1, learner.inner_steps: 5, learner.meta_batch_size: 16}
+          - when: {learner: finetune}
+            set: {train.iterations: 7}
+    """)
+    cells = {c.label: c.config for c in grid(text, registry, data_root).cells}
+    assert cells["omniglot/20w1s/conv4/maml/seed0"]["learner"]["inner_lr"] == 0.1
+    assert cells["omniglot/20w5s/conv4/fomaml/seed0"]["learner"]["meta_batch_size"] == 16
+    assert cells["omniglot/5w1s/conv4/maml/seed0"]["learner"]["inner_lr"] == 0.4
+    assert cells["omniglot/20w1s/conv4/finetune/seed0"]["learner"]["head"] == "linear"
+    assert cells["omniglot/5w5s/conv4/maml/seed0"]["tasks"]["query"] == 5
+    assert cells["omniglot/5w1s/conv4/maml/seed0"]["tasks"]["query"] == 1
+    assert cells["omniglot/5w1s/conv4/finetune/seed0"]["train"]["iterations"] == 7
+    assert cells["omniglot/5w1s/conv4/maml/seed0"]["train"]["iterations"] == 100
+
+
+def test_override_of_a_parameter_some_matched_learner_lacks_is_an_error(registry, data_root):
+    text = BASE + "overrides:\n  - when: {ways: 20}\n    set: {learner.meta_batch_size: 16}\n"
+    error = error_of(text, registry, data_root)
+    assert "finetune" in str(error) and "meta_batch_size" in str(error)
+    assert error.path == "overrides[0].set.learner.meta_batch_size"
+    assert error.line == 16
+
+
+def test_cell_ids_are_stable_and_follow_the_configuration(registry, data_root):
+    first = grid(BASE, registry, data_root).cells
+    again = grid(BASE, registry, data_root).cells
+    assert [c.id for c in first] == [c.id for c in again]
+    changed = grid(BASE, registry, data_root, sets=["learners.maml.inner_lr=0.3"]).cells
+    assert first[0].id != changed[0].id  # maml 5w1s changed
+    assert first[1].id == changed[1].id  # fomaml 5w1s did not
+    assert cell_id({"a": 1, "b": 2}) == cell_id({"b": 2, "a": 1})
+
+
+def test_set_accepts_dotted_paths_yaml_values_and_plugin_names(registry, data_root):
+    suite = grid(
+        BASE,
+        registry,
+        data_root,
+        sets=[
+            "train.iterations=200",
+            "seeds=[0,1]",
+            "learners.maml.meta_batch_size=4",
+            "learners[2].head=cosine",
+        ],
+    )
+    config = suite.cells[0].config
+    assert config["train"]["iterations"] == 200
+    assert config["learner"]["meta_batch_size"] == 4
+    assert {c.config["seed"] for c in suite.cells} == {0, 1}
+    assert {c.config["learner"].get("head") for c in suite.cells} >= {"cosine"}
+
+
+@pytest.mark.parametrize(
+    ("text_change", "sets", "path", "line", "fragment"),
+    [
+        (("train: {", "trian: {"), [], "trian", 12, "did you mean 'train'"),
+        (
+            ("iterations: 100", "iterations: lots"),
+            [],
+            "train.iterations",
+            12,
+            "expected an integer",
+        ),
+        (("iterations: 100", "iterations: -3"), [], "train.iterations", 12, "at least 1"),
+        (("{name: fomaml}", "{name: fomal}"), [], "learners[1].name", 10, "did you mean 'fomaml'"),
+        (
+            ("inner_lr: 0.4", "inner_rl: 0.4"),
+            [],
+            "learners[0].inner_rl",
+            9,
+            "did you mean 'inner_lr'",
+        ),
+        (("inner_lr: 0.4", "inner_lr: fast"), [], "learners[0].inner_lr", 9, "expected a number"),
+        (
+            ("pool: stride", "pool: avg"),
+            [],
+            "backbones[0].pool",
+            7,
+            "must be one of 'stride', 'max'",
+        ),
+        (("ways: [5, 20]", "ways: [5, 2000]"), [], "tasks.ways", 5, "split of omniglot has 688"),
+        (("query: 15", "query: 19"), [], "eval.query", 13, "= 24 examples per class"),
+        (("", ""), ["tasks.query=30"], "tasks.query", 5, "examples per class"),
+        (("seeds: [0]", "seeds: [0, zero]"), [], "seeds[1]", 2, "expected an integer"),
+    ],
+)
+def test_validation_errors_name_file_key_path_and_line(
+    registry, data_root, text_change, sets, path, line, fragment
+):
+    error = error_of(BASE.replace(*text_change), registry, data_root, sets)
+    assert error.path == path
+    assert error.line == line
+    assert fragment in str(error)
+    assert str(error).startswith(f"demo.yaml:{line}: {path}: ")
+
+
+def test_missing_sections_and_bad_yaml(registry, data_root):
+    assert "missing required section 'learners'" in str(
+        error_of(BASE.split("learners:")[0], registry, data_root)
+    )
+    broken = error_of(BASE.replace("tasks: {ways", "tasks: {ways: [5,"), registry, data_root)
+    assert "invalid YAML" in str(broken) and broken.line is not None
+    assert "mapping of sections" in str(error_of("- just\n- a list\n", registry, data_root))
+
+
+def test_set_errors_are_clear(registry, data_root):
+    with pytest.raises(SuiteError, match="KEY=VALUE"):
+        grid(BASE, registry, data_root, sets=["train.iterations"])
+    with pytest.raises(SuiteError, match="did you mean 'maml'"):
+        grid(BASE, registry, data_root, sets=["learners.mamll.inner_lr=0.1"])
+
+
+def test_missing_data_is_an_error_that_says_where_and_how(registry, tmp_path):
+    with pytest.raises(DataError) as info:
+        grid(BASE, registry, tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "omniglot") in message and "images_background" in message
+    # A dry run still expands, with a warning.
+    suite = grid(BASE, registry, tmp_path, require_data=False)
+    assert len(suite.cells) == 12 and suite.warnings
+
+
+@pytest.mark.parametrize("name", ["omniglot.yaml", "omniglot-cpu.yaml"])
+def test_shipped_suites_validate(registry, data_root, name):
+    suite = expand(load_suite_file(REPO / "suites" / name), registry, data_root)
+    assert suite.cells
+
+
+def test_finn_protocol_in_the_gpu_suite(registry, data_root):
+    cells = {
+        c.label: c.config
+        for c in expand(load_suite_file(REPO / "suites/omniglot.yaml"), registry, data_root).cells
+    }
+    assert len(cells) == 12
+    twenty = cells["omniglot/20w1s/conv4/maml/seed0"]["learner"]
+    assert (twenty["inner_lr"], twenty["inner_steps"], twenty["meta_batch_size"]) == (0.1, 5, 16)
+    five = cells["omniglot/5w1s/conv4/maml/seed0"]
+    assert (five["learner"]["inner_lr"], five["learner"]["meta_batch_size"]) == (0.4, 32)
+    assert five["train"]["iterations"] == 60000 and five["eval"]["episodes"] == 600
+    for label, config in cells.items():
+        assert config["tasks"]["query"] == config["tasks"]["shots"], label  # query = shots in training
