@@ -8,6 +8,7 @@ validation and test episodes, and their per-episode results can be paired.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,26 +33,44 @@ def dataset_identity(
     return (dataset_config["name"], *((k, dataset_config[k]) for k in keys))
 
 
-def fixed_episodes(
-    source: EpisodeSource,
-    identity: tuple,
-    split: str,
-    ways: int,
-    shots: int,
-    query: int,
-    seed: int,
-    start: int,
-    count: int,
-) -> EpisodeBatch:
-    """Episodes ``start .. start+count-1`` of the fixed sequence for these settings."""
-    parts = [
-        source.sample_episodes(
-            1,
-            ways,
-            shots,
-            query,
-            seeded_generator("episode", identity, split, ways, shots, query, seed, index),
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """Which fixed sequence of episodes: dataset identity, split, N-way K-shot, query, seed."""
+
+    identity: tuple
+    split: str
+    ways: int
+    shots: int
+    query: int
+    seed: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any], identity: tuple, split: str) -> EpisodeSpec:
+        """The validation or test episodes of a cell configuration."""
+        tasks, evaluation = config["tasks"], config["eval"]
+        return cls(
+            identity, split, tasks["ways"], tasks["shots"], evaluation["query"], evaluation["seed"]
         )
+
+    def generator(self, index: int) -> torch.Generator:
+        return seeded_generator(
+            "episode",
+            self.identity,
+            self.split,
+            self.ways,
+            self.shots,
+            self.query,
+            self.seed,
+            index,
+        )
+
+
+def fixed_episodes(
+    source: EpisodeSource, spec: EpisodeSpec, start: int, count: int
+) -> EpisodeBatch:
+    """Episodes ``start .. start+count-1`` of the fixed sequence ``spec``."""
+    parts = [
+        source.sample_episodes(1, spec.ways, spec.shots, spec.query, spec.generator(index))
         for index in range(start, start + count)
     ]
     return EpisodeBatch.concat(parts)
@@ -67,13 +86,8 @@ def episode_metric(outputs: Tensor, targets: Tensor, task_type: str) -> Tensor:
 def evaluate(
     learner: Learner,
     source: EpisodeSource,
+    spec: EpisodeSpec,
     *,
-    identity: tuple,
-    split: str,
-    ways: int,
-    shots: int,
-    query: int,
-    seed: int,
     episodes: int,
     chunk: int,
     device: torch.device,
@@ -82,9 +96,7 @@ def evaluate(
     """Adapt to each fixed episode and return the per-episode metric."""
     values = []
     for start in range(0, episodes, chunk):
-        batch = fixed_episodes(
-            source, identity, split, ways, shots, query, seed, start, min(chunk, episodes - start)
-        ).to(device)
+        batch = fixed_episodes(source, spec, start, min(chunk, episodes - start)).to(device)
         outputs = learner.predict(batch)
         values.append(episode_metric(outputs, batch.query_y, task_type).detach().cpu())
     return torch.cat(values).numpy().astype(np.float64)

@@ -16,7 +16,7 @@ import yaml
 from fewbench import environment
 from fewbench.data import EpisodeSource, derive_seed
 from fewbench.errors import FewbenchError
-from fewbench.evaluation import dataset_identity, evaluate
+from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
 from fewbench.grid import Cell, Suite
 from fewbench.learner import LearnerContext
 from fewbench.registry import Registry
@@ -143,12 +143,7 @@ def run_cell(
     values = evaluate(
         learner,
         sources["test"],
-        identity=identity,
-        split="test",
-        ways=tasks["ways"],
-        shots=tasks["shots"],
-        query=config["eval"]["query"],
-        seed=config["eval"]["seed"],
+        EpisodeSpec.of(config, identity, "test"),
         episodes=config["eval"]["episodes"],
         chunk=config["eval"]["chunk"],
         device=device,

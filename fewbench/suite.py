@@ -164,6 +164,9 @@ def apply_set(source: SuiteSource, assignment: str) -> None:
         next_targets = []
         for target in targets:
             if isinstance(target, list) and isinstance(part, str):
+                for i, entry in enumerate(target):  # `- maml` is short for `- {name: maml}`
+                    if entry == part:
+                        target[i] = {"name": part}
                 matches = [e for e in target if isinstance(e, dict) and e.get("name") == part]
                 if not matches:
                     names = [e.get("name") for e in target if isinstance(e, dict)]

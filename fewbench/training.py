@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fewbench.data import EpisodeSource, seeded_generator
 from fewbench.errors import FewbenchError
-from fewbench.evaluation import evaluate
+from fewbench.evaluation import EpisodeSpec, evaluate
 from fewbench.grid import Cell
 from fewbench.learner import Learner
 
@@ -95,12 +95,7 @@ def train(
         values = evaluate(
             learner,
             sources["val"],
-            identity=identity,
-            split="val",
-            ways=ways,
-            shots=shots,
-            query=eval_cfg["query"],
-            seed=eval_cfg["seed"],
+            EpisodeSpec.of(config, identity, "val"),
             episodes=train_cfg["val_episodes"],
             chunk=eval_cfg["chunk"],
             device=device,

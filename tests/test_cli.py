@@ -31,10 +31,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, data_root, cache_dir):
-    out = tmp_path_factory.mktemp("run") / "omniglot-tiny"
-    result = run_cli(
+def run_tiny(out: Path, data_root: Path, cache_dir: Path):
+    return run_cli(
         "run",
         "suites/omniglot.yaml",
         *TINY,
@@ -46,7 +44,12 @@ def tiny_run(tmp_path_factory, data_root, cache_dir):
         "cpu",
         env={"FEWBENCH_CACHE": str(cache_dir)},
     )
-    return out, result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_root, cache_dir):
+    out = tmp_path_factory.mktemp("run") / "omniglot-tiny"
+    return out, run_tiny(out, data_root, cache_dir)
 
 
 def test_run_stores_every_cell_and_prints_the_table(tiny_run):
@@ -116,16 +119,7 @@ def test_rerun_into_the_same_directory_skips_finished_cells(tiny_run, data_root,
     before = (
         sqlite3.connect(out / "results.sqlite").execute("SELECT id, mean FROM cells").fetchall()
     )
-    result = run_cli(
-        "run",
-        "suites/omniglot.yaml",
-        *TINY,
-        "--out",
-        str(out),
-        "--data-root",
-        str(data_root),
-        env={"FEWBENCH_CACHE": str(cache_dir)},
-    )
+    result = run_tiny(out, data_root, cache_dir)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("done in an earlier run, skipped") == 3
     assert (

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewbench.data import ClassPool, EpisodeBatch
-from fewbench.evaluation import dataset_identity, fixed_episodes
+from fewbench.evaluation import EpisodeSpec, dataset_identity, fixed_episodes
 
 
 def labelled_pool(classes=30, examples=20) -> ClassPool:
@@ -51,16 +51,15 @@ def test_impossible_episode_is_refused():
 def test_fixed_episodes_do_not_depend_on_chunking_or_calls():
     pool = labelled_pool()
     identity = dataset_identity({"name": "toy", "split": "a", "image_size": 28}, ("split",))
-    whole = fixed_episodes(pool, identity, "test", 5, 1, 3, seed=0, start=0, count=10)
-    chunks = EpisodeBatch.concat(
-        [fixed_episodes(pool, identity, "test", 5, 1, 3, 0, s, 5) for s in (0, 5)]
-    )
-    again = fixed_episodes(pool, identity, "test", 5, 1, 3, seed=0, start=0, count=10)
+    spec = EpisodeSpec(identity, "test", ways=5, shots=1, query=3, seed=0)
+    whole = fixed_episodes(pool, spec, start=0, count=10)
+    chunks = EpisodeBatch.concat([fixed_episodes(pool, spec, s, 5) for s in (0, 5)])
+    again = fixed_episodes(pool, spec, start=0, count=10)
     for a, b in ((whole, chunks), (whole, again)):
         assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
-    other_seed = fixed_episodes(pool, identity, "test", 5, 1, 3, seed=1, start=0, count=10)
+    other_seed = fixed_episodes(pool, EpisodeSpec(identity, "test", 5, 1, 3, seed=1), 0, 10)
     assert not torch.equal(whole.support_x, other_seed.support_x)
-    other_split = fixed_episodes(pool, identity, "val", 5, 1, 3, seed=0, start=0, count=10)
+    other_split = fixed_episodes(pool, EpisodeSpec(identity, "val", 5, 1, 3, seed=0), 0, 10)
     assert not torch.equal(whole.support_x, other_split.support_x)
 
 
@@ -103,8 +102,8 @@ def test_real_omniglot_test_episodes_are_fixed_across_loads(data_root, cache_dir
         .build(split="vinyals", image_size=28)
         .load(data_root, cache_dir)
     )
-    a = fixed_episodes(first["test"], identity, "test", 20, 5, 15, 0, 0, 3)
-    b = fixed_episodes(second["test"], identity, "test", 20, 5, 15, 0, 0, 3)
+    spec = EpisodeSpec(identity, "test", ways=20, shots=5, query=15, seed=0)
+    a, b = fixed_episodes(first["test"], spec, 0, 3), fixed_episodes(second["test"], spec, 0, 3)
     assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
 
 

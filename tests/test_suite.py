@@ -192,6 +192,14 @@ def test_missing_sections_and_bad_yaml(registry, data_root):
     assert "mapping of sections" in str(error_of("- just\n- a list\n", registry, data_root))
 
 
+def test_set_reaches_entries_written_as_bare_names(registry, data_root):
+    text = BASE.replace("  - {name: fomaml}\n", "  - fomaml\n")
+    suite = grid(text, registry, data_root, sets=["learners.fomaml.inner_lr=0.2"])
+    assert {
+        c.config["learner"]["inner_lr"] for c in suite.cells if c.labels["learner"] == "fomaml"
+    } == {0.2}
+
+
 def test_set_errors_are_clear(registry, data_root):
     with pytest.raises(SuiteError, match="KEY=VALUE"):
         grid(BASE, registry, data_root, sets=["train.iterations"])
@@ -227,4 +235,6 @@ def test_finn_protocol_in_the_gpu_suite(registry, data_root):
     assert (five["learner"]["inner_lr"], five["learner"]["meta_batch_size"]) == (0.4, 32)
     assert five["train"]["iterations"] == 60000 and five["eval"]["episodes"] == 600
     for label, config in cells.items():
-        assert config["tasks"]["query"] == config["tasks"]["shots"], label  # query = shots in training
+        assert config["tasks"]["query"] == config["tasks"]["shots"], (
+            label
+        )  # query = shots in training
