@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import platformdirs
@@ -19,6 +23,7 @@ from fewbench.suite import load_suite_file
 
 EXIT_FAILED_CELLS = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def default_data_root() -> Path:
@@ -29,6 +34,44 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FEWBENCH_CACHE") or platformdirs.user_cache_dir("fewbench"))
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a suite key (dotted path, YAML value), e.g. train.iterations=200",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="run directory (default results/<suite name>/<run id>)"
+    )
+    parser.add_argument(
+        "--data-root", type=Path, help="data root (default $FEWBENCH_DATA or the user data folder)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, help="cache for decoded datasets (default $FEWBENCH_CACHE)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the expanded grid and train nothing"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="run failed cells of the run directory again"
+    )
+    parser.add_argument(
+        "--worker", help="this worker's name in the results store (default host:pid)"
+    )
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="claim a running cell whose worker has not beaten for this long (default 120)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewbench", description="Benchmark few-shot learners on fixed episodes."
@@ -37,29 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train and evaluate every cell of a suite")
-    run.add_argument("suite", help="suite YAML file")
-    run.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a suite key (dotted path, YAML value), e.g. train.iterations=200",
+    run.add_argument("suite", help="suite YAML file, or a run directory to resume")
+    add_run_options(run)
+    resume = commands.add_parser(
+        "resume", help="continue a run directory (the same as: run RUN_DIR)"
     )
-    run.add_argument(
-        "--out", type=Path, help="run directory (default results/<suite name>/<run id>)"
-    )
-    run.add_argument(
-        "--data-root", type=Path, help="data root (default $FEWBENCH_DATA or the user data folder)"
-    )
-    run.add_argument(
-        "--cache-dir", type=Path, help="cache for decoded datasets (default $FEWBENCH_CACHE)"
-    )
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    run.add_argument(
-        "--dry-run", action="store_true", help="print the expanded grid and train nothing"
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    resume.add_argument("suite", metavar="run_dir", help="run directory")
+    add_run_options(resume)
 
     report = commands.add_parser("report", help="tables from a run directory")
     report.add_argument("run_dir", type=Path)
@@ -89,7 +116,18 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     from fewbench.runner import resolve_device, run_suite, suite_text_of
 
     data_root = args.data_root or default_data_root()
-    source = load_suite_file(args.suite, args.sets)
+    suite_path = Path(args.suite)
+    if suite_path.is_dir():  # a run directory: resume it with the suite it was run with
+        if not (suite_path / "suite.yaml").is_file():
+            raise FewbenchError(
+                f"{suite_path}: a directory without suite.yaml is not a fewbench run directory"
+            )
+        if args.out is not None and args.out.resolve() != suite_path.resolve():
+            raise FewbenchError(
+                f"--out {args.out}: resuming {suite_path} writes into that directory"
+            )
+        args.out, suite_path = suite_path, suite_path / "suite.yaml"
+    source = load_suite_file(suite_path, args.sets)
     suite = expand(source, registry, data_root, require_data=not args.dry_run)
     for warning in suite.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -101,24 +139,77 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     device = resolve_device(args.device)
     run_dir = args.out or Path("results") / suite.name / time.strftime("%Y%m%d-%H%M%S")
     print(f"fewbench: {len(suite.cells)} cells on {device}, results in {run_dir}", file=sys.stderr)
-    summary = run_suite(
-        suite,
-        suite_text_of(suite),
-        registry,
-        run_dir=run_dir,
-        data_root=data_root,
-        cache_dir=args.cache_dir or default_cache_dir(),
-        device=device,
-        log=sys.stderr,
-        progress=not args.no_progress,
-    )
+    stop = threading.Event()
+    with first_interrupt_stops(stop):
+        try:
+            summary = run_suite(
+                suite,
+                suite_text_of(suite),
+                registry,
+                run_dir=run_dir,
+                data_root=data_root,
+                cache_dir=args.cache_dir or default_cache_dir(),
+                device=device,
+                log=sys.stderr,
+                progress=not args.no_progress,
+                worker=args.worker,
+                stale_after=args.stale_after,
+                retry_failed=args.retry_failed,
+                stop=stop,
+            )
+        except KeyboardInterrupt:
+            print(
+                f"fewbench: stopped at once; the last checkpoint holds. Resume with: fewbench run {run_dir}",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
     print(render(run_dir, "table"))
+    if summary.interrupted:
+        print(
+            f"fewbench: interrupted in {summary.interrupted} (checkpoint written). "
+            f"Resume with: fewbench run {run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     if summary.failed:
-        print(f"{len(summary.failed)} of {len(suite.cells)} cells failed:", file=sys.stderr)
+        print(
+            f"{len(summary.failed)} of {len(suite.cells)} cells failed (rerun them with: "
+            f"fewbench run --retry-failed {run_dir}):",
+            file=sys.stderr,
+        )
         for label, reason in summary.failed:
             print(f"  {label}: {reason}", file=sys.stderr)
         return EXIT_FAILED_CELLS
     return 0
+
+
+@contextlib.contextmanager
+def first_interrupt_stops(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C once: finish the iteration, checkpoint, stop. Twice: stop at once."""
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(
+            "\nfewbench: stopping after this iteration and writing a checkpoint "
+            "(Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def one_line(text: str) -> str:
+    """Escape line breaks and other control characters (a suite may hold any unicode)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return cmd_run(args, registry)
     except FewbenchError as exc:
-        print(f"fewbench: error: {exc}", file=sys.stderr)
+        print(f"fewbench: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fewbench: interrupted", file=sys.stderr)

@@ -100,8 +100,23 @@ class _Entry:
         return {"name": self.plugin.name, **self.params}
 
 
+# Settings that change how a cell is run but not its results: left out of its id, so
+# changing them does not make finished cells run again.
+NOT_IN_ID = {
+    "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints"),
+    "eval": ("chunk",),
+}
+
+
 def cell_id(config: dict[str, Any]) -> str:
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    """A stable hash of everything in ``config`` that determines the cell's results."""
+    relevant = {
+        section: {k: v for k, v in value.items() if k not in NOT_IN_ID[section]}
+        if section in NOT_IN_ID and isinstance(value, dict)
+        else value
+        for section, value in config.items()
+    }
+    canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 

@@ -24,6 +24,9 @@ class Param:
     help: str = ""
     nullable: bool = False
     minimum: float | None = None
+    item_type: type | None = (
+        None  # for list parameters: the type of each item (minimum applies to items)
+    )
 
     @property
     def value_type(self) -> type | None:
@@ -58,6 +61,16 @@ def check_value(param: Param, value: Any) -> tuple[Any, str | None]:
                 value,
                 f"expected {_type_name(expected)}, got {_type_name(type(value))} {value!r}",
             )
+    if param.item_type is not None and isinstance(value, list):
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, param.item_type):
+                return (
+                    value,
+                    f"expected a list of {_type_name(param.item_type)} items, got {item!r} in it",
+                )
+            if param.minimum is not None and item < param.minimum:
+                return value, f"items must be at least {param.minimum:g}, got {item!r}"
+        return value, None
     if param.minimum is not None and isinstance(value, int | float) and value < param.minimum:
         return value, f"must be at least {param.minimum:g}, got {value!r}"
     if param.choices is not None and value not in param.choices:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,12 +20,13 @@ from fewbench import environment
 from fewbench.data import EpisodeSource, derive_seed
 from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
+from fewbench.faults import crash_point
 from fewbench.grid import Cell, Suite
 from fewbench.learner import LearnerContext
 from fewbench.registry import Registry
 from fewbench.stats import mean_ci95
 from fewbench.store import ResultsStore
-from fewbench.training import Diverged, save_atomically, train
+from fewbench.training import Diverged, Interrupted, save_atomically, train
 
 
 @dataclass
@@ -31,10 +35,11 @@ class RunSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.interrupted is None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,6 +91,7 @@ def prepare_run_dir(
     store.set_meta("suite", suite_text)
     store.set_meta("suite_name", suite.name)
     store.set_meta("environment", env)
+    store.add_suite_version(suite_text)  # every version of the suite run into this directory
     store.add_cells(suite.cells)
     return store
 
@@ -98,6 +104,7 @@ def run_cell(
     run_dir: Path,
     device: torch.device,
     progress: bool,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     config = cell.config
     dataset, sources = datasets.get(config["dataset"])
@@ -135,11 +142,13 @@ def run_cell(
             task_type=task_type,
             progress=progress,
             on_validate=lambda curve: store.save_curve(cell.id, curve),
+            stop=stop,
         )
     except Diverged as exc:
         store.save_curve(cell.id, exc.curve)
         raise
     started = time.perf_counter()
+    crash_point("evaluation")
     values = evaluate(
         learner,
         sources["test"],
@@ -151,8 +160,10 @@ def run_cell(
     )
     eval_seconds = time.perf_counter() - started
     estimate = mean_ci95(values)
-    save_atomically(learner.state_dict(), checkpoint_dir / "best.pt")
-    store.complete(
+    keep = config["train"]["keep_checkpoints"]
+    if keep != "none":
+        save_atomically(learner.state_dict(), checkpoint_dir / "best.pt")
+    completed = store.complete(
         cell.id,
         metric="accuracy" if task_type == "classification" else "mse",
         values=values.tolist(),
@@ -166,13 +177,61 @@ def run_cell(
         train_seconds=outcome.seconds,
         eval_seconds=eval_seconds,
     )
-    (checkpoint_dir / "last.pt").unlink(missing_ok=True)
+    if keep == "none":
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    elif keep == "best":
+        (checkpoint_dir / "last.pt").unlink(missing_ok=True)
     return {
         "mean": estimate.mean,
         "ci95": estimate.ci95,
         "train_seconds": outcome.seconds,
         "eval_seconds": eval_seconds,
+        "completed": completed,
     }
+
+
+class Heartbeat:
+    """Keeps a claimed cell's heartbeat fresh from a background thread (own connection)."""
+
+    def __init__(self, db_path: Path, cell_id: str, worker: str, interval: float):
+        self.db_path, self.cell_id, self.worker, self.interval = db_path, cell_id, worker, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fewbench-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        store = ResultsStore(self.db_path)
+        try:
+            while not self._stop.wait(self.interval):
+                store.beat(self.cell_id, self.worker)
+        finally:
+            store.close()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_is_dead(name: str) -> bool:
+    """True for a default-named worker of this host whose process no longer exists,
+    so that rerunning after a crash need not wait for its heartbeat to go stale."""
+    host, _, pid = name.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def run_suite(
@@ -186,8 +245,17 @@ def run_suite(
     device: torch.device,
     log: TextIO,
     progress: bool = True,
+    worker: str | None = None,
+    stale_after: float = 120.0,
+    retry_failed: bool = False,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
-    """Run every cell not already done; a failing cell is recorded and the suite goes on."""
+    """Run every cell of ``suite`` not already done; a failing cell is recorded and the suite goes on.
+
+    Cells are claimed one at a time in the results store, so several processes on
+    one run directory share the work; a cell whose worker stopped beating for
+    ``stale_after`` seconds is claimed again and resumes from its checkpoint.
+    """
     created = not run_dir.exists()
     try:
         store = prepare_run_dir(run_dir, suite, suite_text, registry, device)
@@ -195,20 +263,46 @@ def run_suite(
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    worker = worker or default_worker_name()
+    if retry_failed:
+        store.retry_failed()
     datasets = DatasetCache(registry, data_root, cache_dir, device)
     summary = RunSummary(run_dir)
+    number_of = {cell.id: number for number, cell in enumerate(suite.cells, start=1)}
+    by_id = {cell.id: cell for cell in suite.cells}
+    for cell in suite.cells:
+        if store.status(cell.id) == "done":
+            summary.skipped.append(cell.id)
+            print(
+                f"[{number_of[cell.id]}/{len(suite.cells)}] {cell.label} ({cell.id}): done in an "
+                "earlier run, skipped",
+                file=log,
+                flush=True,
+            )
     try:
-        for number, cell in enumerate(suite.cells, start=1):
-            prefix = f"[{number}/{len(suite.cells)}] {cell.label} ({cell.id})"
-            if store.status(cell.id) == "done":
-                summary.skipped.append(cell.id)
-                print(f"{prefix}: done in an earlier run, skipped", file=log, flush=True)
-                continue
+        while not (stop is not None and stop.is_set()):
+            claimed = store.claim(worker, list(by_id), stale_after, worker_is_dead)
+            if claimed is None:
+                # Cells running elsewhere either finish or go stale; stay to take over the latter.
+                if store.busy_elsewhere(list(by_id), worker) and not (
+                    stop is not None and stop.is_set()
+                ):
+                    time.sleep(min(5.0, max(0.2, stale_after / 4)))
+                    continue
+                break
+            cell = by_id[claimed]
+            prefix = f"[{number_of[cell.id]}/{len(suite.cells)}] {cell.label} ({cell.id})"
             try:
-                result = run_cell(cell, store, registry, datasets, run_dir, device, progress)
-            except KeyboardInterrupt:
-                store.mark(cell.id, "interrupted")
-                raise
+                with Heartbeat(store.path, cell.id, worker, interval=max(0.5, stale_after / 4)):
+                    result = run_cell(
+                        cell, store, registry, datasets, run_dir, device, progress, stop
+                    )
+            except (KeyboardInterrupt, Interrupted) as exc:
+                store.mark(cell.id, "interrupted", error=str(exc) or "interrupted")
+                summary.interrupted = cell.label
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                break
             except FewbenchError as exc:
                 store.mark(cell.id, "failed", error=str(exc))
                 summary.failed.append((cell.label, str(exc)))
@@ -216,6 +310,8 @@ def run_suite(
                 continue
             except Exception as exc:  # a bug in a plugin must not take the suite down
                 reason = f"{type(exc).__name__}: {exc}"
+                if hasattr(exc, "fewbench_iteration"):
+                    reason += f" (at iteration {exc.fewbench_iteration})"
                 if isinstance(exc, torch.OutOfMemoryError):
                     reason += " (lower meta_batch_size or use first_order: true)"
                 store.mark(cell.id, "failed", error=reason + "\n" + traceback.format_exc())
@@ -223,12 +319,17 @@ def run_suite(
                 print(f"{prefix}: FAILED: {reason}", file=log, flush=True)
                 continue
             summary.done.append(cell.id)
+            note = "" if result["completed"] else " (another worker had finished it; not stored)"
             print(
                 f"{prefix}: {100 * result['mean']:.2f} ± {100 * result['ci95']:.2f} "
-                f"(train {result['train_seconds']:.0f}s, eval {result['eval_seconds']:.0f}s)",
+                f"(train {result['train_seconds']:.0f}s, eval {result['eval_seconds']:.0f}s){note}",
                 file=log,
                 flush=True,
             )
+        if stop is not None and stop.is_set() and summary.interrupted is None:
+            left = [c for c in suite.cells if store.status(c.id) not in ("done", "failed")]
+            if left:
+                summary.interrupted = f"before {left[0].label}"
     finally:
         store.close()
     return summary

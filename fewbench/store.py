@@ -5,17 +5,26 @@ summary of each cell), ``episodes`` (per-episode test metric, so that methods ca
 be paired episode by episode) and ``curve`` (training loss and validation metric
 by iteration). A cell's completion is written in one transaction, so a crash
 leaves either the whole result or none of it.
+
+Several workers may share one run directory: each claims a cell in an
+``IMMEDIATE`` transaction (one writer at a time), keeps it with a heartbeat, and a
+cell whose worker stopped beating is claimed again. A cell completes at most once:
+a late second completion finds it done and writes nothing. SQLite's locking needs
+a local file system; do not share a run directory's database over NFS.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fewbench.faults import crash_point
 from fewbench.grid import Cell
 
 SCHEMA = """
@@ -41,7 +50,16 @@ CREATE TABLE IF NOT EXISTS cells (
     engine TEXT,
     train_seconds REAL,
     eval_seconds REAL,
+    worker TEXT,
+    heartbeat REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    completions INTEGER NOT NULL DEFAULT 0,
     updated_at REAL
+);
+CREATE TABLE IF NOT EXISTS suite_versions (
+    digest TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    first_run REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS episodes (
     cell_id TEXT NOT NULL REFERENCES cells(id),
@@ -64,10 +82,22 @@ DB_NAME = "results.sqlite"
 class ResultsStore:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=60)
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction; IMMEDIATE takes the write lock up front, so two
+        workers never both read a cell as free and then both claim it."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     @classmethod
     def open_run(cls, run_dir: Path, *, must_exist: bool = False) -> ResultsStore:
@@ -83,7 +113,7 @@ class ResultsStore:
 
     def set_meta(self, key: str, value: Any) -> None:
         text = value if isinstance(value, str) else json.dumps(value, indent=2, sort_keys=True)
-        with self.db:
+        with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text))
 
     def meta(self, key: str) -> str | None:
@@ -92,7 +122,7 @@ class ResultsStore:
 
     def add_cells(self, cells: Iterable[Cell]) -> None:
         """Register cells as pending; cells already known (same id) keep their state."""
-        with self.db:
+        with self.transaction():
             self.db.executemany(
                 "INSERT OR IGNORE INTO cells (id, label, config, dataset, ways, shots, backbone, learner, seed,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -120,16 +150,17 @@ class ResultsStore:
     def mark(
         self, cell_id: str, status: str, error: str | None = None, engine: str | None = None
     ) -> None:
-        with self.db:
+        with self.transaction():
             self.db.execute(
-                "UPDATE cells SET status = ?, error = ?, engine = COALESCE(?, engine), updated_at = ? WHERE id = ?",
+                "UPDATE cells SET status = ?, error = ?, engine = COALESCE(?, engine), updated_at = ?"
+                " WHERE id = ? AND status != 'done'",
                 (status, error, engine, time.time(), cell_id),
             )
 
     def save_curve(
         self, cell_id: str, points: list[tuple[int, float | None, float | None]]
     ) -> None:
-        with self.db:
+        with self.transaction():
             self._write_curve(cell_id, points)
 
     def _write_curve(
@@ -156,19 +187,26 @@ class ResultsStore:
         engine: str,
         train_seconds: float,
         eval_seconds: float,
-    ) -> None:
-        """Write a finished cell's results and status in one transaction."""
-        with self.db:
+    ) -> bool:
+        """Write a finished cell's results and status in one transaction.
+
+        Returns False (and writes nothing) when the cell is already done, for
+        example finished by another worker that took it over.
+        """
+        with self.transaction():
+            if self.status(cell_id) == "done":
+                return False
             self.db.execute("DELETE FROM episodes WHERE cell_id = ?", (cell_id,))
             self.db.executemany(
                 "INSERT INTO episodes (cell_id, episode, value) VALUES (?, ?, ?)",
                 [(cell_id, i, float(v)) for i, v in enumerate(values)],
             )
             self._write_curve(cell_id, curve)
+            crash_point("results-commit")
             self.db.execute(
                 "UPDATE cells SET status = 'done', error = NULL, metric = ?, mean = ?, ci95 = ?, iterations = ?,"
                 " best_iteration = ?, best_val = ?, engine = ?, train_seconds = ?, eval_seconds = ?,"
-                " updated_at = ? WHERE id = ?",
+                " completions = completions + 1, heartbeat = NULL, updated_at = ? WHERE id = ?",
                 (
                     metric,
                     mean,
@@ -183,6 +221,72 @@ class ResultsStore:
                     cell_id,
                 ),
             )
+        return True
+
+    def claim(
+        self,
+        worker: str,
+        cell_ids: list[str],
+        stale_after: float,
+        is_dead: Callable[[str], bool] = lambda worker: False,
+    ) -> str | None:
+        """Take the first cell (in suite order) that is free: pending, interrupted, or
+        running under a worker whose heartbeat is older than ``stale_after`` seconds or
+        which ``is_dead`` knows to be gone."""
+        now = time.time()
+        with self.transaction():
+            rows = self.db.execute(
+                "SELECT id, status, heartbeat, worker FROM cells"
+                " WHERE status IN ('pending', 'interrupted', 'running')"
+            ).fetchall()
+            free = {
+                row["id"]
+                for row in rows
+                if row["status"] != "running"
+                or (row["heartbeat"] or 0) < now - stale_after
+                or is_dead(row["worker"] or "")
+            }
+            for cell_id in cell_ids:
+                if cell_id in free:
+                    self.db.execute(
+                        "UPDATE cells SET status = 'running', worker = ?, heartbeat = ?, attempts = attempts + 1,"
+                        " updated_at = ? WHERE id = ?",
+                        (worker, now, now, cell_id),
+                    )
+                    return cell_id
+        return None
+
+    def busy_elsewhere(self, cell_ids: list[str], worker: str) -> int:
+        """How many of ``cell_ids`` other workers are running now."""
+        marks = ",".join("?" * len(cell_ids))
+        row = self.db.execute(
+            f"SELECT COUNT(*) FROM cells WHERE status = 'running' AND worker != ? AND id IN ({marks})",
+            (worker, *cell_ids),
+        ).fetchone()
+        return row[0]
+
+    def beat(self, cell_id: str, worker: str) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE cells SET heartbeat = ? WHERE id = ? AND worker = ? AND status = 'running'",
+                (time.time(), cell_id, worker),
+            )
+
+    def retry_failed(self) -> int:
+        """Put failed cells back to pending; returns how many."""
+        with self.transaction():
+            return self.db.execute(
+                "UPDATE cells SET status = 'pending' WHERE status = 'failed'"
+            ).rowcount
+
+    def add_suite_version(self, text: str) -> str:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        with self.transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO suite_versions (digest, text, first_run) VALUES (?, ?, ?)",
+                (digest, text, time.time()),
+            )
+        return digest
 
     def cells(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM cells ORDER BY rowid").fetchall()

@@ -46,6 +46,12 @@ TRAIN = {
     "checkpoint_every": Param(
         1000, minimum=1, help="write a checkpoint every this many iterations"
     ),
+    "checkpoint_minutes": Param(5.0, minimum=0.0, help="and at least this often, in minutes"),
+    "keep_checkpoints": Param(
+        "best",
+        choices=("best", "none", "all"),
+        help="what to keep of a finished cell: its best state, nothing, or everything",
+    ),
 }
 EVAL = {
     "episodes": Param(600, minimum=1, help="fixed test episodes"),

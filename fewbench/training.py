@@ -11,20 +11,24 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from fewbench.data import EpisodeSource, seeded_generator
 from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, evaluate
+from fewbench.faults import crash_point
 from fewbench.grid import Cell
 from fewbench.learner import Learner
 
@@ -44,16 +48,49 @@ class TrainOutcome:
     seconds: float = 0.0
 
 
+class Interrupted(FewbenchError):
+    """Training stopped on request after writing a checkpoint."""
+
+
 def save_atomically(payload: Any, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         torch.save(payload, tmp)
+        crash_point("checkpoint-write")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A checkpoint, or None when it cannot be read (then training starts over)."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception:
+        return None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
@@ -67,8 +104,16 @@ def train(
     task_type: str = "classification",
     progress: bool = True,
     on_validate: Callable[[list], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainOutcome:
-    """Train ``learner`` on the cell's training split; leave it holding its best state."""
+    """Train ``learner`` on the cell's training split; leave it holding its best state.
+
+    Resumes from ``checkpoint_dir/last.pt`` when present. Checkpoints hold the
+    learner's state (parameters, optimizer), the loop's state (iteration, curve,
+    best state) and every random generator's state, so a resumed run continues
+    exactly as an uninterrupted one would. Setting ``stop`` writes a checkpoint
+    after the current iteration and raises :class:`Interrupted`.
+    """
     config = cell.config
     tasks, train_cfg, eval_cfg = config["tasks"], config["train"], config["eval"]
     total = learner.iterations(train_cfg["iterations"])
@@ -79,15 +124,28 @@ def train(
     state = {
         "iteration": 0,
         "curve": [],
+        "losses": [],  # losses since the last recorded curve point
         "best_val": None,
         "best_iteration": None,
         "best_state": None,
         "seconds": 0.0,
     }
+    if checkpoint_dir is not None and checkpoint_dir.is_dir():
+        for leftover in checkpoint_dir.glob("*.tmp"):  # a write cut short by a crash
+            leftover.unlink()
     if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
-        learner.load_state_dict(saved["learner"])
-        state = saved["loop"]
+        saved = load_checkpoint(checkpoint)
+        if saved is not None:
+            learner.load_state_dict(saved["learner"])
+            state = saved["loop"]
+            set_rng_state(saved["rng"])
+
+    def write_checkpoint() -> None:
+        nonlocal started
+        state["seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        payload = {"learner": learner.state_dict(), "loop": state, "rng": rng_state()}
+        save_atomically(payload, checkpoint)
 
     def validate() -> float | None:
         if train_cfg["val_episodes"] == 0:
@@ -108,8 +166,9 @@ def train(
         if task_type == "classification"
         else (lambda new, old: new < old)
     )
-    losses: list[float] = []
+    losses: list[float] = state["losses"]
     last_val = state["best_val"]
+    last_checkpoint = time.monotonic()
     bar = tqdm(
         total=total,
         initial=state["iteration"],
@@ -120,53 +179,63 @@ def train(
         dynamic_ncols=True,
         leave=False,
     )
-    for iteration in range(state["iteration"] + 1, total + 1):
-        generator = seeded_generator("train", config["seed"], iteration)
-        if learner.batch_kind == "episodes":
-            batch = sources["train"].sample_episodes(
-                learner.batch_size(), ways, shots, query, generator
+    try:
+        for iteration in range(state["iteration"] + 1, total + 1):
+            generator = seeded_generator("train", config["seed"], iteration)
+            if learner.batch_kind == "episodes":
+                batch = sources["train"].sample_episodes(
+                    learner.batch_size(), ways, shots, query, generator
+                )
+            else:
+                batch = sources["train"].sample_labelled(learner.batch_size(), generator)
+            try:
+                loss = learner.train_step(batch.to(device), iteration)
+            except Exception as exc:  # let the runner say where it happened
+                exc.fewbench_iteration = iteration
+                raise
+            if not math.isfinite(loss):
+                state["curve"].append((iteration, loss if not math.isnan(loss) else None, None))
+                error = Diverged(
+                    f"training loss became {loss} at iteration {iteration}; try a lower learning rate"
+                )
+                error.curve = state["curve"]
+                raise error
+            losses.append(loss)
+            record_loss = iteration % train_cfg["log_every"] == 0 or iteration == total
+            validating = iteration % train_cfg["validate_every"] == 0 or iteration == total
+            val = None
+            if validating:
+                val = validate()
+                if val is not None:
+                    last_val = val
+                    if state["best_val"] is None or better(val, state["best_val"]):
+                        state["best_val"], state["best_iteration"] = val, iteration
+                        state["best_state"] = copy.deepcopy(learner.state_dict())
+            if record_loss or validating:
+                state["curve"].append((iteration, sum(losses) / len(losses), val))
+                losses.clear()
+            if validating and on_validate is not None:
+                on_validate(state["curve"])
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                val="-" if last_val is None else f"{last_val:.3f}",
+                refresh=False,
             )
-        else:
-            batch = sources["train"].sample_labelled(learner.batch_size(), generator)
-        loss = learner.train_step(batch.to(device), iteration)
-        if not math.isfinite(loss):
-            bar.close()
-            state["curve"].append((iteration, loss if not math.isnan(loss) else None, None))
-            error = Diverged(
-                f"training loss became {loss} at iteration {iteration}; try a lower learning rate"
+            state["iteration"] = iteration
+            due = (
+                iteration % train_cfg["checkpoint_every"] == 0
+                or iteration == total
+                or time.monotonic() - last_checkpoint > 60 * train_cfg["checkpoint_minutes"]
             )
-            error.curve = state["curve"]
-            raise error
-        losses.append(loss)
-        record_loss = iteration % train_cfg["log_every"] == 0 or iteration == total
-        validating = iteration % train_cfg["validate_every"] == 0 or iteration == total
-        val = None
-        if validating:
-            val = validate()
-            if val is not None:
-                last_val = val
-                if state["best_val"] is None or better(val, state["best_val"]):
-                    state["best_val"], state["best_iteration"] = val, iteration
-                    state["best_state"] = copy.deepcopy(learner.state_dict())
-        if record_loss or validating:
-            state["curve"].append((iteration, sum(losses) / len(losses), val))
-            losses.clear()
-        if validating and on_validate is not None:
-            on_validate(state["curve"])
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss:.3f}", val="-" if last_val is None else f"{last_val:.3f}", refresh=False
-        )
-        state["iteration"] = iteration
-        if (
-            checkpoint is not None
-            and (iteration % train_cfg["checkpoint_every"] == 0)
-            and iteration < total
-        ):
-            state["seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            save_atomically({"learner": learner.state_dict(), "loop": state}, checkpoint)
-    bar.close()
+            stopping = stop is not None and stop.is_set()
+            if checkpoint is not None and (due or stopping):
+                write_checkpoint()
+                last_checkpoint = time.monotonic()
+            if stopping:
+                raise Interrupted(f"interrupted at iteration {iteration} of {total}")
+    finally:
+        bar.close()
     if state["best_state"] is not None:
         learner.load_state_dict(state["best_state"])
     seconds = state["seconds"] + time.perf_counter() - started

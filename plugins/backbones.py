@@ -23,7 +23,7 @@ class Conv4(Backbone):
     name = "conv4"
     description = "Four 3x3 conv blocks with batch norm and ReLU (Finn et al. 2017)"
     params = {
-        "hidden": Param(64, help="filters per convolution"),
+        "hidden": Param(64, minimum=1, help="filters per convolution"),
         "pool": Param(
             "stride", choices=("stride", "max"), help="stride-2 convs (Omniglot) or 2x2 max-pool"
         ),
@@ -58,7 +58,9 @@ class Conv4(Backbone):
 class MLP(Backbone):
     name = "mlp"
     description = "Fully connected ReLU network with configurable hidden sizes"
-    params = {"hidden": Param([40, 40], help="sizes of the hidden layers")}
+    params = {
+        "hidden": Param([40, 40], item_type=int, minimum=1, help="sizes of the hidden layers")
+    }
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         width = math.prod(input_shape)

@@ -48,14 +48,22 @@ class FineTune(Learner):
         "head": Param(
             "linear", choices=("linear", "cosine"), help="linear: Baseline; cosine: Baseline++"
         ),
-        "batch_size": Param(64, help="pretraining batch size"),
+        "batch_size": Param(64, minimum=1, help="pretraining batch size"),
         "iterations": Param(
-            None, type=int, nullable=True, help="pretraining steps (default train.iterations)"
+            None,
+            type=int,
+            nullable=True,
+            minimum=1,
+            help="pretraining steps (default train.iterations)",
         ),
         "optimizer": Param("adam", choices=("adam", "sgd"), help="pretraining optimizer"),
-        "lr": Param(0.001, help="pretraining learning rate"),
-        "finetune_steps": Param(100, help="steps fitting the new head on each support set"),
-        "finetune_lr": Param(0.01, help="learning rate of the new head (SGD, momentum 0.9)"),
+        "lr": Param(0.001, minimum=0.0, help="pretraining learning rate"),
+        "finetune_steps": Param(
+            100, minimum=0, help="steps fitting the new head on each support set"
+        ),
+        "finetune_lr": Param(
+            0.01, minimum=0.0, help="learning rate of the new head (SGD, momentum 0.9)"
+        ),
         "finetune_weight_decay": Param(0.001, help="weight decay of the new head"),
     }
 

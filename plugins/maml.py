@@ -32,11 +32,13 @@ class MAML(Learner):
     name = "maml"
     description = "Model-agnostic meta-learning, second order (Finn et al. 2017)"
     params = {
-        "inner_lr": Param(0.4, help="inner-loop step size (alpha)"),
-        "inner_steps": Param(1, help="inner gradient steps while meta-training"),
-        "eval_inner_steps": Param(3, help="inner gradient steps at validation and test time"),
-        "meta_batch_size": Param(32, help="tasks per meta-update"),
-        "meta_lr": Param(0.001, help="Adam learning rate of the meta-update (beta)"),
+        "inner_lr": Param(0.4, minimum=0.0, help="inner-loop step size (alpha)"),
+        "inner_steps": Param(1, minimum=0, help="inner gradient steps while meta-training"),
+        "eval_inner_steps": Param(
+            3, minimum=0, help="inner gradient steps at validation and test time"
+        ),
+        "meta_batch_size": Param(32, minimum=1, help="tasks per meta-update"),
+        "meta_lr": Param(0.001, minimum=0.0, help="Adam learning rate of the meta-update (beta)"),
         "first_order": Param(False, help="drop second derivatives (first-order MAML)"),
         "inner_loop": Param(
             "functional", choices=("functional", "higher"), help="inner-loop implementation"

@@ -54,7 +54,7 @@ class Omniglot(Dataset):
     description = "Omniglot handwritten characters; Vinyals split (with rotations) or Lake split"
     params = {
         "split": Param("vinyals", choices=("vinyals", "lake"), help="class split"),
-        "image_size": Param(28, help="side of the square images, in pixels"),
+        "image_size": Param(28, minimum=4, help="side of the square images, in pixels"),
     }
     episode_identity = ("split",)
 

@@ -73,7 +73,7 @@ def test_third_party_learner_runs_in_a_suite_and_a_diverging_cell_is_contained(
         datasets: [{name: omniglot}]
         tasks: {ways: 5, shots: 1, query: 1}
         backbones: [{name: conv4, hidden: 16}]
-        learners: [{name: diverging_demo}, {name: protonet_demo}]
+        learners: [{name: diverging_demo}, {name: crashing_demo}, {name: protonet_demo}]
         train: {iterations: 6, validate_every: 3, val_episodes: 5}
         eval: {episodes: 10, query: 5}
     """)
@@ -93,7 +93,14 @@ def test_third_party_learner_runs_in_a_suite_and_a_diverging_cell_is_contained(
     assert "diverging_demo" in result.stderr and "nan" in result.stderr.lower()
     db = sqlite3.connect(out / "results.sqlite")
     status = dict(db.execute("SELECT learner, status FROM cells"))
-    assert status == {"diverging_demo": "failed", "protonet_demo": "done"}
+    assert status == {
+        "diverging_demo": "failed",
+        "crashing_demo": "failed",
+        "protonet_demo": "done",
+    }
+    crash = db.execute("SELECT error FROM cells WHERE learner = 'crashing_demo'").fetchone()[0]
+    assert crash.startswith("RuntimeError: demo plugin bug (at iteration 3)")
+    assert "crashing_demo" in result.stderr and "--retry-failed" in result.stderr
     assert (
         db.execute(
             "SELECT COUNT(*) FROM episodes e JOIN cells c ON c.id = e.cell_id "

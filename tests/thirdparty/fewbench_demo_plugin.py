@@ -68,7 +68,19 @@ class Diverging(ProtoNet):
         return float("nan") if iteration >= 2 else loss
 
 
+class Crashing(ProtoNet):
+    name = "crashing_demo"
+    description = "Raises an exception from its third step on"
+    params = {"meta_batch_size": Param(2, minimum=1), "lr": Param(0.001)}
+
+    def train_step(self, batch, iteration):
+        if iteration >= 3:
+            raise RuntimeError("demo plugin bug")
+        return super().train_step(batch, iteration)
+
+
 @hookimpl
 def fewbench_register_learners(register):
     register(ProtoNet)
     register(Diverging)
+    register(Crashing)

@@ -1,0 +1,279 @@
+"""Crash safety: kills at chosen and random points, resume, several workers, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO
+
+SUITE = """\
+name: crash
+seeds: [0, 1]
+datasets: [{name: omniglot}]
+tasks: {ways: 5, shots: 1, query: 2}
+backbones: [{name: conv4, hidden: 16}]
+learners:
+  - {name: maml, meta_batch_size: 2}
+  - {name: finetune, batch_size: 16}
+train: {iterations: 12, validate_every: 4, val_episodes: 4, log_every: 1, checkpoint_every: 3}
+eval: {episodes: 10, query: 3}
+"""
+
+
+def start(
+    suite: Path,
+    out: Path,
+    data_root: Path,
+    cache_dir: Path,
+    *extra: str,
+    crash: str | None = None,
+) -> subprocess.Popen:
+    env = {**os.environ, "FEWBENCH_CACHE": str(cache_dir)}
+    env.pop("FEWBENCH_CRASH_AT", None)
+    if crash:
+        env["FEWBENCH_CRASH_AT"] = crash
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fewbench",
+            "run",
+            str(suite),
+            "--out",
+            str(out),
+            "--data-root",
+            str(data_root),
+            "--no-progress",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def episodes_by_cell(out: Path) -> dict[str, list[float]]:
+    db = sqlite3.connect(out / "results.sqlite")
+    rows = db.execute(
+        "SELECT cell_id, episode, value FROM episodes ORDER BY cell_id, episode"
+    ).fetchall()
+    result: dict[str, list[float]] = {}
+    for cell_id, episode, value in rows:
+        assert episode == len(result.setdefault(cell_id, []))  # no duplicate or missing rows
+        result[cell_id].append(value)
+    return result
+
+
+def cells(out: Path) -> dict[str, tuple[str, int, int]]:
+    db = sqlite3.connect(out / "results.sqlite")
+    return {
+        row[0]: row[1:] for row in db.execute("SELECT id, status, completions, attempts FROM cells")
+    }
+
+
+@pytest.fixture(scope="module")
+def suite_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("suite") / "crash.yaml"
+    path.write_text(SUITE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def baseline(suite_file, tmp_path_factory, data_root, cache_dir) -> dict[str, list[float]]:
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    process = start(suite_file, out, data_root, cache_dir)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    result = episodes_by_cell(out)
+    assert len(result) == 4 and all(len(v) == 10 for v in result.values())
+    return result
+
+
+def test_killed_at_many_points_and_resumed_gives_identical_results(
+    suite_file, baseline, tmp_path, data_root, cache_dir
+):
+    out = tmp_path / "run"
+    # Deterministic points first, then SIGKILL at random moments.
+    planned = [
+        "checkpoint-write:2",
+        "results-commit:1",
+        "evaluation:2",
+        "checkpoint-write:5",
+        "results-commit:2",
+    ]
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(30):
+        crash = planned[attempt] if attempt < len(planned) else None
+        process = start(suite_file, out, data_root, cache_dir, crash=crash)
+        if crash is None and attempt < len(planned) + 3:
+            time.sleep(rng.uniform(2.5, 6.0))
+            process.kill()
+        _, stderr = process.communicate(timeout=600)
+        if process.returncode == -signal.SIGKILL:
+            kills += 1
+            for last in out.glob("checkpoints/*/last.pt"):  # the previous checkpoint stays whole
+                assert torch.load(last, weights_only=False)["loop"]["iteration"] > 0
+            continue
+        assert process.returncode == 0, stderr
+        break
+    assert kills >= len(planned)  # every planned point was reached and killed the run
+    assert not list(out.glob("checkpoints/*/*.tmp"))  # leftovers of cut writes were cleaned up
+    state = cells(out)
+    assert all(
+        status == "done" and completions == 1 for status, completions, _ in state.values()
+    ), state
+    assert episodes_by_cell(out) == baseline
+
+
+def test_two_workers_share_the_work_and_take_over_a_dead_one(
+    suite_file, baseline, tmp_path, data_root, cache_dir
+):
+    out = tmp_path / "run"
+    # Worker a dies (SIGKILL) while evaluating its first cell; worker b finishes everything.
+    a = start(
+        suite_file,
+        out,
+        data_root,
+        cache_dir,
+        "--worker",
+        "a",
+        "--stale-after",
+        "3",
+        crash="evaluation:1",
+    )
+    time.sleep(1.0)
+    b = start(suite_file, out, data_root, cache_dir, "--worker", "b", "--stale-after", "3")
+    a.communicate(timeout=600)
+    _, stderr = b.communicate(timeout=600)
+    assert a.returncode == -signal.SIGKILL
+    assert b.returncode == 0, stderr
+    state = cells(out)
+    assert all(
+        status == "done" and completions == 1 for status, completions, _ in state.values()
+    ), state
+    assert sum(attempts for *_, attempts in state.values()) == len(state) + 1  # one cell taken over
+    assert episodes_by_cell(out) == baseline
+
+
+def test_ctrl_c_checkpoints_then_resume_completes(
+    suite_file, baseline, tmp_path, data_root, cache_dir
+):
+    out = tmp_path / "run"
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(SUITE)
+    process = start(slow, out, data_root, cache_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training is under way
+        time.sleep(0.5)
+        if (
+            (out / "results.sqlite").exists()
+            and any(s == "running" for s, *_ in cells(out).values())
+            and list(out.glob("checkpoints/*/last.pt"))
+        ):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert process.returncode == 130, stderr
+    assert f"Resume with: fewbench run {out}" in stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in {s for s, *_ in cells(out).values()}
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewbench",
+            "resume",
+            str(out),
+            "--data-root",
+            str(data_root),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FEWBENCH_CACHE": str(cache_dir)},
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert episodes_by_cell(out) == baseline
+
+
+def test_changed_suite_reuses_unchanged_cells_and_records_both_versions(
+    suite_file, baseline, tmp_path, data_root, cache_dir
+):
+    out = tmp_path / "run"
+    process = start(
+        suite_file,
+        out,
+        data_root,
+        cache_dir,
+        "--set",
+        "learners=[{name: finetune, batch_size: 16}]",
+    )
+    assert process.wait(timeout=600) == 0
+    changed = start(suite_file, out, data_root, cache_dir, "--set", "learners.maml.inner_lr=0.3")
+    _, stderr = changed.communicate(timeout=600)
+    assert changed.returncode == 0, stderr
+    assert stderr.count("done in an earlier run, skipped") == 2  # the two finetune cells
+    db = sqlite3.connect(out / "results.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM suite_versions").fetchone()[0] == 2
+    assert "inner_lr: 0.3" in (out / "suite.yaml").read_text()
+
+
+def test_retry_failed_runs_failed_cells_again(suite_file, baseline, tmp_path, data_root, cache_dir):
+    out = tmp_path / "run"
+    process = start(suite_file, out, data_root, cache_dir, "--set", "seeds=[0]")
+    assert process.wait(timeout=600) == 0
+    db = sqlite3.connect(out / "results.sqlite")
+    db.execute("UPDATE cells SET status = 'failed', error = 'simulated' WHERE learner = 'maml'")
+    db.commit()
+    retried = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewbench",
+            "run",
+            "--retry-failed",
+            str(out),
+            "--data-root",
+            str(data_root),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FEWBENCH_CACHE": str(cache_dir)},
+        timeout=600,
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert {status for status, *_ in cells(out).values()} == {"done"}
+
+
+def test_corrupt_dataset_cache_is_rebuilt(tmp_path, data_root, cache_dir, registry):
+    import shutil
+
+    import torch
+
+    local = tmp_path / "cache"
+    shutil.copytree(cache_dir, local)
+    cache_file = local / "omniglot" / "images-28.pt"
+    good = cache_file.read_bytes()
+    cache_file.write_bytes(good[: len(good) // 3])  # truncated
+    dataset = registry.get("dataset", "omniglot").build(split="vinyals", image_size=28)
+    sources = dataset.load(data_root, local)
+    assert sources["train"].num_classes == 4112
+    assert torch.load(cache_file, weights_only=True)["images"].shape == (1623, 20, 28, 28)
