@@ -73,7 +73,7 @@ def test_third_party_learner_runs_in_a_suite_and_a_diverging_cell_is_contained(
         datasets: [{name: omniglot}]
         tasks: {ways: 5, shots: 1, query: 1}
         backbones: [{name: conv4, hidden: 16}]
-        learners: [{name: diverging_demo}, {name: crashing_demo}, {name: protonet_demo}]
+        learners: [{name: diverging_demo}, {name: crashing_demo, error: [bug, oom]}, {name: protonet_demo}]
         train: {iterations: 6, validate_every: 3, val_episodes: 5}
         eval: {episodes: 10, query: 5}
     """)
@@ -89,17 +89,21 @@ def test_third_party_learner_runs_in_a_suite_and_a_diverging_cell_is_contained(
         "--no-progress",
         env={"PYTHONPATH": str(site), "FEWBENCH_CACHE": str(cache_dir)},
     )
-    assert result.returncode == 1, result.stderr  # one cell failed
+    assert result.returncode == 1, result.stderr  # some cells failed, the suite went on
     assert "diverging_demo" in result.stderr and "nan" in result.stderr.lower()
     db = sqlite3.connect(out / "results.sqlite")
     status = dict(db.execute("SELECT learner, status FROM cells"))
     assert status == {
         "diverging_demo": "failed",
-        "crashing_demo": "failed",
+        "crashing_demo[error=bug]": "failed",
+        "crashing_demo[error=oom]": "failed",
         "protonet_demo": "done",
     }
-    crash = db.execute("SELECT error FROM cells WHERE learner = 'crashing_demo'").fetchone()[0]
-    assert crash.startswith("RuntimeError: demo plugin bug (at iteration 3)")
+    errors = dict(db.execute("SELECT learner, error FROM cells"))
+    assert errors["crashing_demo[error=bug]"].startswith(
+        "RuntimeError: demo plugin bug (at iteration 3)"
+    )
+    assert "lower meta_batch_size or use first_order: true" in errors["crashing_demo[error=oom]"]
     assert "crashing_demo" in result.stderr and "--retry-failed" in result.stderr
     assert (
         db.execute(

@@ -277,3 +277,24 @@ def test_corrupt_dataset_cache_is_rebuilt(tmp_path, data_root, cache_dir, regist
     sources = dataset.load(data_root, local)
     assert sources["train"].num_classes == 4112
     assert torch.load(cache_file, weights_only=True)["images"].shape == (1623, 20, 28, 28)
+
+
+@pytest.mark.parametrize("keep", ["none", "best", "all"])
+def test_keep_checkpoints(suite_file, tmp_path, data_root, cache_dir, keep):
+    out = tmp_path / "run"
+    process = start(
+        suite_file,
+        out,
+        data_root,
+        cache_dir,
+        "--set",
+        "seeds=[0]",
+        "--set",
+        "learners=[{name: finetune, batch_size: 16}]",
+        "--set",
+        f"train.keep_checkpoints={keep}",
+    )
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    kept = sorted(p.name for p in out.glob("checkpoints/*/*.pt"))
+    assert kept == {"none": [], "best": ["best.pt"], "all": ["best.pt", "last.pt"]}[keep]

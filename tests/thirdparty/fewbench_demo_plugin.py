@@ -71,10 +71,16 @@ class Diverging(ProtoNet):
 class Crashing(ProtoNet):
     name = "crashing_demo"
     description = "Raises an exception from its third step on"
-    params = {"meta_batch_size": Param(2, minimum=1), "lr": Param(0.001)}
+    params = {
+        "meta_batch_size": Param(2, minimum=1),
+        "lr": Param(0.001),
+        "error": Param("bug", choices=("bug", "oom")),
+    }
 
     def train_step(self, batch, iteration):
         if iteration >= 3:
+            if self.config["error"] == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             raise RuntimeError("demo plugin bug")
         return super().train_step(batch, iteration)
 
