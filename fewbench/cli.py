@@ -157,16 +157,17 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
                 retry_failed=args.retry_failed,
                 stop=stop,
             )
+            table = render(run_dir, "table")
         except KeyboardInterrupt:
             print(
                 f"fewbench: stopped at once; the last checkpoint holds. Resume with: fewbench run {run_dir}",
                 file=sys.stderr,
             )
             return EXIT_INTERRUPTED
-    print(render(run_dir, "table"))
+    print(table)
     if summary.interrupted:
         print(
-            f"fewbench: interrupted in {summary.interrupted} (checkpoint written). "
+            f"fewbench: interrupted {summary.interrupted} (checkpoint written). "
             f"Resume with: fewbench run {run_dir}",
             file=sys.stderr,
         )
@@ -187,9 +188,13 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
 def first_interrupt_stops(stop: threading.Event) -> Iterator[None]:
     """Ctrl-C once: finish the iteration, checkpoint, stop. Twice: stop at once."""
 
+    def second(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one KeyboardInterrupt, handled in cmd_run
+        raise KeyboardInterrupt
+
     def handler(signum: int, frame: object) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, second)
         print(
             "\nfewbench: stopping after this iteration and writing a checkpoint "
             "(Ctrl-C again to quit at once)",
@@ -204,7 +209,9 @@ def first_interrupt_stops(stop: threading.Event) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # Once the user has pressed Ctrl-C, further presses while exiting are ignored, so that
+        # they cannot break the shutdown with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN if stop.is_set() else previous)
 
 
 def one_line(text: str) -> str:

@@ -299,7 +299,7 @@ def run_suite(
                     )
             except (KeyboardInterrupt, Interrupted) as exc:
                 store.mark(cell.id, "interrupted", error=str(exc) or "interrupted")
-                summary.interrupted = cell.label
+                summary.interrupted = f"in {cell.label}"
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 break
@@ -312,6 +312,7 @@ def run_suite(
                 reason = f"{type(exc).__name__}: {exc}"
                 if hasattr(exc, "fewbench_iteration"):
                     reason += f" (at iteration {exc.fewbench_iteration})"
+                    store.save_curve(cell.id, exc.fewbench_curve)
                 if isinstance(exc, torch.OutOfMemoryError):
                     reason += " (lower meta_batch_size or use first_order: true)"
                 store.mark(cell.id, "failed", error=reason + "\n" + traceback.format_exc())

@@ -190,8 +190,9 @@ def train(
                 batch = sources["train"].sample_labelled(learner.batch_size(), generator)
             try:
                 loss = learner.train_step(batch.to(device), iteration)
-            except Exception as exc:  # let the runner say where it happened
+            except Exception as exc:  # let the runner say where it happened, and keep the curve
                 exc.fewbench_iteration = iteration
+                exc.fewbench_curve = state["curve"]
                 raise
             if not math.isfinite(loss):
                 state["curve"].append((iteration, loss if not math.isnan(loss) else None, None))

@@ -74,7 +74,7 @@ def test_third_party_learner_runs_in_a_suite_and_a_diverging_cell_is_contained(
         tasks: {ways: 5, shots: 1, query: 1}
         backbones: [{name: conv4, hidden: 16}]
         learners: [{name: diverging_demo}, {name: crashing_demo, error: [bug, oom]}, {name: protonet_demo}]
-        train: {iterations: 6, validate_every: 3, val_episodes: 5}
+        train: {iterations: 6, validate_every: 3, val_episodes: 5, log_every: 1}
         eval: {episodes: 10, query: 5}
     """)
     )
@@ -104,6 +104,11 @@ def test_third_party_learner_runs_in_a_suite_and_a_diverging_cell_is_contained(
         "RuntimeError: demo plugin bug (at iteration 3)"
     )
     assert "lower meta_batch_size or use first_order: true" in errors["crashing_demo[error=oom]"]
+    curve = db.execute(
+        "SELECT MAX(c.iteration) FROM curve c JOIN cells x ON x.id = c.cell_id "
+        "WHERE x.learner = 'crashing_demo[error=bug]'"
+    ).fetchone()[0]
+    assert curve == 2  # the partial curve up to the last good iteration is kept
     assert "crashing_demo" in result.stderr and "--retry-failed" in result.stderr
     assert (
         db.execute(

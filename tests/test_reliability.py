@@ -91,44 +91,59 @@ def suite_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def baseline(suite_file, tmp_path_factory, data_root, cache_dir) -> dict[str, list[float]]:
+    """Per-episode results of an uninterrupted run (and, as ``.seconds``, its wall time)."""
     out = tmp_path_factory.mktemp("baseline") / "run"
+    started = time.monotonic()
     process = start(suite_file, out, data_root, cache_dir)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
-    result = episodes_by_cell(out)
+    result = Results(episodes_by_cell(out))
+    result.seconds = time.monotonic() - started
     assert len(result) == 4 and all(len(v) == 10 for v in result.values())
     return result
+
+
+class Results(dict):
+    seconds: float = 0.0
 
 
 def test_killed_at_many_points_and_resumed_gives_identical_results(
     suite_file, baseline, tmp_path, data_root, cache_dir
 ):
     out = tmp_path / "run"
-    # Deterministic points first, then SIGKILL at random moments.
-    planned = [
-        "checkpoint-write:2",
+    # SIGKILL at random moments (None) interleaved with kills at chosen points.
+    plan = [
+        "checkpoint-write:1",
+        None,
         "results-commit:1",
-        "evaluation:2",
-        "checkpoint-write:5",
-        "results-commit:2",
+        None,
+        "evaluation:1",
+        "checkpoint-write:2",
+        None,
     ]
+    planned = [p for p in plan if p]
     rng = random.Random(7)
-    kills = 0
-    for attempt in range(30):
-        crash = planned[attempt] if attempt < len(planned) else None
+    kills = random_kills = 0
+    for attempt in range(len(plan) + 10):
+        crash = plan[attempt] if attempt < len(plan) else None
         process = start(suite_file, out, data_root, cache_dir, crash=crash)
-        if crash is None and attempt < len(planned) + 3:
-            time.sleep(rng.uniform(2.5, 6.0))
+        if crash is None and attempt < len(plan):
+            time.sleep(rng.uniform(0.3, 0.8) * baseline.seconds)
             process.kill()
         _, stderr = process.communicate(timeout=600)
         if process.returncode == -signal.SIGKILL:
             kills += 1
+            random_kills += crash is None
             for last in out.glob("checkpoints/*/last.pt"):  # the previous checkpoint stays whole
                 assert torch.load(last, weights_only=False)["loop"]["iteration"] > 0
             continue
         assert process.returncode == 0, stderr
         break
-    assert kills >= len(planned)  # every planned point was reached and killed the run
+    print(f"killed {kills} times ({random_kills} at random moments), resumed each time")
+    assert kills - random_kills == len(
+        planned
+    )  # every planned point was reached and killed the run
+    assert random_kills >= 1
     assert not list(out.glob("checkpoints/*/*.tmp"))  # leftovers of cut writes were cleaned up
     state = cells(out)
     assert all(
@@ -167,30 +182,33 @@ def test_two_workers_share_the_work_and_take_over_a_dead_one(
     assert episodes_by_cell(out) == baseline
 
 
-def test_ctrl_c_checkpoints_then_resume_completes(
-    suite_file, baseline, tmp_path, data_root, cache_dir
-):
-    out = tmp_path / "run"
-    slow = tmp_path / "slow.yaml"
-    slow.write_text(SUITE)
-    process = start(slow, out, data_root, cache_dir)
+SLOW = SUITE.replace("seeds: [0, 1]", "seeds: [0]").replace("iterations: 12,", "iterations: 400,")
+
+
+def start_and_wait_for_training(tmp_path: Path, data_root: Path, cache_dir: Path) -> tuple:
+    """Start a suite long enough to interrupt; return once the first checkpoint exists."""
+    suite, out = tmp_path / "slow.yaml", tmp_path / "run"
+    suite.write_text(SLOW.replace("checkpoint_every: 3", "checkpoint_every: 1"))
+    process = start(suite, out, data_root, cache_dir)
     deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training is under way
-        time.sleep(0.5)
-        if (
-            (out / "results.sqlite").exists()
-            and any(s == "running" for s, *_ in cells(out).values())
-            and list(out.glob("checkpoints/*/last.pt"))
-        ):
-            break
+    while time.time() < deadline and not list(out.glob("checkpoints/*/last.pt")):
+        time.sleep(0.1)
+    return process, out
+
+
+def test_ctrl_c_checkpoints_then_resume_completes(tmp_path, data_root, cache_dir):
+    process, out = start_and_wait_for_training(tmp_path, data_root, cache_dir)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
-    if process.returncode == 0:
-        pytest.skip("the run finished before the interrupt arrived")
     assert process.returncode == 130, stderr
-    assert f"Resume with: fewbench run {out}" in stderr
+    assert f"Resume with: fewbench run {out}" in stderr and "(checkpoint written)" in stderr
     assert "Traceback" not in stderr
-    assert "interrupted" in {s for s, *_ in cells(out).values()}
+    statuses = {s for s, *_ in cells(out).values()}
+    assert "interrupted" in statuses and "done" not in statuses
+    assert (
+        torch.load(next(out.glob("checkpoints/*/last.pt")), weights_only=False)["loop"]["iteration"]
+        > 0
+    )
     resumed = subprocess.run(
         [
             sys.executable,
@@ -209,7 +227,10 @@ def test_ctrl_c_checkpoints_then_resume_completes(
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert episodes_by_cell(out) == baseline
+    state = cells(out)
+    assert all(
+        status == "done" and completions == 1 for status, completions, _ in state.values()
+    ), state
 
 
 def test_changed_suite_reuses_unchanged_cells_and_records_both_versions(
@@ -298,3 +319,15 @@ def test_keep_checkpoints(suite_file, tmp_path, data_root, cache_dir, keep):
     assert process.returncode == 0, stderr
     kept = sorted(p.name for p in out.glob("checkpoints/*/*.pt"))
     assert kept == {"none": [], "best": ["best.pt"], "all": ["best.pt", "last.pt"]}[keep]
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path, data_root, cache_dir):
+    process, out = start_and_wait_for_training(tmp_path, data_root, cache_dir)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Resume with: fewbench run" in stderr and "Traceback" not in stderr
+    for last in out.glob("checkpoints/*/last.pt"):
+        assert torch.load(last, weights_only=False)["loop"]["iteration"] > 0
