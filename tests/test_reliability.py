@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, run_cli
 
 SUITE = """\
 name: crash
@@ -209,22 +209,13 @@ def test_ctrl_c_checkpoints_then_resume_completes(tmp_path, data_root, cache_dir
         torch.load(next(out.glob("checkpoints/*/last.pt")), weights_only=False)["loop"]["iteration"]
         > 0
     )
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fewbench",
-            "resume",
-            str(out),
-            "--data-root",
-            str(data_root),
-            "--no-progress",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "FEWBENCH_CACHE": str(cache_dir)},
-        timeout=600,
+    resumed = run_cli(
+        "resume",
+        str(out),
+        "--data-root",
+        str(data_root),
+        "--no-progress",
+        env={"FEWBENCH_CACHE": str(cache_dir)},
     )
     assert resumed.returncode == 0, resumed.stderr
     state = cells(out)
@@ -262,23 +253,14 @@ def test_retry_failed_runs_failed_cells_again(suite_file, baseline, tmp_path, da
     db = sqlite3.connect(out / "results.sqlite")
     db.execute("UPDATE cells SET status = 'failed', error = 'simulated' WHERE learner = 'maml'")
     db.commit()
-    retried = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fewbench",
-            "run",
-            "--retry-failed",
-            str(out),
-            "--data-root",
-            str(data_root),
-            "--no-progress",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "FEWBENCH_CACHE": str(cache_dir)},
-        timeout=600,
+    retried = run_cli(
+        "run",
+        "--retry-failed",
+        str(out),
+        "--data-root",
+        str(data_root),
+        "--no-progress",
+        env={"FEWBENCH_CACHE": str(cache_dir)},
     )
     assert retried.returncode == 0, retried.stderr
     assert {status for status, *_ in cells(out).values()} == {"done"}
