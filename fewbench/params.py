@@ -66,7 +66,7 @@ def check_value(param: Param, value: Any) -> tuple[Any, str | None]:
             if isinstance(item, bool) or not isinstance(item, param.item_type):
                 return (
                     value,
-                    f"expected a list of {_type_name(param.item_type)} items, got {item!r} in it",
+                    f"every item must be {_type_name(param.item_type)}, got {item!r}",
                 )
             if param.minimum is not None and item < param.minimum:
                 return value, f"items must be at least {param.minimum:g}, got {item!r}"

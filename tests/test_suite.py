@@ -238,3 +238,15 @@ def test_finn_protocol_in_the_gpu_suite(registry, data_root):
         assert config["tasks"]["query"] == config["tasks"]["shots"], (
             label
         )  # query = shots in training
+
+
+@pytest.mark.parametrize(
+    ("hidden", "fragment"),
+    [("[8, -1]", "items must be at least 1"), ("[8, x]", "every item must be an integer")],
+)
+def test_list_parameter_items_are_checked(registry, data_root, hidden, fragment):
+    text = BASE.replace(
+        "{name: conv4, hidden: 64, pool: stride}", f"{{name: mlp, hidden: {hidden}}}"
+    )
+    error = error_of(text, registry, data_root)
+    assert error.path == "backbones[0].hidden" and fragment in str(error)
