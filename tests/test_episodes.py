@@ -115,3 +115,30 @@ def test_lake_split_uses_background_for_training_and_evaluation_for_testing(data
     )
     assert sizes["train"].classes + sizes["val"].classes == 964
     assert sizes["test"].classes == 659
+
+
+class Recorder:
+    """A stand-in learner that records the episodes it is asked to adapt to."""
+
+    def __init__(self, guess: int):
+        self.seen: list[torch.Tensor] = []
+        self.guess = guess
+
+    def predict(self, episodes: EpisodeBatch) -> torch.Tensor:
+        self.seen.append(episodes.support_x.clone())
+        outputs = torch.zeros(*episodes.query_y.shape, episodes.ways)
+        outputs[..., self.guess] = 1.0
+        return outputs
+
+
+def test_every_learner_is_evaluated_on_the_same_episodes():
+    from fewbench.evaluation import evaluate
+
+    pool = labelled_pool()
+    spec = EpisodeSpec(("toy",), "test", ways=5, shots=1, query=3, seed=0)
+    first, second = Recorder(guess=0), Recorder(guess=1)
+    a = evaluate(first, pool, spec, episodes=7, chunk=3, device=torch.device("cpu"))
+    b = evaluate(second, pool, spec, episodes=7, chunk=7, device=torch.device("cpu"))
+    assert torch.equal(torch.cat(first.seen), torch.cat(second.seen))
+    # Always guessing one class is right for exactly one class in five, on every episode.
+    assert a.tolist() == b.tolist() == pytest.approx([0.2] * 7)
