@@ -82,6 +82,13 @@ def cells(out: Path) -> dict[str, tuple[str, int, int]]:
     }
 
 
+def assert_every_cell_done_once(out: Path) -> None:
+    state = cells(out)
+    assert all(
+        status == "done" and completions == 1 for status, completions, _ in state.values()
+    ), state
+
+
 @pytest.fixture(scope="module")
 def suite_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("suite") / "crash.yaml"
@@ -145,10 +152,7 @@ def test_killed_at_many_points_and_resumed_gives_identical_results(
     )  # every planned point was reached and killed the run
     assert random_kills >= 1
     assert not list(out.glob("checkpoints/*/*.tmp"))  # leftovers of cut writes were cleaned up
-    state = cells(out)
-    assert all(
-        status == "done" and completions == 1 for status, completions, _ in state.values()
-    ), state
+    assert_every_cell_done_once(out)
     assert episodes_by_cell(out) == baseline
 
 
@@ -174,10 +178,8 @@ def test_two_workers_share_the_work_and_take_over_a_dead_one(
     _, stderr = b.communicate(timeout=600)
     assert a.returncode == -signal.SIGKILL
     assert b.returncode == 0, stderr
+    assert_every_cell_done_once(out)
     state = cells(out)
-    assert all(
-        status == "done" and completions == 1 for status, completions, _ in state.values()
-    ), state
     assert sum(attempts for *_, attempts in state.values()) == len(state) + 1  # one cell taken over
     assert episodes_by_cell(out) == baseline
 
@@ -218,10 +220,7 @@ def test_ctrl_c_checkpoints_then_resume_completes(tmp_path, data_root, cache_dir
         env={"FEWBENCH_CACHE": str(cache_dir)},
     )
     assert resumed.returncode == 0, resumed.stderr
-    state = cells(out)
-    assert all(
-        status == "done" and completions == 1 for status, completions, _ in state.values()
-    ), state
+    assert_every_cell_done_once(out)
 
 
 def test_changed_suite_reuses_unchanged_cells_and_records_both_versions(
