@@ -9,20 +9,29 @@ from typing import Any
 
 import torch
 
+from fewbench.faults import crash_point
+
 FORMAT = 1
 
 
-def save_tensor_cache(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+def save_atomically(payload: Any, path: Path, *, fault_point: str | None = None) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place:
+    a crash leaves the previous file intact (``fault_point`` is for crash tests)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        torch.save({"format": FORMAT, **payload}, tmp)
+        torch.save(payload, tmp)
+        if fault_point:
+            crash_point(fault_point)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_tensor_cache(path: Path, payload: dict[str, Any]) -> None:
+    save_atomically({"format": FORMAT, **payload}, path)
 
 
 def load_tensor_cache(path: Path, expect: dict[str, Any]) -> dict[str, Any] | None:

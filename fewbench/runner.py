@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from fewbench import environment
+from fewbench.cache import save_atomically
 from fewbench.data import EpisodeSource, derive_seed
 from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
@@ -26,7 +27,7 @@ from fewbench.learner import LearnerContext
 from fewbench.registry import Registry
 from fewbench.stats import mean_ci95
 from fewbench.store import ResultsStore
-from fewbench.training import Diverged, Interrupted, save_atomically, train
+from fewbench.training import Interrupted, train
 
 
 @dataclass
@@ -36,10 +37,6 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     interrupted: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and self.interrupted is None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,8 +141,9 @@ def run_cell(
             on_validate=lambda curve: store.save_curve(cell.id, curve),
             stop=stop,
         )
-    except Diverged as exc:
-        store.save_curve(cell.id, exc.curve)
+    except Exception as exc:  # keep the curve so far of a cell that fails in training
+        if hasattr(exc, "fewbench_curve"):
+            store.save_curve(cell.id, exc.fewbench_curve)
         raise
     started = time.perf_counter()
     crash_point("evaluation")
@@ -264,6 +262,7 @@ def run_suite(
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     worker = worker or default_worker_name()
+    stop = stop or threading.Event()
     if retry_failed:
         store.retry_failed()
     datasets = DatasetCache(registry, data_root, cache_dir, device)
@@ -280,13 +279,11 @@ def run_suite(
                 flush=True,
             )
     try:
-        while not (stop is not None and stop.is_set()):
+        while not stop.is_set():
             claimed = store.claim(worker, list(by_id), stale_after, worker_is_dead)
             if claimed is None:
                 # Cells running elsewhere either finish or go stale; stay to take over the latter.
-                if store.busy_elsewhere(list(by_id), worker) and not (
-                    stop is not None and stop.is_set()
-                ):
+                if store.busy_elsewhere(list(by_id), worker) and not stop.is_set():
                     time.sleep(min(5.0, max(0.2, stale_after / 4)))
                     continue
                 break
@@ -312,7 +309,6 @@ def run_suite(
                 reason = f"{type(exc).__name__}: {exc}"
                 if hasattr(exc, "fewbench_iteration"):
                     reason += f" (at iteration {exc.fewbench_iteration})"
-                    store.save_curve(cell.id, exc.fewbench_curve)
                 if isinstance(exc, torch.OutOfMemoryError):
                     reason += " (lower meta_batch_size or use first_order: true)"
                 store.mark(cell.id, "failed", error=reason + "\n" + traceback.format_exc())
@@ -327,7 +323,7 @@ def run_suite(
                 file=log,
                 flush=True,
             )
-        if stop is not None and stop.is_set() and summary.interrupted is None:
+        if stop.is_set() and summary.interrupted is None:
             left = [c for c in suite.cells if store.status(c.id) not in ("done", "failed")]
             if left:
                 summary.interrupted = f"before {left[0].label}"

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,18 +23,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fewbench.cache import save_atomically
 from fewbench.data import EpisodeSource, seeded_generator
 from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, evaluate
-from fewbench.faults import crash_point
 from fewbench.grid import Cell
 from fewbench.learner import Learner
 
 
 class Diverged(FewbenchError):
-    """The training loss became NaN or infinite; ``curve`` holds the points recorded so far."""
-
-    curve: list = []
+    """The training loss became NaN or infinite."""
 
 
 @dataclass
@@ -50,20 +46,6 @@ class TrainOutcome:
 
 class Interrupted(FewbenchError):
     """Training stopped on request after writing a checkpoint."""
-
-
-def save_atomically(payload: Any, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, tmp)
-        crash_point("checkpoint-write")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -145,7 +127,7 @@ def train(
         state["seconds"] += time.perf_counter() - started
         started = time.perf_counter()
         payload = {"learner": learner.state_dict(), "loop": state, "rng": rng_state()}
-        save_atomically(payload, checkpoint)
+        save_atomically(payload, checkpoint, fault_point="checkpoint-write")
 
     def validate() -> float | None:
         if train_cfg["val_episodes"] == 0:
@@ -199,7 +181,7 @@ def train(
                 error = Diverged(
                     f"training loss became {loss} at iteration {iteration}; try a lower learning rate"
                 )
-                error.curve = state["curve"]
+                error.fewbench_curve = state["curve"]
                 raise error
             losses.append(loss)
             record_loss = iteration % train_cfg["log_every"] == 0 or iteration == total
