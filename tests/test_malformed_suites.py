@@ -46,6 +46,16 @@ NOT_AN_INTEGER = st.one_of(
 )
 
 
+def is_axis(value) -> bool:
+    """A non-empty list of distinct positive integers: a valid expansion of a plugin parameter."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and len(set(value)) == len(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    )
+
+
 def set_path(suite: dict, path: tuple, value) -> None:
     target = suite
     for key in path[:-1]:
@@ -78,7 +88,12 @@ def malformed(draw) -> str:
         key = draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in TOP_LEVEL))
         suite[key] = draw(st.one_of(st.integers(), st.text(max_size=10)))
     elif kind == "wrong_type":
-        set_path(suite, draw(st.sampled_from(INT_SETTINGS)), draw(NOT_AN_INTEGER))
+        path = draw(st.sampled_from(INT_SETTINGS))
+        # A list of valid values given for a plugin parameter is a legal grid axis, not an error.
+        legal_axis = path[0] in ("learners", "backbones")
+        set_path(
+            suite, path, draw(NOT_AN_INTEGER.filter(lambda v: not (legal_axis and is_axis(v))))
+        )
     elif kind == "plugin_name":
         section = draw(st.sampled_from(["datasets", "backbones", "learners"]))
         suite[section][0]["name"] = draw(
