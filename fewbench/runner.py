@@ -171,7 +171,7 @@ def run_cell(
         iterations=outcome.iterations,
         best_iteration=outcome.best_iteration,
         best_val=outcome.best_val,
-        engine=engine,
+        engine=learner.describe_engine(),  # now with the choices made at the first batches
         train_seconds=outcome.seconds,
         eval_seconds=eval_seconds,
     )

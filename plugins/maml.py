@@ -1,31 +1,27 @@
 """MAML (Finn, Abbeel & Levine 2017) and its first-order variant.
 
-The inner loop runs through ``torch.func.functional_call`` on a dict of
-parameters: ``theta' = theta - inner_lr * grad L_support(theta)``, repeated
-``inner_steps`` times. Second order keeps the graph of the inner gradients
-(``create_graph=True``), so the query loss at ``theta'`` is differentiated through
-the adaptation; first order takes the inner gradients as constants, which makes
-``d theta' / d theta`` the identity and applies the query gradient at ``theta'``
-directly to ``theta``. ``inner_loop: higher`` runs the same algorithm through the
-``higher`` library (the reference implementation used in tests and benchmarks).
+Inner loop: ``theta' = theta - inner_lr * grad L_support(theta)``, repeated
+``inner_steps`` times. Second order differentiates the query loss at ``theta'``
+through the adaptation; first order takes the inner gradients as constants, which
+makes ``d theta' / d theta`` the identity and applies the query gradient at
+``theta'`` directly to ``theta``. The meta-loss is the mean of the tasks' query
+losses, as in Finn et al.'s code; the meta-optimizer is Adam with ``meta_lr``.
 
-The meta-loss is the mean of the tasks' query losses, as in Finn et al.'s code;
-the meta-optimizer is Adam with ``meta_lr``.
+How the tasks of a meta-batch are computed (all tasks at once, or one at a time)
+is the ``engine`` parameter; see :mod:`fewbench_plugins.maml_engines`.
 """
 
 from __future__ import annotations
 
-import higher
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from fewbench.data import EpisodeBatch
 from fewbench.hookspecs import hookimpl
 from fewbench.learner import Learner, LearnerContext
 from fewbench.params import Param
-
-Params = dict[str, Tensor]
+from fewbench_plugins import maml_engines
+from fewbench_plugins.maml_engines import ENGINES
 
 
 class MAML(Learner):
@@ -40,8 +36,23 @@ class MAML(Learner):
         "meta_batch_size": Param(32, minimum=1, help="tasks per meta-update"),
         "meta_lr": Param(0.001, minimum=0.0, help="Adam learning rate of the meta-update (beta)"),
         "first_order": Param(False, help="drop second derivatives (first-order MAML)"),
-        "inner_loop": Param(
-            "functional", choices=("functional", "higher"), help="inner-loop implementation"
+        "engine": Param(
+            "auto",
+            choices=ENGINES,
+            help="all tasks at once (batched, torch.func.vmap), one at a time (loop, higher), "
+            "or auto: batched on CUDA and for small tasks on CPU",
+        ),
+        "tasks_per_call": Param(
+            0,
+            minimum=0,
+            help="batched engine: at most this many tasks per vmap call (0 = all); lowers peak "
+            "memory, same result",
+        ),
+        "threads": Param(
+            0,
+            minimum=0,
+            help="CPU: threads that adapt shares of the meta-batch in parallel (0 = one per "
+            "core); ignored on CUDA",
         ),
     }
 
@@ -49,61 +60,46 @@ class MAML(Learner):
         super().setup(ctx)
         self.model = ctx.backbone.build(ctx.input_shape, ctx.ways).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config["meta_lr"])
+        self.replicas = maml_engines.Replicas(self.model)
+        self.engines: dict[str, maml_engines.EngineChoice] = {}  # train | predict
 
     def batch_size(self) -> int:
         return self.config["meta_batch_size"]
 
+    def engine_for(self, phase: str, batch: EpisodeBatch) -> maml_engines.EngineChoice:
+        """The engine for ``phase`` (train | predict), chosen once, from its first batch."""
+        if phase not in self.engines:
+            requested = self.config["engine"]
+            if phase == "predict" and requested == "higher":
+                requested = "loop"  # higher is a training reference only
+            self.engines[phase] = maml_engines.choose_engine(
+                requested,
+                self.config["threads"],
+                self.ctx.device,
+                batch,
+                vmap_safe=maml_engines.can_batch(self.model),
+            )
+        return self.engines[phase]
+
     def describe_engine(self) -> str:
         order = "first-order" if self.config["first_order"] else "second-order"
-        return f"{self.config['inner_loop']} per-task loop, {order}"
-
-    # -- the inner loop ------------------------------------------------------------
-    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool) -> Params:
-        """``steps`` SGD steps on the support set, as a differentiable function of ``params``."""
-        lr = self.config["inner_lr"]
-        for _ in range(steps):
-            loss = self.ctx.loss(functional_call(self.model, params, (x,)), y)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-            params = {name: p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
-        return params
+        if not self.engines:
+            return f"{self.config['engine']} ({order}; chosen at the first batch)"
+        chosen = "; ".join(f"{phase}: {e.describe()}" for phase, e in self.engines.items())
+        return f"{order}; {chosen}"
 
     def meta_gradient_step(self, batch: EpisodeBatch) -> float:
-        """Accumulate the meta-gradient of the mean query loss into ``.grad``; return the loss."""
-        tasks = len(batch)
-        steps = self.config["inner_steps"]
-        second_order = not self.config["first_order"]
-        if self.config["inner_loop"] == "higher":
-            return self._higher_meta_gradient(batch, steps, second_order)
-        base = dict(self.model.named_parameters())
-        total = 0.0
-        for t in range(tasks):
-            adapted = self.adapt(base, batch.support_x[t], batch.support_y[t], steps, second_order)
-            query_out = functional_call(self.model, adapted, (batch.query_x[t],))
-            loss = self.ctx.loss(query_out, batch.query_y[t]) / tasks
-            loss.backward()  # per task, so only one task's graph is alive at a time
-            total += loss.item()
-        return total
-
-    def _higher_meta_gradient(self, batch: EpisodeBatch, steps: int, second_order: bool) -> float:
-        tasks = len(batch)
-        inner_opt = torch.optim.SGD(self.model.parameters(), lr=self.config["inner_lr"])
-        params = list(self.model.parameters())
-        total = 0.0
-        for t in range(tasks):
-            with higher.innerloop_ctx(
-                self.model, inner_opt, copy_initial_weights=False, track_higher_grads=second_order
-            ) as (fmodel, diffopt):
-                for _ in range(steps):
-                    diffopt.step(self.ctx.loss(fmodel(batch.support_x[t]), batch.support_y[t]))
-                loss = self.ctx.loss(fmodel(batch.query_x[t]), batch.query_y[t]) / tasks
-                if second_order:
-                    loss.backward()
-                else:  # higher detaches the fast weights: carry their gradient over to theta
-                    grads = torch.autograd.grad(loss, list(fmodel.parameters()))
-                    for p, g in zip(params, grads, strict=True):
-                        p.grad = g.detach() if p.grad is None else p.grad + g.detach()
-                total += loss.item()
-        return total
+        """Add the meta-gradient of the mean query loss to ``.grad``; return that loss."""
+        return maml_engines.meta_gradient(
+            self.engine_for("train", batch),
+            self.replicas,
+            self.ctx.loss,
+            batch,
+            lr=self.config["inner_lr"],
+            steps=self.config["inner_steps"],
+            second_order=not self.config["first_order"],
+            tasks_per_call=self.config["tasks_per_call"],
+        )
 
     # -- the learner contract ------------------------------------------------------------
     def train_step(self, batch: EpisodeBatch, iteration: int) -> float:
@@ -114,17 +110,15 @@ class MAML(Learner):
         return loss
 
     def predict(self, episodes: EpisodeBatch) -> Tensor:
-        steps = self.config["eval_inner_steps"]
-        outputs = []
-        for t in range(len(episodes)):
-            base = {name: p.detach().requires_grad_() for name, p in self.model.named_parameters()}
-            with torch.enable_grad():
-                adapted = self.adapt(
-                    base, episodes.support_x[t], episodes.support_y[t], steps, False
-                )
-            with torch.no_grad():
-                outputs.append(functional_call(self.model, adapted, (episodes.query_x[t],)))
-        return torch.stack(outputs)
+        return maml_engines.adapt_and_predict(
+            self.engine_for("predict", episodes),
+            self.replicas,
+            self.ctx.loss,
+            episodes,
+            lr=self.config["inner_lr"],
+            steps=self.config["eval_inner_steps"],
+            tasks_per_call=self.config["tasks_per_call"],
+        )
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

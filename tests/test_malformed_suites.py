@@ -114,7 +114,8 @@ def malformed(draw) -> str:
                         "meta_batch_size",
                         "meta_lr",
                         "first_order",
-                        "inner_loop",
+                        "engine",
+                        "tasks_per_call",
                     }
                 )
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from fewbench.learner import LearnerContext
 from fewbench.params import ParamSet
 from fewbench_plugins.backbones import MLP, Conv4
 from fewbench_plugins.maml import MAML, FirstOrderMAML
+from fewbench_plugins.maml_engines import EngineChoice, choose_engine
 
 
 def make_learner(cls, backbone, input_shape, ways, dtype=torch.float32, **params):
@@ -52,26 +54,99 @@ def meta_gradient(learner, batch) -> list[torch.Tensor]:
     return [p.grad.clone() for p in learner.model.parameters()]
 
 
+ENGINE_VARIANTS = [
+    {"engine": "higher"},
+    {"engine": "loop", "threads": 1},
+    {"engine": "loop", "threads": 2},
+    {"engine": "batched", "threads": 1},
+    {"engine": "batched", "threads": 2, "tasks_per_call": 1},
+    {"engine": "batched", "threads": 1, "tasks_per_call": 2},
+]
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_functional_and_higher_give_the_same_meta_gradient(first_order, steps):
+def test_every_engine_gives_the_same_meta_gradient(first_order, steps):
+    """higher (the reference), the per-task loop and the batched engine, chunked or not."""
     backbone = Conv4(hidden=8, pool="stride")
     batch = random_episodes(tasks=3, ways=3, shots=2, query=2, shape=(1, 14, 14))
-    grads = {}
-    for loop in ("functional", "higher"):
+    results = []
+    for variant in ENGINE_VARIANTS:
         learner = make_learner(
             MAML,
             backbone,
             (1, 14, 14),
             3,
-            inner_loop=loop,
             first_order=first_order,
             inner_steps=steps,
             inner_lr=0.3,
+            **variant,
         )
-        grads[loop] = meta_gradient(learner, batch)
-    for a, b in zip(grads["functional"], grads["higher"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        results.append((variant, meta_gradient(learner, batch)))
+    reference = results[0][1]
+    for variant, grads in results[1:]:
+        for a, b in zip(grads, reference, strict=True):
+            torch.testing.assert_close(
+                a, b, rtol=1e-4, atol=1e-6, msg=lambda m, v=variant: f"{v}: {m}"
+            )
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_batched_and_loop_predictions_agree(steps):
+    backbone = Conv4(hidden=8, pool="stride")
+    batch = random_episodes(tasks=5, ways=3, shots=2, query=4, shape=(1, 14, 14))
+    outputs = {}
+    for variant in (
+        {"engine": "loop"},
+        {"engine": "batched"},
+        {"engine": "batched", "tasks_per_call": 2},
+    ):
+        learner = make_learner(MAML, backbone, (1, 14, 14), 3, eval_inner_steps=steps, **variant)
+        outputs[str(variant)] = learner.predict(batch)
+    first, *rest = outputs.values()
+    for other in rest:
+        torch.testing.assert_close(other, first, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_engine_follows_the_documented_rule():
+    small = random_episodes(tasks=2, ways=5, shots=1, query=1, shape=(1, 28, 28))
+    large = random_episodes(tasks=2, ways=5, shots=1, query=15, shape=(1, 28, 28))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    threads = torch.get_num_threads()
+    assert choose_engine("auto", 0, cpu, small) == EngineChoice(
+        "batched", threads, "auto: CPU, 7840 input values per task <= 20000"
+    )
+    assert choose_engine("auto", 0, cpu, large) == EngineChoice(
+        "loop", threads, "auto: CPU, 62720 input values per task > 20000"
+    )
+    assert choose_engine("auto", 0, cuda, large) == EngineChoice("batched", 1, "auto: CUDA device")
+    assert choose_engine("batched", 3, cpu, large) == EngineChoice("batched", 3, "set in the suite")
+    assert choose_engine("higher", 3, cpu, small).threads == 1
+    assert choose_engine("auto", 0, cuda, small, vmap_safe=False).engine == "loop"
+    assert choose_engine("auto", 0, cpu, small, vmap_safe=False).engine == "loop"
+    with pytest.raises(ValueError, match="running statistics"):
+        choose_engine("batched", 0, cpu, small, vmap_safe=False)
+
+
+def test_the_engine_is_described_for_the_results_store():
+    learner = make_learner(MAML, Conv4(hidden=8, pool="stride"), (1, 28, 28), 5, threads=2)
+    meta_gradient(learner, random_episodes(tasks=2, ways=5, shots=1, query=1, shape=(1, 28, 28)))
+    learner.predict(random_episodes(tasks=2, ways=5, shots=1, query=15, shape=(1, 28, 28)))
+    assert learner.describe_engine() == (
+        "second-order; train: batched x 2 threads (auto: CPU, 7840 input values per task <= "
+        "20000); predict: loop x 2 threads (auto: CPU, 62720 input values per task > 20000)"
+    )
+
+
+def test_a_batch_norm_with_running_statistics_is_never_batched():
+    class RunningStats(Conv4):
+        def build_features(self, input_shape):
+            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), 4 * 12 * 12
+
+    learner = make_learner(MAML, RunningStats(hidden=4, pool="stride"), (1, 14, 14), 3)
+    learner.ctx = dataclasses.replace(learner.ctx, device=torch.device("cuda"))
+    batch = random_episodes(tasks=2, ways=3, shots=1, query=1, shape=(1, 14, 14))
+    assert learner.engine_for("train", batch).engine == "loop"
 
 
 def test_second_order_differs_from_first_order():
@@ -99,10 +174,11 @@ def _meta_loss(model, params, batch, lr, steps):
     return total / len(batch)
 
 
-def test_second_order_matches_finite_differences():
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_second_order_matches_finite_differences(engine):
     backbone = MLP(hidden=[6])
     learner = make_learner(
-        MAML, backbone, (4,), 3, dtype=torch.float64, inner_lr=0.5, inner_steps=2
+        MAML, backbone, (4,), 3, dtype=torch.float64, inner_lr=0.5, inner_steps=2, engine=engine
     )
     batch = random_episodes(tasks=2, ways=3, shots=2, query=3, shape=(4,), dtype=torch.float64)
     analytic = meta_gradient(learner, batch)
@@ -126,10 +202,13 @@ def test_second_order_matches_finite_differences():
     assert checked == 2 * len(names)
 
 
-def test_first_order_applies_the_query_gradient_at_the_adapted_weights():
+@pytest.mark.parametrize("engine", ["loop", "batched"])
+def test_first_order_applies_the_query_gradient_at_the_adapted_weights(engine):
     """By hand: one SGD step to theta', then the plain gradient of the query loss at theta'."""
     backbone = MLP(hidden=[5])
-    learner = make_learner(FirstOrderMAML, backbone, (4,), 3, dtype=torch.float64, inner_lr=0.3)
+    learner = make_learner(
+        FirstOrderMAML, backbone, (4,), 3, dtype=torch.float64, inner_lr=0.3, engine=engine
+    )
     batch = random_episodes(tasks=2, ways=3, shots=1, query=2, shape=(4,), dtype=torch.float64)
     analytic = meta_gradient(learner, batch)
     expected = None

@@ -1,0 +1,238 @@
+"""Meta-training throughput of the MAML engines, side by side, as a table.
+
+Each row is one configuration and one engine; each measurement runs in its own
+process, so peak memory belongs to that engine alone. A timed iteration is what
+fewbench's training loop does: seed a generator, draw a meta-batch of episodes
+from a dataset held on the device, move it there, and take one meta-update
+(second order unless said otherwise). Images are random, with the real shapes and
+class counts; timing does not depend on pixel values.
+
+    python benchmarks/throughput.py                 # CPU, and CUDA when present
+    python benchmarks/throughput.py --device cpu --seconds 20 --configs 1a,1b
+    python benchmarks/throughput.py --variants      # also bf16, channels-last, compile
+
+Ratios are tasks per second relative to the reference: the per-task loop through
+``higher``, which is what higher's own MAML example does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+CONFIGS = {
+    # name: (description, ways, shots, query, meta_batch, inner_steps, shape, hidden, pool,
+    #        classes, examples per class)
+    "1a": ("Omniglot 5-way 1-shot, 1 query", 5, 1, 1, 32, 1, (1, 28, 28), 64, "stride", 4112, 20),
+    "1b": ("Omniglot 5-way 1-shot, 15 query", 5, 1, 15, 32, 1, (1, 28, 28), 64, "stride", 4112, 20),
+    "2": ("Omniglot 20-way 1-shot, 5 steps", 20, 1, 1, 16, 5, (1, 28, 28), 64, "stride", 4112, 20),
+    "3": ("mini-ImageNet 5-way 1-shot", 5, 1, 15, 4, 5, (3, 84, 84), 32, "max", 64, 600),
+}
+# engine[:threads]; no thread count means fewbench's own choice (one per core on a CPU).
+ENGINES = ("higher", "loop:1", "batched:1", "batched", "auto")
+VARIANTS = ("batched+bf16", "batched+channels_last", "batched+compile")
+
+
+@dataclass
+class Measurement:
+    config: str
+    engine: str
+    device: str
+    chosen: str = ""
+    iterations: int = 0
+    tasks_per_second: float = 0.0
+    ms_per_iteration: float = 0.0
+    peak_mb: float = 0.0
+    error: str = ""
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(config: str, engine: str, device_name: str, seconds: float) -> Measurement:
+    """One configuration and engine, in this process."""
+    import torch
+
+    from fewbench.data import ClassPool, seeded_generator
+    from fewbench.learner import LearnerContext
+    from fewbench.params import ParamSet
+    from fewbench_plugins.backbones import Conv4
+    from fewbench_plugins.maml import MAML
+
+    _, ways, shots, query, tasks, steps, shape, hidden, pool, classes, per_class = CONFIGS[config]
+    device = torch.device(device_name)
+    spec, _, variant = engine.partition("+")
+    base, _, threads = spec.partition(":")
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (classes, per_class, *shape), dtype=torch.uint8)
+    source = ClassPool(images).to(device)
+    learner = MAML(
+        **{
+            **ParamSet.of(MAML).defaults(),
+            "engine": base,
+            "threads": int(threads or 0),
+            "meta_batch_size": tasks,
+            "inner_steps": steps,
+        }
+    )
+    backbone = Conv4(hidden=hidden, pool=pool)
+    learner.setup(LearnerContext(backbone, shape, ways, shots, query, classes, device))
+    if variant == "channels_last":
+        learner.model.to(memory_format=torch.channels_last)
+    if variant == "compile":
+        learner.model.compile()
+
+    def step(iteration: int) -> None:
+        batch = source.sample_episodes(
+            tasks, ways, shots, query, seeded_generator("bench", iteration)
+        ).to(device)
+        if variant == "channels_last":
+            batch.support_x = batch.support_x.contiguous(memory_format=torch.channels_last)
+            batch.query_x = batch.query_x.contiguous(memory_format=torch.channels_last)
+        if variant == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                learner.train_step(batch, iteration)
+        else:
+            learner.train_step(batch, iteration)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    result = Measurement(config, engine, device_name)
+    try:
+        for warm in range(2):
+            step(warm)
+        sync()
+        baseline = current_rss_mb()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        count = 0
+        while count < 3 or time.perf_counter() - start < seconds:
+            step(count + 2)
+            count += 1
+            if count % 2 == 0:
+                sync()
+        sync()
+        elapsed = time.perf_counter() - start
+    except Exception as exc:  # a variant that does not run is a result too
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        return result
+    choice = learner.engines["train"]
+    result.chosen = choice.engine + (f" x {choice.threads} threads" if choice.threads > 1 else "")
+    result.iterations = count
+    result.tasks_per_second = count * tasks / elapsed
+    result.ms_per_iteration = 1000 * elapsed / count
+    if device.type == "cuda":
+        result.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # peak resident memory above what the process held before the timed loop
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.peak_mb = max(0.0, peak - baseline)
+    return result
+
+
+def measure_in_subprocess(config: str, engine: str, device: str, seconds: float) -> Measurement:
+    command = [sys.executable, __file__, "--one", config, engine, device, str(seconds)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600 + 20 * seconds)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return Measurement(config, engine, device, error=last[:160])
+    return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def machine_description(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+
+
+def table(rows: list[Measurement], device: str) -> str:
+    memory = "CUDA max allocated MB" if device.startswith("cuda") else "peak RSS MB above start"
+    lines = [
+        f"device: {device} ({machine_description(device)})",
+        "",
+        f"| configuration | engine | tasks/s | ms/iteration | x reference | {memory} |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for config in dict.fromkeys(r.config for r in rows):
+        group = [r for r in rows if r.config == config]
+        reference = next((r for r in group if r.engine == "higher" and not r.error), None)
+        for r in group:
+            name = f"{r.engine}: {r.chosen}" if r.chosen else r.engine
+            if r.error:
+                lines.append(
+                    f"| {config}: {CONFIGS[config][0]} | {name} | failed: {r.error} | | | |"
+                )
+                continue
+            ratio = f"{r.tasks_per_second / reference.tasks_per_second:.2f}" if reference else "n/a"
+            lines.append(
+                f"| {config}: {CONFIGS[config][0]} | {name} | {r.tasks_per_second:.1f} | "
+                f"{r.ms_per_iteration:.0f} | {ratio} | {r.peak_mb:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--device", action="append", help="cpu, cuda (default: cpu, and cuda if any)"
+    )
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="comma-separated, of " + ", ".join(CONFIGS)
+    )
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument(
+        "--variants", action="store_true", help="also measure " + ", ".join(VARIANTS)
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
+    parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        config, engine, device, seconds = args.one
+        print(json.dumps(asdict(measure(config, engine, device, float(seconds)))))
+        return 0
+    import torch
+
+    devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    engines = args.engines.split(",") + (list(VARIANTS) if args.variants else [])
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    everything = []
+    for device in devices:
+        rows = []
+        for config in configs:
+            for engine in engines:
+                print(f"measuring {device} {config} {engine} ...", file=sys.stderr, flush=True)
+                rows.append(measure_in_subprocess(config, engine, device, args.seconds))
+        print(table(rows, device), "\n", flush=True)
+        everything += rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in everything], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
