@@ -35,9 +35,10 @@ CONFIGS = {
     "2": ("Omniglot 20-way 1-shot, 5 steps", 20, 1, 1, 16, 5, (1, 28, 28), 64, "stride", 4112, 20),
     "3": ("mini-ImageNet 5-way 1-shot", 5, 1, 15, 4, 5, (3, 84, 84), 32, "max", 64, 600),
 }
-# engine[:threads]; no thread count means fewbench's own choice (one per core on a CPU).
+# engine[:threads][/tasks per vmap call]; no thread count means fewbench's own choice (one
+# per core on a CPU), no tasks per call means the whole meta-batch in one call.
 ENGINES = ("higher", "loop:1", "batched:1", "batched", "auto")
-VARIANTS = ("batched+bf16", "batched+channels_last", "batched+compile")
+VARIANTS = ("batched/8", "batched+bf16", "batched+channels_last", "batched+compile")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Measurement:
     ms_per_iteration: float = 0.0
     peak_mb: float = 0.0
     error: str = ""
+    machine: str = ""
 
 
 def current_rss_mb() -> float:
@@ -65,13 +67,21 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     from fewbench.data import ClassPool, seeded_generator
     from fewbench.learner import LearnerContext
     from fewbench.params import ParamSet
+    from fewbench_plugins import maml_engines
     from fewbench_plugins.backbones import Conv4
     from fewbench_plugins.maml import MAML
 
     _, ways, shots, query, tasks, steps, shape, hidden, pool, classes, per_class = CONFIGS[config]
     device = torch.device(device_name)
     spec, _, variant = engine.partition("+")
+    spec, _, per_call = spec.partition("/")
     base, _, threads = spec.partition(":")
+    if variant == "bf16":
+        threads = "1"  # autocast is thread-local: it must run in the thread that computes
+    result = Measurement(config, engine, device_name, machine=machine_description(device_name))
+    if base not in maml_engines.ENGINES or variant not in ("", "bf16", "channels_last", "compile"):
+        result.error = f"unknown engine {engine!r}"
+        return result
     torch.manual_seed(0)
     images = torch.randint(0, 256, (classes, per_class, *shape), dtype=torch.uint8)
     source = ClassPool(images).to(device)
@@ -80,6 +90,7 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
             **ParamSet.of(MAML).defaults(),
             "engine": base,
             "threads": int(threads or 0),
+            "tasks_per_call": int(per_call or 0),
             "meta_batch_size": tasks,
             "inner_steps": steps,
         }
@@ -95,9 +106,11 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
         batch = source.sample_episodes(
             tasks, ways, shots, query, seeded_generator("bench", iteration)
         ).to(device)
-        if variant == "channels_last":
-            batch.support_x = batch.support_x.contiguous(memory_format=torch.channels_last)
-            batch.query_x = batch.query_x.contiguous(memory_format=torch.channels_last)
+        if variant == "channels_last":  # each task's [N, C, H, W] slice in channels-last order
+            batch.support_x = (
+                batch.support_x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+            )
+            batch.query_x = batch.query_x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
         if variant == "bf16":
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 learner.train_step(batch, iteration)
@@ -108,7 +121,6 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    result = Measurement(config, engine, device_name)
     try:
         for warm in range(2):
             step(warm)
@@ -141,7 +153,14 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     return result
 
 
-def measure_in_subprocess(config: str, engine: str, device: str, seconds: float) -> Measurement:
+def measure_isolated(config: str, engine: str, device: str, seconds: float) -> Measurement:
+    """On CUDA, in this process (peak memory is reset per measurement); on a CPU, in a
+    fresh process, since a process's peak resident memory cannot be reset."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+        return measure(config, engine, device, seconds)
     command = [sys.executable, __file__, "--one", config, engine, device, str(seconds)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600 + 20 * seconds)
     if done.returncode != 0:
@@ -167,8 +186,9 @@ def machine_description(device: str) -> str:
 
 def table(rows: list[Measurement], device: str) -> str:
     memory = "CUDA max allocated MB" if device.startswith("cuda") else "peak RSS MB above start"
+    machine = next((r.machine for r in rows if r.machine), "") or machine_description(device)
     lines = [
-        f"device: {device} ({machine_description(device)})",
+        f"device: {device} ({machine})",
         "",
         f"| configuration | engine | tasks/s | ms/iteration | x reference | {memory} |",
         "|---|---|---:|---:|---:|---:|",
@@ -177,7 +197,8 @@ def table(rows: list[Measurement], device: str) -> str:
         group = [r for r in rows if r.config == config]
         reference = next((r for r in group if r.engine == "higher" and not r.error), None)
         for r in group:
-            name = f"{r.engine}: {r.chosen}" if r.chosen else r.engine
+            base = r.engine.split("+")[0].split("/")[0].split(":")[0]
+            name = f"{r.engine} -> {r.chosen}" if r.chosen and r.chosen != base else r.engine
             if r.error:
                 lines.append(
                     f"| {config}: {CONFIGS[config][0]} | {name} | failed: {r.error} | | | |"
@@ -205,8 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
     parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument("--from-json", help="print the tables of an earlier --json file and exit")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = [Measurement(**r) for r in json.load(f)]
+        for device in dict.fromkeys(r.device for r in rows):
+            print(table([r for r in rows if r.device == device], device), "\n")
+        return 0
     if args.one:
         config, engine, device, seconds = args.one
         print(json.dumps(asdict(measure(config, engine, device, float(seconds)))))
@@ -225,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             for engine in engines:
                 print(f"measuring {device} {config} {engine} ...", file=sys.stderr, flush=True)
-                rows.append(measure_in_subprocess(config, engine, device, args.seconds))
+                rows.append(measure_isolated(config, engine, device, args.seconds))
         print(table(rows, device), "\n", flush=True)
         everything += rows
     if args.json:

@@ -70,6 +70,9 @@ def check_value(param: Param, value: Any) -> tuple[Any, str | None]:
                 )
             if param.minimum is not None and item < param.minimum:
                 return value, f"items must be at least {param.minimum:g}, got {item!r}"
+            if param.choices is not None and item not in param.choices:
+                options = ", ".join(repr(c) for c in param.choices)
+                return value, f"every item must be one of {options}, got {item!r}"
         return value, None
     if param.minimum is not None and isinstance(value, int | float) and value < param.minimum:
         return value, f"must be at least {param.minimum:g}, got {value!r}"

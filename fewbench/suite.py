@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from fewbench.augment import AUGMENTATIONS
 from fewbench.errors import SuiteError
 from fewbench.params import Param, check_value, closest
 
@@ -51,6 +52,12 @@ TRAIN = {
         "best",
         choices=("best", "none", "all"),
         help="what to keep of a finished cell: its best state, nothing, or everything",
+    ),
+    "augment": Param(
+        [],
+        item_type=str,
+        choices=AUGMENTATIONS,
+        help="augmentations of training images, batched on the device: flip, crop, rotate90",
     ),
 }
 EVAL = {

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fewbench.augment import augment_batch
 from fewbench.cache import save_atomically
 from fewbench.data import EpisodeSource, seeded_generator
 from fewbench.errors import FewbenchError
@@ -170,8 +171,11 @@ def train(
                 )
             else:
                 batch = sources["train"].sample_labelled(learner.batch_size(), generator)
+            # The augmentations continue the iteration's generator: a resumed run, or a run
+            # on another device, draws the same transformations.
+            batch = augment_batch(batch.to(device), train_cfg.get("augment", []), generator)
             try:
-                loss = learner.train_step(batch.to(device), iteration)
+                loss = learner.train_step(batch, iteration)
             except Exception as exc:  # let the runner say where it happened, and keep the curve
                 exc.fewbench_iteration = iteration
                 exc.fewbench_curve = state["curve"]

@@ -1,0 +1,56 @@
+"""benchmarks/throughput.py runs and prints its table (a smoke test; timings are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+from helpers import REPO
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "throughput", REPO / "benchmarks" / "throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_prints_a_table_with_ratios_to_the_reference(tmp_path, capsys):
+    throughput = load_benchmark()
+    out = tmp_path / "rows.json"
+    code = throughput.main(
+        [
+            "--device",
+            "cpu",
+            "--seconds",
+            "0",
+            "--configs",
+            "1a",
+            "--engines",
+            "higher,auto",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["higher", "auto"]
+    assert all(not r["error"] and r["iterations"] >= 3 and r["tasks_per_second"] > 0 for r in rows)
+    assert rows[1]["chosen"].startswith("batched")  # the documented CPU rule for 1-query Omniglot
+    assert "| 1a: Omniglot 5-way 1-shot, 1 query | higher | " in printed
+    assert "| 1.00 |" in printed
+    assert throughput.main(["--from-json", str(out)]) == 0
+    assert capsys.readouterr().out == printed
+    assert "| 1a: Omniglot 5-way 1-shot, 1 query | auto -> batched" in printed
+
+
+def test_an_unknown_engine_is_reported_not_raised():
+    throughput = load_benchmark()
+    for engine in ("no-such-engine", "batched+no-such-variant"):
+        row = throughput.measure("1a", engine, "cpu", 0)
+        assert row.error == f"unknown engine {engine!r}" and row.iterations == 0
