@@ -38,7 +38,7 @@ CONFIGS = {
 # engine[:threads][/tasks per vmap call]; no thread count means fewbench's own choice (one
 # per core on a CPU), no tasks per call means the whole meta-batch in one call.
 ENGINES = ("higher", "loop:1", "batched:1", "batched", "auto")
-VARIANTS = ("batched/8", "batched+bf16", "batched+channels_last", "batched+compile")
+VARIANTS = ("batched/8", "auto+bf16", "auto+channels_last", "auto+compile")
 
 
 @dataclass

@@ -21,7 +21,16 @@ def settings_frame(store: ResultsStore) -> pd.DataFrame:
     cells = pd.DataFrame([dict(row) for row in store.cells()])
     if cells.empty:
         return pd.DataFrame(
-            columns=[*SETTING, "seeds", "episodes", "metric", "accuracy", "ci95", "status"]
+            columns=[
+                *SETTING,
+                "seeds",
+                "episodes",
+                "metric",
+                "accuracy",
+                "ci95",
+                "status",
+                "engine",
+            ]
         )
     rows = []
     for key, group in cells.groupby(SETTING, sort=False):
@@ -29,6 +38,8 @@ def settings_frame(store: ResultsStore) -> pd.DataFrame:
         values = [store.episode_values(cell_id) for cell_id in done["id"]]
         metric = done["metric"].iloc[0] if len(done) else "accuracy"
         row = dict(zip(SETTING, key, strict=True))
+        # How the numbers were computed (for MAML: the engine and why), so each is traceable.
+        row["engine"] = " | ".join(sorted(set(done["engine"].dropna()))) if len(done) else ""
         counts = group["status"].value_counts()
         status = (
             "done" if len(done) == len(group) else ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -94,9 +105,9 @@ def render(run_dir: Path, fmt: str = "table", decimals: int = 2) -> str:
         store.close()
     columns = [*SETTING, "seeds", "episodes", "accuracy", "ci95", "status"]
     if fmt == "csv":
-        return frame[columns].to_csv(index=False, float_format=f"%.{decimals + 2}f")
+        return frame[[*columns, "engine"]].to_csv(index=False, float_format=f"%.{decimals + 2}f")
     if fmt == "json":
-        records = json.loads(frame[[*columns, "metric"]].to_json(orient="records"))
+        records = json.loads(frame[[*columns, "metric", "engine"]].to_json(orient="records"))
         return json.dumps(records, indent=2) + "\n"
     if frame.empty:
         return "no cells in this run\n"

@@ -112,6 +112,9 @@ def test_markdown_and_json_reports(tiny_run):
     assert markdown.startswith("| learner | backbone | omniglot 5-way 1-shot |")
     records = json.loads(run_cli("report", str(out), "--format", "json").stdout)
     assert {r["learner"] for r in records} == {"maml", "fomaml", "finetune"}
+    engines = {r["learner"]: r["engine"] for r in records}
+    assert engines["maml"].startswith("second-order; train: ")
+    assert engines["fomaml"].startswith("first-order; train: ")
 
 
 def test_rerun_into_the_same_directory_skips_finished_cells(tiny_run, data_root, cache_dir):

@@ -72,6 +72,7 @@ def test_csv_merges_seeds_with_the_crossed_interval(run_dir):
     maml = rows[("maml", "1")]
     estimate = mean_ci95(np.stack([values["maml-0-1"], values["maml-1-1"]]))
     assert (maml["seeds"], maml["episodes"], maml["status"]) == ("2", "8", "done")
+    assert maml["engine"] == "test"
     assert float(maml["accuracy"]) == pytest.approx(100 * estimate.mean, abs=1e-3)
     assert float(maml["ci95"]) == pytest.approx(100 * estimate.ci95, abs=1e-3)
     # One seed done, one failed: the done seed is reported and the failure is visible.
