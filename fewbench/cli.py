@@ -15,10 +15,14 @@ from pathlib import Path
 import platformdirs
 
 from fewbench import __version__
+from fewbench.compare import FORMATS as COMPARE_FORMATS
+from fewbench.compare import compare_to_baseline, render_comparison
 from fewbench.errors import FewbenchError
 from fewbench.grid import expand
 from fewbench.registry import KINDS, Registry
-from fewbench.report import FORMATS, render
+from fewbench.report import DEFAULT_COLS, DEFAULT_ROWS, FORMATS, Options, render
+from fewbench.results import load_runs
+from fewbench.significance import CORRECTIONS, TESTS
 from fewbench.suite import load_suite_file
 
 EXIT_FAILED_CELLS = 1
@@ -88,15 +92,87 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("suite", metavar="run_dir", help="run directory")
     add_run_options(resume)
 
-    report = commands.add_parser("report", help="tables from a run directory")
-    report.add_argument("run_dir", type=Path)
+    report = commands.add_parser(
+        "report", help="the comparison table of one or more run directories"
+    )
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     report.add_argument("--format", choices=FORMATS, default="table")
+    report.add_argument("--out", type=Path, help="write to this file (default: standard output)")
+    report.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help="row dimensions (default learner,backbone)"
+    )
+    report.add_argument(
+        "--cols",
+        default=",".join(DEFAULT_COLS),
+        help="column dimensions (default dataset,ways,shots)",
+    )
     report.add_argument("--decimals", type=int, default=2)
+    report.add_argument(
+        "--test", choices=tuple(TESTS), default="t", help="paired test: t or wilcoxon (default t)"
+    )
+    report.add_argument(
+        "--correction", choices=tuple(CORRECTIONS), default="holm", help="default holm"
+    )
+    report.add_argument("--alpha", type=float, default=0.05, help="significance level (0.05)")
+    report.add_argument(
+        "--with-reference", action="store_true", help="add the published numbers beside"
+    )
+
+    compare = commands.add_parser(
+        "compare", help="every learner minus a baseline, paired by test episode"
+    )
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--baseline", required=True, help="the baseline learner's label")
+    compare.add_argument("--format", choices=COMPARE_FORMATS, default="table")
+    compare.add_argument("--decimals", type=int, default=2)
+    compare.add_argument("--out", type=Path, help="write to this file (default: standard output)")
+
+    plot = commands.add_parser("plot", help="figures (PNG and PDF) from run directories")
+    plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, required=True, help="folder for the figures")
 
     commands.add_parser(
         "plugins", help="list datasets, backbones and learners with their providers"
     )
     return parser
+
+
+def write_output(text: str, out: Path | None) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"fewbench: wrote {out}", file=sys.stderr)
+
+
+def cmd_reports(args: argparse.Namespace) -> int:
+    """report, compare and plot: read the results stores, never run anything."""
+    if args.command == "report":
+        options = Options(
+            rows=tuple(d for d in args.rows.split(",") if d),
+            cols=tuple(d for d in args.cols.split(",") if d),
+            decimals=args.decimals,
+            test=args.test,
+            correction=args.correction,
+            alpha=args.alpha,
+            with_reference=args.with_reference,
+        )
+        write_output(render(args.run_dirs, args.format, options), args.out)
+        return 0
+    results = load_runs(args.run_dirs)
+    if args.command == "compare":
+        records = compare_to_baseline(results, args.baseline)
+        write_output(render_comparison(records, args.format, args.decimals), args.out)
+        return 0
+    from fewbench.plots import plot_all
+
+    paths = plot_all(results, args.out)
+    for path in paths:
+        print(path)
+    if not paths:
+        print("fewbench: nothing to plot yet (no curves or finished cells)", file=sys.stderr)
+    return 0
 
 
 def cmd_plugins(registry: Registry) -> int:
@@ -222,12 +298,11 @@ def one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("report", "compare", "plot"):
+            return cmd_reports(args)
         registry = Registry()
         if args.command == "plugins":
             return cmd_plugins(registry)
-        if args.command == "report":
-            sys.stdout.write(render(args.run_dir, args.format, args.decimals))
-            return 0
         return cmd_run(args, registry)
     except FewbenchError as exc:
         print(f"fewbench: error: {one_line(str(exc))}", file=sys.stderr)

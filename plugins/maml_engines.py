@@ -13,8 +13,8 @@
 
 On a CPU the convolutions cost the same however the tasks are grouped; what pays
 is using every core. ``batched`` and ``loop`` therefore split the meta-batch into
-contiguous shares, one per thread, each thread running its share with one
-intra-op thread; the shares' gradients are summed in a fixed order, so the result
+contiguous shares, one per thread (at most one per task), the threads sharing the
+intra-op threads; the shares' gradients are summed in a fixed order, so the result
 does not depend on which thread finishes first.
 
 The rule behind ``engine: auto`` (measured with benchmarks/throughput.py; the
@@ -179,14 +179,19 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _in_parallel(work: Callable[[int, slice], Result], parts: list[slice]) -> list[Result]:
-    """``work(i, part)`` for every part, one thread each with one intra-op thread each."""
+    """``work(i, part)`` for every part, one thread each, sharing the intra-op threads.
+
+    With as many parts as cores each thread computes with one core; with fewer parts
+    (a meta-batch of 4 on 16 cores) each gets its share of the cores.
+    """
     if len(parts) == 1:
         return [work(0, parts[0])]
     pool = _POOLS.setdefault(len(parts), ThreadPoolExecutor(len(parts), "fewbench-task"))
     saved = torch.get_num_threads()
+    share = max(1, saved // len(parts))
 
     def run(index: int) -> Result:
-        torch.set_num_threads(1)
+        torch.set_num_threads(share)
         return work(index, parts[index])
 
     try:
@@ -212,47 +217,41 @@ def _select(batch: EpisodeBatch, part: slice) -> tuple[Tensor, Tensor, Tensor, T
     return batch.support_x[part], batch.support_y[part], batch.query_x[part], batch.query_y[part]
 
 
-def _sgd_steps(
-    model: nn.Module,
-    buffers: Params,
-    loss: LossFn,
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    lr: float,
-    steps: int,
-) -> Params:
-    """``steps`` inner SGD steps written with ``torch.func.grad`` (vmap-able)."""
+@dataclass(frozen=True)
+class InnerLoop:
+    """What every task of one call shares: a network skeleton, its buffers, the loss, the
+    inner step size and the number of steps."""
 
-    def support_loss(p: Params) -> Tensor:
-        return loss(functional_call(model, (p, buffers), (x,)), y)
+    model: nn.Module
+    buffers: Params
+    loss: LossFn
+    lr: float
+    steps: int
 
-    for _ in range(steps):
-        grads = grad(support_loss)(params)
-        params = {name: torch.add(p, grads[name], alpha=-lr) for name, p in params.items()}
-    return params
+    def forward(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self.model, (params, self.buffers), (x,))
 
+    def task_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss(self.forward(params, x), y)
 
-def loop_adapt(
-    model: nn.Module,
-    buffers: Params,
-    loss: LossFn,
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    lr: float,
-    steps: int,
-    create_graph: bool,
-) -> Params:
-    """``steps`` SGD steps on one support set, as a differentiable function of ``params``."""
-    for _ in range(steps):
-        support_loss = loss(functional_call(model, (params, buffers), (x,)), y)
-        grads = torch.autograd.grad(support_loss, list(params.values()), create_graph=create_graph)
-        params = {
-            name: torch.add(p, g, alpha=-lr)
-            for (name, p), g in zip(params.items(), grads, strict=True)
-        }
-    return params
+    def adapt_vmappable(self, params: Params, x: Tensor, y: Tensor) -> Params:
+        """The inner SGD steps written with ``torch.func.grad``, so they can be vmapped."""
+        for _ in range(self.steps):
+            grads = grad(self.task_loss)(params, x, y)
+            params = {name: torch.add(p, grads[name], alpha=-self.lr) for name, p in params.items()}
+        return params
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, create_graph: bool) -> Params:
+        """The inner SGD steps on one task, differentiable in ``params`` when ``create_graph``."""
+        for _ in range(self.steps):
+            grads = torch.autograd.grad(
+                self.task_loss(params, x, y), list(params.values()), create_graph=create_graph
+            )
+            params = {
+                name: torch.add(p, g, alpha=-self.lr)
+                for (name, p), g in zip(params.items(), grads, strict=True)
+            }
+        return params
 
 
 # -- meta-gradients -------------------------------------------------------------------------
@@ -277,28 +276,15 @@ def meta_gradient(
     buffers = dict(model.named_buffers())
     tasks = len(batch)
     parts = _split(tasks, choice.threads)
-    skeletons = replicas.get(len(parts))
+    loops = [InnerLoop(m, buffers, loss, lr, steps) for m in replicas.get(len(parts))]
 
     def share(index: int, part: slice) -> tuple[list[Tensor], float]:
-        skeleton = skeletons[index]
         if choice.engine == "batched":
-            with vmap_safe_batch_norm(skeleton):
+            with vmap_safe_batch_norm(loops[index].model):
                 return _batched_share(
-                    skeleton,
-                    buffers,
-                    loss,
-                    theta,
-                    batch,
-                    part,
-                    lr,
-                    steps,
-                    second_order,
-                    tasks,
-                    tasks_per_call,
+                    loops[index], theta, batch, part, second_order, tasks, tasks_per_call
                 )
-        return _loop_share(
-            skeleton, buffers, loss, theta, batch, part, lr, steps, second_order, tasks
-        )
+        return _loop_share(loops[index], theta, batch, part, second_order, tasks)
 
     results = _in_parallel(share, parts)
     total = 0.0
@@ -314,33 +300,18 @@ def _add(into: list[Tensor] | None, grads: tuple[Tensor, ...] | list[Tensor]) ->
 
 
 def _loop_share(
-    model: nn.Module,
-    buffers: Params,
-    loss: LossFn,
+    inner: InnerLoop,
     theta: Params,
     batch: EpisodeBatch,
     part: slice,
-    lr: float,
-    steps: int,
     second_order: bool,
     tasks: int,
 ) -> tuple[list[Tensor], float]:
     total_grads: list[Tensor] | None = None
     total = 0.0
     for t in range(part.start, part.stop):
-        adapted = loop_adapt(
-            model,
-            buffers,
-            loss,
-            theta,
-            batch.support_x[t],
-            batch.support_y[t],
-            lr,
-            steps,
-            create_graph=second_order,
-        )
-        query_out = functional_call(model, (adapted, buffers), (batch.query_x[t],))
-        task_loss = loss(query_out, batch.query_y[t]) / tasks
+        adapted = inner.adapt(theta, batch.support_x[t], batch.support_y[t], second_order)
+        task_loss = inner.task_loss(adapted, batch.query_x[t], batch.query_y[t]) / tasks
         # First order: the inner gradients are constants, so d theta'/d theta is the identity
         # and this is the query gradient at theta'. One task's graph is alive at a time.
         total_grads = _add(total_grads, torch.autograd.grad(task_loss, list(theta.values())))
@@ -349,14 +320,10 @@ def _loop_share(
 
 
 def _batched_share(
-    model: nn.Module,
-    buffers: Params,
-    loss: LossFn,
+    inner: InnerLoop,
     theta: Params,
     batch: EpisodeBatch,
     part: slice,
-    lr: float,
-    steps: int,
     second_order: bool,
     tasks: int,
     tasks_per_call: int,
@@ -366,8 +333,7 @@ def _batched_share(
     if second_order:
 
         def task_query_loss(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-            adapted = _sgd_steps(model, buffers, loss, p, sx, sy, lr, steps)
-            return loss(functional_call(model, (adapted, buffers), (qx,)), qy)
+            return inner.task_loss(inner.adapt_vmappable(p, sx, sy), qx, qy)
 
         per_task = vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")
         for chunk in _chunks(part, tasks_per_call):
@@ -380,10 +346,8 @@ def _batched_share(
     constants = {name: p.detach() for name, p in theta.items()}
 
     def task_query_grad(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
-        adapted = _sgd_steps(model, buffers, loss, p, sx, sy, lr, steps)
-        return grad_and_value(lambda a: loss(functional_call(model, (a, buffers), (qx,)), qy))(
-            adapted
-        )
+        adapted = inner.adapt_vmappable(p, sx, sy)
+        return grad_and_value(inner.task_loss)(adapted, qx, qy)
 
     per_task = vmap(task_query_grad, in_dims=(None, 0, 0, 0, 0), randomness="different")
     for chunk in _chunks(part, tasks_per_call):
@@ -440,68 +404,37 @@ def adapt_and_predict(
     theta = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
     parts = _split(len(episodes), choice.threads)
-    skeletons = replicas.get(len(parts))
+    loops = [InnerLoop(m, buffers, loss, lr, steps) for m in replicas.get(len(parts))]
 
     def share(index: int, part: slice) -> Tensor:
-        skeleton = skeletons[index]
         with torch.enable_grad():
             if choice.engine == "batched":
-                return _batched_predict(
-                    skeleton, buffers, loss, theta, episodes, part, lr, steps, tasks_per_call
-                )
-            return _loop_predict(skeleton, buffers, loss, theta, episodes, part, lr, steps)
+                return _batched_predict(loops[index], theta, episodes, part, tasks_per_call)
+            return _loop_predict(loops[index], theta, episodes, part)
 
     return torch.cat(_in_parallel(share, parts))
 
 
 def _batched_predict(
-    model: nn.Module,
-    buffers: Params,
-    loss: LossFn,
-    theta: Params,
-    episodes: EpisodeBatch,
-    part: slice,
-    lr: float,
-    steps: int,
-    tasks_per_call: int,
+    inner: InnerLoop, theta: Params, episodes: EpisodeBatch, part: slice, tasks_per_call: int
 ) -> Tensor:
     def task_outputs(p: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-        adapted = _sgd_steps(model, buffers, loss, p, sx, sy, lr, steps)
-        return functional_call(model, (adapted, buffers), (qx,))
+        return inner.forward(inner.adapt_vmappable(p, sx, sy), qx)
 
     per_task = vmap(task_outputs, in_dims=(None, 0, 0, 0), randomness="different")
     outputs = []
-    with vmap_safe_batch_norm(model):
+    with vmap_safe_batch_norm(inner.model):
         for chunk in _chunks(part, tasks_per_call):
             sx, sy, qx, _ = _select(episodes, chunk)
             outputs.append(per_task(theta, sx, sy, qx).detach())
     return torch.cat(outputs)
 
 
-def _loop_predict(
-    model: nn.Module,
-    buffers: Params,
-    loss: LossFn,
-    theta: Params,
-    episodes: EpisodeBatch,
-    part: slice,
-    lr: float,
-    steps: int,
-) -> Tensor:
+def _loop_predict(inner: InnerLoop, theta: Params, episodes: EpisodeBatch, part: slice) -> Tensor:
     outputs = []
     for t in range(part.start, part.stop):
         base = {name: p.clone().requires_grad_() for name, p in theta.items()}
-        adapted = loop_adapt(
-            model,
-            buffers,
-            loss,
-            base,
-            episodes.support_x[t],
-            episodes.support_y[t],
-            lr,
-            steps,
-            create_graph=False,
-        )
+        adapted = inner.adapt(base, episodes.support_x[t], episodes.support_y[t], False)
         with torch.no_grad():
-            outputs.append(functional_call(model, (adapted, buffers), (episodes.query_x[t],)))
+            outputs.append(inner.forward(adapted, episodes.query_x[t]))
     return torch.stack(outputs)

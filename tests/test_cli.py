@@ -102,7 +102,8 @@ def test_csv_report_has_one_row_per_setting(tiny_run):
                 (row["learner"],),
             )
         ]
-        assert float(row["accuracy"]) == pytest.approx(100 * sum(values) / len(values), abs=1e-3)
+        assert row["metric"] == "accuracy"
+        assert float(row["mean"]) == pytest.approx(100 * sum(values) / len(values), abs=1e-3)
         assert 0 < float(row["ci95"]) < 100
 
 
@@ -110,7 +111,7 @@ def test_markdown_and_json_reports(tiny_run):
     out, _ = tiny_run
     markdown = run_cli("report", str(out), "--format", "markdown").stdout
     assert markdown.startswith("| learner | backbone | omniglot 5-way 1-shot |")
-    records = json.loads(run_cli("report", str(out), "--format", "json").stdout)
+    records = json.loads(run_cli("report", str(out), "--format", "json").stdout)["entries"]
     assert {r["learner"] for r in records} == {"maml", "fomaml", "finetune"}
     engines = {r["learner"]: r["engine"] for r in records}
     assert engines["maml"].startswith("second-order; train: ")

@@ -1,93 +1,252 @@
-"""Reports from a results store built by hand: seeds merged, failed cells shown."""
+"""Reports from results stores built by hand: layout, significance, formats, references."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 
 import numpy as np
 import pytest
+from helpers import run_cli
+from scipy import stats
+from stored import make_cell, store_run
 
-from fewbench.grid import Cell
-from fewbench.report import render
+from fewbench.errors import FewbenchError
+from fewbench.references import all_references
+from fewbench.report import Options, render
 from fewbench.stats import mean_ci95
-from fewbench.store import ResultsStore
+
+SMALL = [
+    (make_cell("maml"), [0.8, 0.9, 1.0, 0.9, 0.9]),
+    (make_cell("maml", shots=5), [1.0, 1.0, 0.9, 1.0, 1.0]),
+    (make_cell("finetune"), [0.6, 0.7, 0.8, 0.7, 0.7]),
+    (make_cell("finetune", shots=5), [1.0, 0.9, 1.0, 1.0, 1.0]),
+]
+CAPTION = (
+    "Accuracy (%) on 5 fixed test episodes per setting, shared by all methods; mean ± 95% "
+    "confidence interval (Student t over the episodes). Bold: best (highest) in its column. †: "
+    "not significantly different from the best (paired t-test on the per-episode results, paired "
+    "by episode; Holm correction over the column's comparisons; level 0.05)."
+)
 
 
-def cell(learner: str, seed: int, shots: int = 1) -> Cell:
-    config = {
-        "dataset": {"name": "toy"},
-        "backbone": {"name": "conv4"},
-        "learner": {"name": learner},
-        "tasks": {"ways": 5, "shots": shots, "query": 1},
-        "train": {},
-        "eval": {},
-        "seed": seed,
-    }
-    return Cell(
-        f"{learner}-{seed}-{shots}",
-        f"toy/5w{shots}s/conv4/{learner}/seed{seed}",
-        config,
-        {"dataset": "toy", "backbone": "conv4", "learner": learner},
+def test_markdown_exact(tmp_path):
+    # maml 1-shot: mean 0.9, sd sqrt(0.005), CI t(.975, 4) * sd / sqrt(5) = 8.78 points.
+    # finetune 1-shot is 0.2 lower on every episode: significantly worse.
+    # 5-shot: equal means, differences +-0.1 that cancel: not significantly different.
+    expected = (
+        "| learner | backbone | toy 5-way 1-shot | toy 5-way 5-shot |\n"
+        "|---|---|---|---|\n"
+        "| maml | conv4 | **90.00 ± 8.78** | **98.00 ± 5.55** |\n"
+        "| finetune | conv4 | 70.00 ± 8.78 | 98.00 ± 5.55 † |\n"
+        "\n" + CAPTION + "\n"
     )
+    assert render(store_run(tmp_path, SMALL), "markdown") == expected
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    store = ResultsStore.open_run(tmp_path)
-    cells = [
-        cell("maml", 0),
-        cell("maml", 1),
-        cell("finetune", 0),
-        cell("finetune", 1),
-        cell("maml", 0, 5),
-    ]
-    store.add_cells(cells)
+def test_latex_exact(tmp_path):
+    caption = CAPTION.replace("%", r"\%").replace("±", r"$\pm$").replace("†", r"$^\dagger$")
+    expected = "\n".join(
+        [
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{caption}}}",
+            r"\label{tab:fewbench}",
+            r"\begin{tabular}{llcc}",
+            r"\toprule",
+            r"Learner & Backbone & toy 5-way 1-shot & toy 5-way 5-shot \\",
+            r"\midrule",
+            r"maml & conv4 & \textbf{90.00 $\pm$ 8.78} & \textbf{98.00 $\pm$ 5.55} \\",
+            r"finetune & conv4 & 70.00 $\pm$ 8.78 & 98.00 $\pm$ 5.55$^\dagger$ \\",
+            r"\bottomrule",
+            r"\end{tabular}",
+            r"\end{table}",
+        ]
+    )
+    assert render(store_run(tmp_path, SMALL), "latex") == expected + "\n"
+
+
+def paired_margin(episodes: int = 200, margin: float = 0.03):
+    """Episodes of very different difficulty; B is A minus a small margin on each episode."""
+    rng = np.random.default_rng(7)
+    a = rng.uniform(0.2, 1.0, episodes)
+    b = np.clip(a - margin + rng.normal(0, 0.01, episodes), 0, 1)
+    return a, b
+
+
+def test_pairing_finds_a_margin_that_an_unpaired_test_cannot(tmp_path):
+    a, b = paired_margin()
+    assert stats.ttest_rel(a, b).pvalue < 1e-10
+    assert stats.ttest_ind(a, b, equal_var=False).pvalue > 0.05  # not significant unpaired
+    path = store_run(tmp_path / "paired", [(make_cell("a"), a), (make_cell("b"), b)])
+    rows = {r["learner"]: r for r in json.loads(render(path, "json"))["entries"]}
+    assert rows["a"]["best"] and not rows["b"]["not_worse_than_best"]
+    assert rows["b"]["paired"] and rows["b"]["p_vs_best"] < 1e-10
+    # The same numbers on different episodes (another eval seed) cannot be paired: Welch's
+    # test is used, says so, and cannot separate them.
+    unpaired = store_run(
+        tmp_path / "unpaired", [(make_cell("a"), a), (make_cell("b", eval_seed=1), b)]
+    )
+    rows = {r["learner"]: r for r in json.loads(render(unpaired, "json"))["entries"]}
+    assert not rows["b"]["paired"] and rows["b"]["not_worse_than_best"]
+    assert "Welch's t-test where the episodes differ" in render(unpaired, "markdown")
+
+
+def test_wilcoxon_and_corrections_are_selectable(tmp_path):
+    a, b = paired_margin()
+    path = store_run(tmp_path, [(make_cell("a"), a), (make_cell("b"), b)])
+    text = render(path, "markdown", Options(test="wilcoxon", correction="bonferroni", alpha=0.01))
+    assert "Wilcoxon signed-rank test" in text and "Bonferroni correction" in text
+    assert "level 0.01" in text
+    entries = json.loads(render(path, "json", Options(test="wilcoxon")))["entries"]
+    expected = stats.wilcoxon(b, a).pvalue
+    assert entries[1]["p_vs_best"] == pytest.approx(expected)
+
+
+def test_seeds_are_merged_and_unfinished_cells_shown(tmp_path):
     rng = np.random.default_rng(0)
-    values = {}
-    for c in cells[:3]:
-        values[c.id] = rng.uniform(0.5, 1.0, size=8).round(3)
-        store.complete(
-            c.id,
-            metric="accuracy",
-            values=values[c.id].tolist(),
-            mean=float(values[c.id].mean()),
-            ci95=0.0,
-            curve=[(1, 1.0, 0.5)],
-            iterations=1,
-            best_iteration=1,
-            best_val=0.5,
-            engine="test",
-            train_seconds=1.0,
-            eval_seconds=1.0,
-        )
-    store.mark(cells[3].id, "failed", error="training loss became nan at iteration 3")
-    store.close()
-    return tmp_path, values
-
-
-def test_csv_merges_seeds_with_the_crossed_interval(run_dir):
-    path, values = run_dir
+    s0, s1 = rng.uniform(0.5, 1, 8).round(3), rng.uniform(0.5, 1, 8).round(3)
+    path = store_run(
+        tmp_path,
+        [
+            (make_cell("maml", 0), s0),
+            (make_cell("maml", 1), s1),
+            (make_cell("finetune", 0), s0),
+            (make_cell("finetune", 1), "failed"),
+            (make_cell("maml", 0, shots=5), "pending"),
+        ],
+    )
     rows = {(r["learner"], r["shots"]): r for r in csv.DictReader(io.StringIO(render(path, "csv")))}
+    estimate = mean_ci95(np.stack([s0, s1]))
     maml = rows[("maml", "1")]
-    estimate = mean_ci95(np.stack([values["maml-0-1"], values["maml-1-1"]]))
     assert (maml["seeds"], maml["episodes"], maml["status"]) == ("2", "8", "done")
-    assert maml["engine"] == "test"
-    assert float(maml["accuracy"]) == pytest.approx(100 * estimate.mean, abs=1e-3)
+    assert float(maml["mean"]) == pytest.approx(100 * estimate.mean, abs=1e-3)
     assert float(maml["ci95"]) == pytest.approx(100 * estimate.ci95, abs=1e-3)
-    # One seed done, one failed: the done seed is reported and the failure is visible.
-    finetune = rows[("finetune", "1")]
-    assert finetune["seeds"] == "1" and "1 failed" in finetune["status"]
-    # Nothing done yet: shown as pending, never dropped.
-    pending = rows[("maml", "5")]
+    assert maml["engine"] == "test engine"
     assert (
-        pending["seeds"] == "0" and pending["accuracy"] == "" and pending["status"] == "1 pending"
+        rows[("finetune", "1")]["seeds"] == "1" and "1 failed" in rows[("finetune", "1")]["status"]
+    )
+    assert rows[("maml", "5")]["mean"] == "" and rows[("maml", "5")]["status"] == "1 pending"
+    table = render(path, "table")
+    assert "1 pending" in table and "(1 done, 1 failed)" in table
+    assert "2 training seeds averaged" in table and "Satterthwaite" in table
+
+
+def test_runs_merge_and_pair_across_directories(tmp_path):
+    a, b = paired_margin()
+    baseline = store_run(tmp_path / "baseline", [(make_cell("a"), a)])
+    later = store_run(tmp_path / "later", [(make_cell("b"), b), (make_cell("a"), a)])
+    entries = json.loads(render([baseline, later], "json"))["entries"]
+    assert [e["learner"] for e in entries] == ["a", "b"]  # the repeated cell counts once
+    assert entries[1]["paired"] and entries[1]["p_vs_best"] < 1e-10
+
+
+def test_layout_is_chosen_and_checked(tmp_path):
+    path = store_run(
+        tmp_path,
+        [(make_cell("maml"), [1.0, 0.5]), (make_cell("maml", backbone="resnet"), [0.5, 0.5])],
+    )
+    text = render(path, "markdown", Options(rows=("shots",), cols=("learner", "backbone")))
+    assert text.startswith("| shots | maml conv4 | maml resnet |\n")
+    with pytest.raises(FewbenchError, match="2 values of 'backbone'.*add it to one of them"):
+        render(path, "markdown", Options(rows=("learner",)))
+    with pytest.raises(FewbenchError, match="unknown dimension 'seed'"):
+        render(path, "markdown", Options(rows=("seed",)))
+
+
+def test_published_numbers_beside_the_measured_ones(tmp_path):
+    values = [1.0] * 5 + [0.9] * 5
+    path = store_run(
+        tmp_path,
+        [
+            (make_cell("maml", dataset="omniglot"), values),
+            (make_cell("finetune", dataset="cub", params={"head": "cosine"}), [0.6, 0.62]),
+        ],
+    )
+    text = render(
+        path,
+        "markdown",
+        Options(
+            rows=("learner",), cols=("dataset", "ways", "shots", "backbone"), with_reference=True
+        ),
+    )
+    measured = mean_ci95(values)
+    delta = 100 * measured.mean - 98.7
+    overlap = abs(delta) <= 100 * measured.ci95 + 0.4
+    assert (
+        f"| maml (published: Finn et al. 2017, Table 1) | 98.70 ± 0.40 (Δ {delta:+.2f}, {'CIs overlap' if overlap else 'no overlap'}) |"
+        in text
+    )
+    assert "finetune[head=cosine] (Baseline++, published: Chen et al. 2019, Table 3)" in text
+    assert (
+        "Model-Agnostic Meta-Learning" in text
+        and "A Closer Look at Few-shot Classification" in text
+    )
+    record = next(
+        e
+        for e in json.loads(
+            render(
+                path,
+                "json",
+                Options(
+                    rows=("learner",),
+                    cols=("dataset", "ways", "shots", "backbone"),
+                    with_reference=True,
+                ),
+            )
+        )["entries"]
+        if e["learner"] == "maml"
+    )
+    assert record["published"][0]["mean"] == 98.7
+    assert record["published"][0]["difference"] == pytest.approx(delta)
+
+
+def test_every_shipped_reference_is_complete():
+    references = all_references()
+    assert len(references) >= 20
+    for r in references:
+        assert r.citation and r.table and r.protocol and 0 < r.mean <= 100 and r.ci95 > 0
+    names = {(r.paper, r.dataset, r.learner, r.method) for r in references}
+    for dataset in ("omniglot", "miniimagenet"):
+        for learner in ("maml", "fomaml"):
+            assert any(n[1:3] == (dataset, learner) for n in names)
+    for dataset in ("miniimagenet", "cub"):
+        for method in ("Baseline", "Baseline++"):
+            assert ("Chen et al. 2019", dataset, "finetune", method) in names
+
+
+def test_compare_prints_paired_differences(tmp_path):
+    a, b = paired_margin()
+    path = store_run(
+        tmp_path, [(make_cell("a"), a), (make_cell("b"), b), (make_cell("c"), "failed")]
+    )
+    result = run_cli("compare", str(path), "--baseline", "a", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    records = {r["learner"]: r for r in json.loads(result.stdout)}
+    diff = b - a
+    ci = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+    assert records["b"]["difference"] == pytest.approx(100 * diff.mean())
+    assert records["b"]["ci95"] == pytest.approx(100 * ci)
+    assert records["b"]["p_t"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
+    assert records["b"]["p_wilcoxon"] == pytest.approx(stats.wilcoxon(b, a).pvalue)
+    assert records["b"]["paired"] and records["c"]["status"] == "c: 1 failed"
+    table = run_cli("compare", str(path), "--baseline", "a").stdout
+    assert "minus a" in table and "<1e-4" in table and "c: 1 failed" in table
+    bad = run_cli("compare", str(path), "--baseline", "aa")
+    assert (
+        bad.returncode == 2
+        and "no such learner" in bad.stderr
+        and "learners: a, b, c" in bad.stderr
     )
 
 
-def test_table_pivots_learners_against_settings(run_dir):
-    path, _ = run_dir
-    table = render(path, "table", decimals=1)
-    header = table.splitlines()[0]
-    assert "toy 5-way 1-shot" in header and "toy 5-way 5-shot" in header
-    assert "1 pending" in table and "failed" in table and " ± " in table
+def test_report_command_writes_files(tmp_path):
+    path = store_run(tmp_path / "run", SMALL)
+    out = tmp_path / "tables" / "table.tex"
+    result = run_cli("report", str(path), "--format", "latex", "--out", str(out), "--decimals", "1")
+    assert result.returncode == 0, result.stderr
+    assert r"\textbf{90.0 $\pm$ 8.8}" in out.read_text()
+    missing = run_cli("report", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "nothing" in missing.stderr

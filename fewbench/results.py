@@ -1,0 +1,148 @@
+"""Stored results of one or more run directories, merged, as reports need them.
+
+Reports read the results store and nothing else: they never rerun anything. A
+cell that failed or has not finished is kept (with its status), never dropped.
+Runs merge by setting, so a new method run later can be compared with an earlier
+baseline run; the same cell (same id) stored in two runs counts once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fewbench.errors import FewbenchError
+from fewbench.stats import mean_ci95
+from fewbench.store import ResultsStore
+
+# What a report can lay out as rows and columns; seeds are always merged.
+DIMENSIONS = ("dataset", "ways", "shots", "backbone", "learner")
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    suite_text: str
+    environment: dict[str, Any]
+
+
+@dataclass
+class Setting:
+    """One entry of a report: a setting with its seeds merged."""
+
+    keys: dict[str, Any]  # the DIMENSIONS
+    metric: str  # accuracy | mse
+    status: str  # done, or e.g. "1 done, 1 failed"
+    values: np.ndarray  # [seeds, episodes] of the done cells; empty when none is done
+    episode_key: str  # which fixed episodes: pairing needs the same key
+    engine: str
+    learner_config: dict[str, Any]
+    dataset_config: dict[str, Any]
+    cell_ids: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.values.size > 0
+
+    @property
+    def per_episode(self) -> np.ndarray:
+        """Per-episode values averaged over seeds: what paired tests compare."""
+        return self.values.mean(axis=0)
+
+    @property
+    def scale(self) -> float:
+        return 100.0 if self.metric == "accuracy" else 1.0
+
+    def estimate(self) -> tuple[float, float]:
+        """Mean and 95% CI half-width, in report units (percent for accuracy)."""
+        estimate = mean_ci95(self.values)
+        return self.scale * estimate.mean, self.scale * estimate.ci95
+
+
+@dataclass
+class Results:
+    runs: list[RunInfo]
+    settings: list[Setting]
+    curves: dict[str, pd.DataFrame]  # cell id -> iteration, loss, val_metric
+    cells: pd.DataFrame  # one row per cell (with seed and status)
+
+
+def _episode_key(config: dict[str, Any]) -> str:
+    """Everything that fixes a cell's test episodes."""
+    tasks, evaluation = config.get("tasks", {}), config.get("eval", {})
+    return json.dumps(
+        {
+            "dataset": config.get("dataset"),
+            "ways": tasks.get("ways"),
+            "shots": tasks.get("shots"),
+            "query": evaluation.get("query"),
+            "seed": evaluation.get("seed"),
+        },
+        sort_keys=True,
+    )
+
+
+def load_runs(run_dirs: list[Path]) -> Results:
+    """Read every cell, curve and per-episode value of ``run_dirs``."""
+    if not run_dirs:
+        raise FewbenchError("give at least one run directory")
+    runs, rows, values, curves, seen = [], [], {}, {}, set()
+    for run_dir in run_dirs:
+        store = ResultsStore.open_run(run_dir, must_exist=True)
+        try:
+            environment = json.loads(store.meta("environment") or "{}")
+            runs.append(RunInfo(Path(run_dir), store.meta("suite") or "", environment))
+            for cell in store.cells():
+                if cell["id"] in seen:
+                    continue
+                seen.add(cell["id"])
+                row = dict(cell)
+                row["run"] = str(run_dir)
+                rows.append(row)
+                if row["status"] == "done":
+                    values[row["id"]] = np.asarray(store.episode_values(row["id"]))
+                curve = store.curve(row["id"])
+                if curve:
+                    curves[row["id"]] = pd.DataFrame([dict(r) for r in curve])
+        finally:
+            store.close()
+    cells = pd.DataFrame(rows)
+    return Results(runs, _settings(cells, values), curves, cells)
+
+
+def _settings(cells: pd.DataFrame, values: dict[str, np.ndarray]) -> list[Setting]:
+    if cells.empty:
+        return []
+    settings = []
+    for key, group in cells.groupby(list(DIMENSIONS), sort=False):
+        done = group[group["status"] == "done"]
+        counts = group["status"].value_counts()
+        status = (
+            "done" if len(done) == len(group) else ", ".join(f"{n} {s}" for s, n in counts.items())
+        )
+        arrays = [values[cell_id] for cell_id in done["id"]]
+        if arrays:
+            episodes = min(len(a) for a in arrays)
+            matrix = np.stack([a[:episodes] for a in arrays])
+        else:
+            matrix = np.empty((0, 0))
+        config = json.loads(group["config"].iloc[0])
+        settings.append(
+            Setting(
+                keys=dict(zip(DIMENSIONS, key, strict=True)),
+                metric=done["metric"].iloc[0] if len(done) else "accuracy",
+                status=status,
+                values=matrix,
+                episode_key=_episode_key(config),
+                engine=" | ".join(sorted(set(done["engine"].dropna()))),
+                learner_config=config["learner"],
+                dataset_config=config["dataset"],
+                cell_ids=list(group["id"]),
+            )
+        )
+    return settings

@@ -1,0 +1,78 @@
+"""Run directories with results written straight into the store, for report tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fewbench.grid import Cell
+from fewbench.store import ResultsStore
+
+
+def make_cell(
+    learner: str,
+    seed: int = 0,
+    *,
+    shots: int = 1,
+    ways: int = 5,
+    dataset: str = "toy",
+    eval_seed: int = 0,
+    backbone: str = "conv4",
+    params: dict[str, Any] | None = None,
+) -> Cell:
+    label = (
+        learner if not params else f"{learner}[{','.join(f'{k}={v}' for k, v in params.items())}]"
+    )
+    config = {
+        "dataset": {"name": dataset},
+        "backbone": {"name": backbone},
+        "learner": {"name": learner, **(params or {})},
+        "tasks": {"ways": ways, "shots": shots, "query": 1},
+        "train": {},
+        "eval": {"query": 15, "seed": eval_seed},
+        "seed": seed,
+    }
+    return Cell(
+        f"{label}-{dataset}-{ways}-{shots}-{seed}-{eval_seed}-{backbone}",
+        f"{dataset}/{ways}w{shots}s/{backbone}/{label}/seed{seed}",
+        config,
+        {"dataset": dataset, "backbone": backbone, "learner": label},
+    )
+
+
+def store_run(
+    path: Path,
+    results: list[tuple[Cell, list[float] | str]],
+    *,
+    curves: dict[str, list[tuple[int, float, float | None]]] | None = None,
+    metric: str = "accuracy",
+) -> Path:
+    """``results``: per cell, its per-episode values, or a status (failed, pending)."""
+    path.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore.open_run(path)
+    store.set_meta("suite", "name: toy\n")
+    store.set_meta("environment", {"torch": "test", "device": "cpu"})
+    store.add_cells([c for c, _ in results])
+    for c, values in results:
+        if isinstance(values, str):
+            if values != "pending":
+                store.mark(c.id, values, error="training loss became nan at iteration 3")
+            continue
+        store.complete(
+            c.id,
+            metric=metric,
+            values=list(values),
+            mean=sum(values) / len(values),
+            ci95=0.0,
+            curve=(curves or {}).get(c.id, [(1, 1.0, 0.5), (2, 0.5, 0.6)]),
+            iterations=2,
+            best_iteration=2,
+            best_val=0.6,
+            engine="test engine",
+            train_seconds=1.0,
+            eval_seconds=1.0,
+        )
+    store.close()
+    (path / "environment.json").write_text(json.dumps({"torch": "test"}))
+    return path
