@@ -131,10 +131,88 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, required=True, help="folder for the figures")
 
+    data = commands.add_parser("data", help="datasets under the data root: list, download, import")
+    data.add_argument(
+        "--data-root", type=Path, help="data root (default $FEWBENCH_DATA or the user data folder)"
+    )
+    actions = data.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="every dataset with its status, path and size")
+    get = actions.add_parser("download", help="fetch, check and install a dataset")
+    get.add_argument("name")
+    get.add_argument("--no-progress", action="store_true")
+    bring = actions.add_parser(
+        "import", help="install from the official files or an unpacked folder (offline)"
+    )
+    bring.add_argument("name")
+    bring.add_argument("path", type=Path)
+    for action in (listing, get, bring):  # --data-root after the action works too
+        action.add_argument("--data-root", type=Path, default=argparse.SUPPRESS)
+
     commands.add_parser(
         "plugins", help="list datasets, backbones and learners with their providers"
     )
     return parser
+
+
+def human_size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
+    from fewbench import datastore
+
+    root = args.data_root or default_data_root()
+    if args.action == "list":
+        print(f"data root: {root}")
+        for item in registry.items("dataset"):
+            st = datastore.status(item.cls, root)
+            where = "(generated from the seed, no files)" if st.path is None else str(st.path)
+            size = human_size(st.bytes) if st.bytes else "-"
+            print(f"  {item.name:<14} {st.state:<9} {size:>9}  {where}")
+            for problem in st.problems[:3]:
+                print(f"      problem: {problem}")
+            if st.state == "missing":
+                hint = (
+                    f"fewbench data download {item.name}"
+                    if st.downloadable
+                    else item.cls.how_to_get or "see the plugin's documentation"
+                )
+                print(f"      get it: {hint}")
+        return 0
+    dataset = registry.get("dataset", args.name).cls
+    if not dataset.needs_files:
+        print(f"{args.name} generates its tasks from the seed: nothing to install")
+        return 0
+    if args.action == "download":
+        path = datastore.download(dataset, root, progress=not args.no_progress)
+    else:
+        path = datastore.import_path(dataset, root, args.path)
+    print(f"{args.name}: installed and verified in {path}")
+    return 0
+
+
+def ensure_data(source_data: dict, registry: Registry, root: Path, progress: bool) -> None:
+    """Download a suite's missing datasets that can be downloaded, before anything trains."""
+    from fewbench import datastore
+
+    names = {
+        entry.get("name") if isinstance(entry, dict) else entry
+        for entry in source_data.get("datasets") or []
+        if isinstance(entry, dict | str)
+    }
+    for name in sorted(n for n in names if isinstance(n, str)):
+        try:
+            dataset = registry.get("dataset", name).cls
+        except FewbenchError:
+            continue  # the suite check reports unknown names with their line
+        st = datastore.status(dataset, root, verify=False)
+        if st.state == "missing" and st.downloadable:
+            print(f"fewbench: {name} is not under {root}; downloading it", file=sys.stderr)
+            datastore.download(dataset, root, progress=progress)
 
 
 def write_output(text: str, out: Path | None) -> None:
@@ -204,6 +282,8 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
             )
         args.out, suite_path = suite_path, suite_path / "suite.yaml"
     source = load_suite_file(suite_path, args.sets)
+    if not args.dry_run:
+        ensure_data(source.data, registry, data_root, progress=not args.no_progress)
     suite = expand(source, registry, data_root, require_data=not args.dry_run)
     for warning in suite.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -303,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         registry = Registry()
         if args.command == "plugins":
             return cmd_plugins(registry)
+        if args.command == "data":
+            return cmd_data(args, registry)
         return cmd_run(args, registry)
     except FewbenchError as exc:
         print(f"fewbench: error: {one_line(str(exc))}", file=sys.stderr)

@@ -157,12 +157,32 @@ class Dataset:
     Subclasses set ``name``, ``description`` and ``params`` and implement
     :meth:`split_sizes` (cheap: used to validate a suite before anything trains)
     and :meth:`load`.
+
+    Files: a dataset lives in ``<data root>/<folder>``. Declaring ``resources``
+    (URL, file name, MD5, where it goes) is all a plugin needs for ``fewbench data
+    download`` and ``import`` to fetch, check, unpack and install it atomically;
+    :meth:`verify` says what is wrong with a folder (missing classes, wrong counts),
+    and ``how_to_get`` tells a user what to do when nothing can be downloaded.
+    A dataset that generates its tasks sets ``needs_files = False``.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     params: ClassVar[dict[str, Any]] = {}
     task_type: ClassVar[str] = "classification"
+    folder: ClassVar[str] = ""  # under the data root; the name when empty
+    resources: ClassVar[tuple[Any, ...]] = ()  # fewbench.download.Resource
+    how_to_get: ClassVar[str] = ""
+    needs_files: ClassVar[bool] = True
+
+    @classmethod
+    def folder_name(cls) -> str:
+        return cls.folder or cls.name
+
+    @classmethod
+    def verify(cls, folder: Path) -> list[str]:
+        """Problems with an installed folder (empty when it looks complete)."""
+        return [] if folder.is_dir() else [f"{folder} does not exist"]
 
     def __init__(self, **params: Any):
         self.config = params

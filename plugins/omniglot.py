@@ -23,6 +23,7 @@ from PIL import Image
 
 from fewbench.cache import load_tensor_cache, save_tensor_cache
 from fewbench.data import ClassPool, Dataset, EpisodeSource, SplitSize
+from fewbench.download import Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
@@ -49,9 +50,59 @@ def _decode(args: tuple[list[str], int]) -> np.ndarray:
     return out
 
 
+OFFICIAL = "https://github.com/brendenlake/omniglot/raw/master/python"
+# The Vinyals split as published with the Prototypical Networks code (MIT).
+SPLITS = "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals"
+EXPECTED = {BACKGROUND: (30, 964), EVALUATION: (20, 659)}  # alphabets, characters
+SPLIT_LINES = {"train": 4112, "val": 688, "test": 1692}
+
+
 class Omniglot(Dataset):
     name = "omniglot"
     description = "Omniglot handwritten characters; Vinyals split (with rotations) or Lake split"
+    resources = (
+        Resource(f"{OFFICIAL}/images_background.zip", "images_background.zip",
+                 "68d2efa1b9178cc56df9314c21c6e718"),
+        Resource(f"{OFFICIAL}/images_evaluation.zip", "images_evaluation.zip",
+                 "6b91aef0f799c5bb55b94e3f2daec811"),
+        *(
+            Resource(f"{SPLITS}/{split}.txt", f"{split}.txt", md5, into="splits/vinyals")
+            for split, md5 in (
+                ("train", "433d1fcc2b20dcee2983ceb524586f7f"),
+                ("val", "78c535fa427b12b6596908376a0b3f34"),
+                ("test", "43534e6d5f9e74acbb7de1b4874abad8"),
+            )
+        ),
+    )  # fmt: skip
+    how_to_get = HOW_TO_GET
+
+    @classmethod
+    def verify(cls, folder: Path) -> list[str]:
+        problems = []
+        for part, (alphabets, characters) in EXPECTED.items():
+            base = folder / part
+            if not base.is_dir():
+                problems.append(f"{base} does not exist")
+                continue
+            found_alphabets = [a for a in base.iterdir() if a.is_dir()]
+            found = [c for a in found_alphabets for c in a.iterdir() if c.is_dir()]
+            if (len(found_alphabets), len(found)) != (alphabets, characters):
+                problems.append(
+                    f"{base} has {len(found_alphabets)} alphabets and {len(found)} characters, "
+                    f"expected {alphabets} and {characters}"
+                )
+                continue
+            short = [c for c in found if len(list(c.glob("*.png"))) != DRAWINGS_PER_CHARACTER]
+            if short:
+                problems.append(f"{short[0]} does not hold {DRAWINGS_PER_CHARACTER} drawings")
+        for split, lines in SPLIT_LINES.items():
+            path = folder / "splits" / "vinyals" / f"{split}.txt"
+            if not path.is_file():
+                problems.append(f"{path} does not exist")
+            elif len(path.read_text().split()) != lines:
+                problems.append(f"{path} does not list {lines} classes")
+        return problems
+
     params = {
         "split": Param("vinyals", choices=("vinyals", "lake"), help="class split"),
         "image_size": Param(28, minimum=4, help="side of the square images, in pixels"),
