@@ -182,6 +182,7 @@ def run_cell(
     return {
         "mean": estimate.mean,
         "ci95": estimate.ci95,
+        "metric": "accuracy" if task_type == "classification" else "mse",
         "train_seconds": outcome.seconds,
         "eval_seconds": eval_seconds,
         "completed": completed,
@@ -317,8 +318,9 @@ def run_suite(
                 continue
             summary.done.append(cell.id)
             note = "" if result["completed"] else " (another worker had finished it; not stored)"
+            scale, unit = (100, "% accuracy") if result["metric"] == "accuracy" else (1, " MSE")
             print(
-                f"{prefix}: {100 * result['mean']:.2f} ± {100 * result['ci95']:.2f} "
+                f"{prefix}: {scale * result['mean']:.2f} ± {scale * result['ci95']:.2f}{unit} "
                 f"(train {result['train_seconds']:.0f}s, eval {result['eval_seconds']:.0f}s){note}",
                 file=log,
                 flush=True,

@@ -80,6 +80,8 @@ class FineTune(Learner):
             )
 
     def _new_head(self, classes: int) -> nn.Module:
+        if self.config["head"] == "cosine" and self.ctx.task_type == "regression":
+            raise ValueError("head: cosine is a classifier; use head: linear for regression")
         if self.config["head"] == "cosine":
             return CosineHead(self.width, classes)
         return nn.Linear(self.width, classes)
@@ -96,7 +98,7 @@ class FineTune(Learner):
     def train_step(self, batch: LabelledBatch, iteration: int) -> float:
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.network(batch.x), batch.y)
+        loss = self.ctx.loss(self.network(batch.x), batch.y)
         loss.backward()
         self.optimizer.step()
         return loss.item()
@@ -115,8 +117,11 @@ class FineTune(Learner):
         self.network.eval()
         support, query = self._episode_features(episodes)  # [T, NK, D], [T, NQ, D]
         tasks, ways = len(episodes), episodes.ways
+        regression = self.ctx.task_type == "regression"
+        if regression:
+            ways = episodes.support_y.shape[-1]  # outputs per point
         bias = torch.zeros(tasks, ways, device=support.device, requires_grad=True)
-        if self.config["head"] == "cosine":
+        if self.config["head"] == "cosine" and not regression:
             # Start from the class means of the support features: deterministic, and
             # a zero vector has no direction for the cosine to use.
             one_hot = nn.functional.one_hot(episodes.support_y, ways).float()  # [T, NK, N]
@@ -138,19 +143,22 @@ class FineTune(Learner):
                 optimizer.zero_grad(set_to_none=True)
                 logits = self._head_logits(support, weight, bias, ways)
                 # Sum over episodes of each episode's mean loss: heads stay independent.
-                loss = (
-                    nn.functional.cross_entropy(
-                        logits.reshape(-1, ways), targets.reshape(-1), reduction="sum"
+                if regression:
+                    loss = ((logits - targets) ** 2).mean(dim=(1, 2)).sum()
+                else:
+                    loss = (
+                        nn.functional.cross_entropy(
+                            logits.reshape(-1, ways), targets.reshape(-1), reduction="sum"
+                        )
+                        / targets.shape[1]
                     )
-                    / targets.shape[1]
-                )
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
             return self._head_logits(query, weight, bias, ways)
 
     def _head_logits(self, features: Tensor, weight: Tensor, bias: Tensor, ways: int) -> Tensor:
-        if self.config["head"] == "cosine":
+        if self.config["head"] == "cosine" and self.ctx.task_type != "regression":
             normed = nn.functional.normalize(features, dim=-1)
             return (
                 cosine_scale(ways)
