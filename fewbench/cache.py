@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fewbench.faults import crash_point
@@ -47,3 +49,33 @@ def load_tensor_cache(path: Path, expect: dict[str, Any]) -> dict[str, Any] | No
     if any(payload.get(key) != value for key, value in expect.items()):
         return None
     return payload
+
+
+def save_array_cache(path: Path, array: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write ``array`` as ``.npy`` plus a ``.json`` of ``meta``, each atomically, JSON last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    info = path.with_suffix(".json")
+    partial = info.with_name(info.name + ".tmp")
+    partial.write_text(json.dumps({**meta, "shape": list(array.shape)}))
+    os.replace(partial, info)
+
+
+def load_array_cache(path: Path, expect: dict[str, Any]) -> tuple[np.ndarray, dict] | None:
+    """A memory-mapped cached array (nothing read until used) and its meta, or None if stale."""
+    info = path.with_suffix(".json")
+    if not path.is_file() or not info.is_file():
+        return None
+    try:
+        meta = json.loads(info.read_text())
+        array = np.load(path, mmap_mode="c")  # copy-on-write: writable view, file untouched
+    except (OSError, ValueError):
+        return None
+    if list(array.shape) != meta.get("shape") or any(meta.get(k) != v for k, v in expect.items()):
+        return None
+    return array, meta

@@ -175,7 +175,7 @@ def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
             print(f"  {item.name:<14} {st.state:<9} {size:>9}  {where}")
             for problem in st.problems[:3]:
                 print(f"      problem: {problem}")
-            if st.state == "missing":
+            if st.state == "missing" or st.problems:
                 hint = (
                     f"fewbench data download {item.name}"
                     if st.downloadable

@@ -95,21 +95,36 @@ class EpisodeSource:
 
 
 class ClassPool(EpisodeSource):
-    """A split held as ``uint8[classes, examples, *shape]``, scaled to [0, 1] on sampling."""
+    """A split held as ``uint8[classes, examples, *shape]``, scaled to [0, 1] on sampling.
 
-    def __init__(self, images: Tensor):
+    ``mean`` and ``std`` (one value per channel, on the [0, 1] scale) normalise the
+    images after scaling; natural-image datasets pass their training classes'
+    statistics. ``images`` may be backed by a memory-mapped file: only the examples
+    an episode draws are read.
+    """
+
+    def __init__(self, images: Tensor, mean: Tensor | None = None, std: Tensor | None = None):
         if images.dtype != torch.uint8 or images.dim() < 3:
             raise ValueError("ClassPool expects uint8[classes, examples, *shape]")
         self.images = images
         self.num_classes = images.shape[0]
         self.examples_per_class = images.shape[1]
         self.input_shape = tuple(images.shape[2:])
+        self.mean, self.std = mean, std
 
     def to(self, device: torch.device | str) -> ClassPool:
-        return ClassPool(self.images.to(device))
+        if self.images.device == torch.device(device):
+            return self
+        return ClassPool(self.images.to(device), self.mean, self.std)  # stats move when used
 
     def _scale(self, raw: Tensor) -> Tensor:
-        return raw.float().div_(255.0)
+        scaled = raw.float().div_(255.0)
+        if self.mean is None:
+            return scaled
+        shape = (-1,) + (1,) * (len(self.input_shape) - 1)  # per channel
+        mean = self.mean.to(scaled.device).view(shape)
+        std = self.std.to(scaled.device).view(shape)
+        return scaled.sub_(mean).div_(std)
 
     def sample_episodes(
         self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
