@@ -1,0 +1,139 @@
+"""Few-shot datasets built from the official CIFAR-100 python archive.
+
+``fc100`` (Oreshkin, Rodríguez & Lacoste 2018, "FC100"): the 100 fine classes
+split by their 20 superclasses, 12 / 4 / 4, so that training and test classes
+come from different superclasses (60 / 20 / 20 fine classes, 600 images each:
+CIFAR-100's train and test images of a class together).
+
+The archive (``cifar-100-python.tar.gz``, published MD5
+eb9058c3a382ffc7106e4002c42a8d85) is downloaded and unpacked by ``fewbench data
+download fc100`` into ``<root>/cifar100/``; the pickled arrays are read once into
+a uint8 ``.npy`` cache, memory-mapped at run time, and images are normalised with
+the training classes' per-channel statistics.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewbench.cache import load_array_cache, save_array_cache
+from fewbench.data import SPLITS, ClassPool, Dataset, EpisodeSource, SplitSize
+from fewbench.download import Resource
+from fewbench.errors import DataError
+from fewbench.hookspecs import hookimpl
+from fewbench.params import Param
+from fewbench_plugins.miniimagenet import channel_statistics
+
+ARCHIVE = Resource(
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85",
+)
+IMAGES_PER_CLASS = 600  # 500 train + 100 test images of each fine class
+# FC100's superclass split (indices into CIFAR-100's coarse labels, alphabetical order).
+FC100_SUPERCLASSES = {
+    "train": (1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19),
+    "val": (8, 11, 13, 16),
+    "test": (0, 7, 12, 14),
+}
+
+
+def _read(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+class CifarFewShot(Dataset):
+    """CIFAR-100 regrouped into few-shot splits; subclasses say which fine classes go where."""
+
+    folder = "cifar100"
+    resources = (ARCHIVE,)
+    how_to_get = (
+        "download cifar-100-python.tar.gz from www.cs.toronto.edu/~kriz/cifar.html, then run "
+        "fewbench data import NAME PATH-TO-THE-ARCHIVE"
+    )
+    params = {
+        "normalize": Param(True, help="per-channel mean/std of the training classes"),
+    }
+    episode_identity = ()
+
+    @classmethod
+    def verify(cls, folder: Path) -> list[str]:
+        base = folder / "cifar-100-python"
+        missing = [n for n in ("train", "test", "meta") if not (base / n).is_file()]
+        return [f"{base / missing[0]} does not exist"] if missing else []
+
+    def split_classes(self, coarse_of_fine: np.ndarray) -> dict[str, list[int]]:
+        raise NotImplementedError
+
+    def _base(self, root: Path) -> Path:
+        base = Path(root) / self.folder_name() / "cifar-100-python"
+        if not base.is_dir():
+            raise DataError(
+                f"CIFAR-100 not found: {base} does not exist; run: fewbench data download {self.name}"
+            )
+        return base
+
+    def split_sizes(self, root: Path) -> dict[str, SplitSize]:
+        self._base(root)
+        counts = {s: len(v) for s, v in self.split_classes(None).items()}
+        return {s: SplitSize(counts[s], IMAGES_PER_CLASS) for s in SPLITS}
+
+    def _all_classes(self, base: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [100, 600, 3, 32, 32] (fine classes in label order) and each class's superclass."""
+        path = Path(cache_dir) / "cifar100" / "all-classes.npy"
+        stat = (base / "train").stat()
+        key = f"{stat.st_size}-{stat.st_mtime_ns}"
+        cached = load_array_cache(path, {"key": key})
+        if cached is not None:
+            return cached[0], np.asarray(cached[1]["coarse"])
+        parts = [_read(base / "train"), _read(base / "test")]
+        data = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32)
+        fine = np.concatenate([p["fine_labels"] for p in parts])
+        coarse = np.concatenate([p["coarse_labels"] for p in parts])
+        order = np.argsort(
+            fine, kind="stable"
+        )  # each class: its train images, then its test images
+        counts = np.bincount(fine, minlength=100)
+        if counts.min() != counts.max():
+            raise DataError(
+                f"{base}: classes hold between {counts.min()} and {counts.max()} images"
+            )
+        array = data[order].reshape(100, counts[0], 3, 32, 32)
+        coarse_of_fine = np.array([coarse[fine == c][0] for c in range(100)])
+        save_array_cache(path, array, {"key": key, "coarse": coarse_of_fine.tolist()})
+        return load_array_cache(path, {"key": key})[0], coarse_of_fine
+
+    def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
+        array, coarse_of_fine = self._all_classes(self._base(root), cache_dir)
+        splits = self.split_classes(coarse_of_fine)
+        mean = std = None
+        if self.config["normalize"]:
+            m, s = channel_statistics(array[splits["train"]])
+            mean, std = torch.tensor(m), torch.tensor(s)
+        images = torch.from_numpy(array)
+        return {split: ClassPool(images[classes], mean, std) for split, classes in splits.items()}
+
+
+class FC100(CifarFewShot):
+    name = "fc100"
+    description = (
+        "FC100 (Oreshkin et al. 2018): CIFAR-100 split by superclass, 12/4/4 (60/20/20 classes)"
+    )
+
+    def split_classes(self, coarse_of_fine: np.ndarray | None) -> dict[str, list[int]]:
+        if coarse_of_fine is None:  # only the counts are wanted: 5 fine classes per superclass
+            return {s: list(range(5 * len(c))) for s, c in FC100_SUPERCLASSES.items()}
+        return {
+            split: [f for f in range(100) if coarse_of_fine[f] in superclasses]
+            for split, superclasses in FC100_SUPERCLASSES.items()
+        }
+
+
+@hookimpl
+def fewbench_register_datasets(register):
+    register(FC100)

@@ -1,0 +1,95 @@
+"""FC100 from a generated CIFAR-100 archive in the official layout."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from fewbench import datastore
+from fewbench.download import Resource
+from fewbench_plugins.cifar import FC100, FC100_SUPERCLASSES
+
+
+def fake_cifar100(train_per_class=5, test_per_class=1, seed=0) -> bytes:
+    """cifar-100-python/{train,test,meta} pickles; fine class f belongs to superclass f // 5."""
+    rng = np.random.default_rng(seed)
+    files = {}
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        fine = np.repeat(np.arange(100), per_class)
+        rng.shuffle(fine)
+        data = rng.integers(0, 256, (len(fine), 3072), dtype=np.uint8)
+        data[:, 0] = fine  # the first pixel names the class, to check grouping
+        files[name] = {
+            "data": data,
+            "fine_labels": fine.tolist(),
+            "coarse_labels": (fine // 5).tolist(),
+        }
+    files["meta"] = {
+        "fine_label_names": [f"f{i}" for i in range(100)],
+        "coarse_label_names": [f"c{i}" for i in range(20)],
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in files.items():
+            raw = pickle.dumps(content, protocol=2)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cifar")
+    archive = base / "cifar-100-python.tar.gz"
+    archive.write_bytes(fake_cifar100())
+
+    class FakeFC100(FC100):  # the same dataset, with the generated archive's checksum
+        resources = (
+            Resource(
+                "http://127.0.0.1:9/unused",
+                archive.name,
+                hashlib.md5(archive.read_bytes()).hexdigest(),
+            ),
+        )
+
+    root = base / "root"
+    datastore.import_path(FakeFC100, root, archive)
+    assert datastore.status(FakeFC100, root).state == "verified"
+    return root, base / "cache"
+
+
+def test_fc100_splits_by_superclass(installed):
+    root, cache = installed
+    sources = FC100(normalize=False).load(root, cache)
+    sizes = {s: sources[s].num_classes for s in sources}
+    assert sizes == {"train": 60, "val": 20, "test": 20}
+    assert FC100(normalize=False).split_sizes(root)["val"].classes == 20
+    for split, superclasses in FC100_SUPERCLASSES.items():
+        first_pixels = sources[split].images[:, :, 0, 0, 0]  # each image's fine class
+        classes = first_pixels[:, 0].tolist()
+        assert all((first_pixels[i] == c).all() for i, c in enumerate(classes))  # grouped by class
+        assert {c // 5 for c in classes} == set(superclasses)
+        assert sources[split].examples_per_class == 6  # train and test images of a class together
+    episodes = sources["test"].sample_episodes(3, 5, 1, 5, torch.Generator().manual_seed(0))
+    assert episodes.query_x.shape == (3, 25, 3, 32, 32)
+
+
+def test_fc100_normalises_with_training_statistics(installed):
+    root, cache = installed
+    sources = FC100(normalize=True).load(root, cache)
+    train = sources["train"]
+    scaled = train._scale(train.images.reshape(-1, 3, 32, 32))
+    torch.testing.assert_close(scaled.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-3, rtol=0)
+    assert torch.equal(sources["test"].mean, train.mean)
+
+
+def test_a_missing_archive_says_what_to_run(tmp_path):
+    with pytest.raises(Exception, match="fewbench data download fc100"):
+        FC100(normalize=True).split_sizes(tmp_path)
