@@ -62,6 +62,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
+        "--no-download",
+        action="store_true",
+        help="stop with instructions instead of downloading a missing dataset",
+    )
+    parser.add_argument(
         "--retry-failed", action="store_true", help="run failed cells of the run directory again"
     )
     parser.add_argument(
@@ -195,24 +200,22 @@ def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def ensure_data(source_data: dict, registry: Registry, root: Path, progress: bool) -> None:
+def ensure_data(names: set[str], registry: Registry, root: Path, progress: bool) -> None:
     """Download a suite's missing datasets that can be downloaded, before anything trains."""
     from fewbench import datastore
 
-    names = {
-        entry.get("name") if isinstance(entry, dict) else entry
-        for entry in source_data.get("datasets") or []
-        if isinstance(entry, dict | str)
-    }
-    for name in sorted(n for n in names if isinstance(n, str)):
-        try:
-            dataset = registry.get("dataset", name).cls
-        except FewbenchError:
-            continue  # the suite check reports unknown names with their line
+    for name in sorted(names):
+        dataset = registry.get("dataset", name).cls
         st = datastore.status(dataset, root, verify=False)
         if st.state == "missing" and st.downloadable:
             print(f"fewbench: {name} is not under {root}; downloading it", file=sys.stderr)
-            datastore.download(dataset, root, progress=progress)
+            try:
+                datastore.download(dataset, root, progress=progress)
+            except FewbenchError as exc:
+                raise FewbenchError(
+                    f"{name} is missing under {root} and could not be downloaded: {exc}; "
+                    f"on a machine without internet: fewbench data import {name} PATH"
+                ) from None
 
 
 def write_output(text: str, out: Path | None) -> None:
@@ -282,8 +285,11 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
             )
         args.out, suite_path = suite_path, suite_path / "suite.yaml"
     source = load_suite_file(suite_path, args.sets)
-    if not args.dry_run:
-        ensure_data(source.data, registry, data_root, progress=not args.no_progress)
+    if not args.dry_run and not args.no_download:
+        # The whole suite is checked first, so a typo is reported before any download.
+        checked = expand(source, registry, data_root, require_data=False)
+        names = {cell.config["dataset"]["name"] for cell in checked.cells}
+        ensure_data(names, registry, data_root, progress=not args.no_progress)
     suite = expand(source, registry, data_root, require_data=not args.dry_run)
     for warning in suite.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -34,9 +34,10 @@ ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 # Lake split: the last LAKE_VAL_ALPHABETS background alphabets (sorted by name) validate.
 LAKE_VAL_ALPHABETS = 5
 HOW_TO_GET = (
-    "download images_background.zip and images_evaluation.zip from github.com/brendenlake/omniglot "
-    "(python/), unzip both into <data root>/omniglot/, and for the vinyals split put train.txt, "
-    "val.txt and test.txt of the Vinyals split into <data root>/omniglot/splits/vinyals/"
+    "run: fewbench data download omniglot; or, offline, get images_background.zip and "
+    "images_evaluation.zip from github.com/brendenlake/omniglot (python/) and the Vinyals split "
+    "files (train.txt, val.txt, test.txt), put them in one folder and run: "
+    "fewbench data import omniglot FOLDER"
 )
 
 

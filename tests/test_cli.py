@@ -148,6 +148,7 @@ def test_data_root_from_the_environment(data_root, tmp_path):
         "suites/omniglot.yaml",
         "--out",
         str(tmp_path / "x"),
+        "--no-download",  # tests never reach the internet
         env={"FEWBENCH_DATA": str(tmp_path)},
     )
     assert missing.returncode == 2

@@ -226,7 +226,7 @@ def test_run_downloads_a_missing_dataset_before_training(server, tmp_path):
             register(dataset)
 
     registry = Registry([Plugin()], entry_points=False)
-    ensure_data({"datasets": [{"name": "toyzip"}]}, registry, tmp_path, progress=False)
+    ensure_data({"toyzip"}, registry, tmp_path, progress=False)
     assert datastore.status(dataset, tmp_path).state == "verified"
 
 
