@@ -103,19 +103,28 @@ class ClassPool(EpisodeSource):
     an episode draws are read.
     """
 
-    def __init__(self, images: Tensor, mean: Tensor | None = None, std: Tensor | None = None):
+    def __init__(
+        self,
+        images: Tensor,
+        mean: Tensor | None = None,
+        std: Tensor | None = None,
+        counts: Tensor | None = None,
+    ):
         if images.dtype != torch.uint8 or images.dim() < 3:
             raise ValueError("ClassPool expects uint8[classes, examples, *shape]")
         self.images = images
         self.num_classes = images.shape[0]
-        self.examples_per_class = images.shape[1]
+        # ``counts``: classes of different sizes, padded to the largest; only the first
+        # ``counts[c]`` examples of class ``c`` are ever drawn.
+        self.counts = counts
+        self.examples_per_class = images.shape[1] if counts is None else int(counts.min())
         self.input_shape = tuple(images.shape[2:])
         self.mean, self.std = mean, std
 
     def to(self, device: torch.device | str) -> ClassPool:
         if self.images.device == torch.device(device):
             return self
-        return ClassPool(self.images.to(device), self.mean, self.std)  # stats move when used
+        return ClassPool(self.images.to(device), self.mean, self.std, self.counts)
 
     def _scale(self, raw: Tensor) -> Tensor:
         scaled = raw.float().div_(255.0)
@@ -137,7 +146,11 @@ class ClassPool(EpisodeSource):
             )
         # Random keys + argsort draw classes (and examples) without replacement, batched.
         classes = torch.rand(count, self.num_classes, generator=generator).argsort(dim=1)[:, :ways]
-        examples = torch.rand(count, ways, self.examples_per_class, generator=generator)
+        stored = self.images.shape[1]
+        examples = torch.rand(count, ways, stored, generator=generator)
+        if self.counts is not None:  # padding sorts last, so it is never drawn
+            padding = torch.arange(stored)[None, None, :] >= self.counts[classes][:, :, None]
+            examples = examples.masked_fill(padding, 2.0)
         examples = examples.argsort(dim=2)[:, :, :per_class]
         device = self.images.device
         picked = self.images[
@@ -156,11 +169,17 @@ class ClassPool(EpisodeSource):
         )
 
     def sample_labelled(self, batch_size: int, generator: torch.Generator) -> LabelledBatch:
-        flat = torch.randint(
-            self.num_classes * self.examples_per_class, (batch_size,), generator=generator
-        )
-        classes = flat // self.examples_per_class
-        examples = flat % self.examples_per_class
+        if self.counts is None:
+            flat = torch.randint(
+                self.num_classes * self.examples_per_class, (batch_size,), generator=generator
+            )
+            classes = flat // self.examples_per_class
+            examples = flat % self.examples_per_class
+        else:  # every stored example equally likely, whatever its class's size
+            ends = self.counts.cumsum(0)
+            flat = torch.randint(int(ends[-1]), (batch_size,), generator=generator)
+            classes = torch.searchsorted(ends, flat, right=True)
+            examples = flat - (ends[classes] - self.counts[classes])
         device = self.images.device
         x = self._scale(self.images[classes.to(device), examples.to(device)])
         return LabelledBatch(x, classes.to(device))

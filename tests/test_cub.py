@@ -1,0 +1,95 @@
+"""CUB from a generated archive in the official layout: Chen et al.'s split, ragged classes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewbench import datastore
+from fewbench.download import Resource
+from fewbench_plugins.cub import CUB, chen_split
+
+COUNTS = [3, 5, 4, 6, 3, 4, 5, 6]  # images per class, unequal as in CUB
+
+
+def fake_cub(seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for c, count in enumerate(COUNTS):
+            for i in range(count):
+                # Bright images (>= 100) of odd sizes: padding (zeros) would show.
+                pixels = rng.integers(100, 256, (90 + 7 * i, 120, 3), dtype=np.uint8)
+                raw = io.BytesIO()
+                Image.fromarray(pixels).save(raw, format="JPEG", quality=95)
+                info = tarfile.TarInfo(
+                    f"CUB_200_2011/images/{c + 1:03d}.Bird_{c}/Bird_{c}_{i:04d}.jpg"
+                )
+                info.size = raw.tell()
+                raw.seek(0)
+                tar.addfile(info, raw)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cub")
+    archive = base / "CUB_200_2011.tgz"
+    archive.write_bytes(fake_cub())
+
+    class SmallCUB(CUB):  # the same dataset, with the generated archive's checksum and size
+        resources = (
+            Resource(
+                "http://127.0.0.1:9/unused",
+                archive.name,
+                hashlib.md5(archive.read_bytes()).hexdigest(),
+            ),
+        )
+
+        @classmethod
+        def verify(cls, folder):
+            return [] if (folder / "CUB_200_2011" / "images").is_dir() else ["missing"]
+
+    root = base / "root"
+    datastore.import_path(SmallCUB, root, archive)
+    return root
+
+
+def test_chen_split_rule():
+    assert [chen_split(i) for i in range(8)] == ["train", "val", "train", "test"] * 2
+    assert [sum(chen_split(i) == s for i in range(200)) for s in ("train", "val", "test")] == [
+        100,
+        50,
+        50,
+    ]
+
+
+def test_splits_counts_and_no_padding_drawn(root, tmp_path):
+    sources = CUB(image_size=32, normalize=False).load(root, tmp_path)
+    assert {s: p.num_classes for s, p in sources.items()} == {"train": 4, "val": 2, "test": 2}
+    train = sources["train"]
+    assert train.counts.tolist() == [COUNTS[0], COUNTS[2], COUNTS[4], COUNTS[6]]
+    assert train.examples_per_class == 3 and train.images.shape[1] == 5
+    sizes = CUB(image_size=32, normalize=False).split_sizes(root)
+    assert (sizes["test"].classes, sizes["test"].examples_per_class) == (2, 6)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        episodes = train.sample_episodes(4, 2, 1, 2, g)
+        assert episodes.support_x.min() > 0.2 and episodes.query_x.min() > 0.2  # no zero padding
+        labelled = train.sample_labelled(16, g)
+        assert labelled.x.amin(dim=(1, 2, 3)).min() > 0.2
+
+
+def test_normalised_with_training_statistics(root, tmp_path):
+    sources = CUB(image_size=32, normalize=True).load(root, tmp_path)
+    train = sources["train"]
+    real = torch.cat([train.images[c, :n] for c, n in enumerate(train.counts.tolist())])
+    scaled = train._scale(real)
+    torch.testing.assert_close(scaled.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-3, rtol=0)
+    assert torch.equal(sources["test"].mean, train.mean)
