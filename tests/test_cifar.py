@@ -13,7 +13,7 @@ import torch
 
 from fewbench import datastore
 from fewbench.download import Resource
-from fewbench_plugins.cifar import FC100, FC100_SUPERCLASSES
+from fewbench_plugins.cifar import CIFAR_FS_TEST, CIFAR_FS_VAL, FC100, FC100_SUPERCLASSES, CifarFS
 
 
 def fake_cifar100(train_per_class=5, test_per_class=1, seed=0) -> bytes:
@@ -30,8 +30,10 @@ def fake_cifar100(train_per_class=5, test_per_class=1, seed=0) -> bytes:
             "fine_labels": fine.tolist(),
             "coarse_labels": (fine // 5).tolist(),
         }
+    # The CIFAR-FS validation and test classes by name (classes 0-35), the others f<i>.
+    names = [*CIFAR_FS_VAL, *CIFAR_FS_TEST] + [f"f{i}" for i in range(36, 100)]
     files["meta"] = {
-        "fine_label_names": [f"f{i}" for i in range(100)],
+        "fine_label_names": names,
         "coarse_label_names": [f"c{i}" for i in range(20)],
     }
     buffer = io.BytesIO()
@@ -93,3 +95,15 @@ def test_fc100_normalises_with_training_statistics(installed):
 def test_a_missing_archive_says_what_to_run(tmp_path):
     with pytest.raises(Exception, match="fewbench data download fc100"):
         FC100(normalize=True).split_sizes(tmp_path)
+
+
+def test_cifar_fs_takes_its_classes_by_name(installed):
+    root, cache = installed
+    sources = CifarFS(normalize=False).load(root, cache)
+    assert {s: p.num_classes for s, p in sources.items()} == {"train": 64, "val": 16, "test": 20}
+    # In the generated archive, class i is named: val names are 0-15, test names 16-35.
+    val = sorted(sources["val"].images[:, 0, 0, 0, 0].tolist())
+    test = sorted(sources["test"].images[:, 0, 0, 0, 0].tolist())
+    assert val == list(range(16)) and test == list(range(16, 36))
+    assert sorted(sources["train"].images[:, 0, 0, 0, 0].tolist()) == list(range(36, 100))
+    assert CifarFS(normalize=False).split_sizes(root)["train"].classes == 64

@@ -31,7 +31,9 @@ def install_demo_plugin(site: Path) -> Path:
 
 
 def test_builtins_come_through_the_entry_point_group(registry):
-    assert registry.names("dataset") == ["cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
+    assert registry.names("dataset") == [
+        "cifar_fs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid",
+    ]  # fmt: skip
     assert registry.names("backbone") == ["conv4", "mlp"]
     assert set(registry.names("learner")) >= {"maml", "fomaml", "finetune"}
     for kind in ("dataset", "backbone", "learner"):
