@@ -15,13 +15,10 @@ padded to the largest class and only real images are ever drawn.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fewbench.cache import load_array_cache, save_array_cache
 from fewbench.data import SPLITS, ClassPool, Dataset, EpisodeSource, SplitSize
@@ -29,6 +26,7 @@ from fewbench.download import Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
+from fewbench_plugins.imaging import decode_rgb
 from fewbench_plugins.miniimagenet import channel_statistics
 
 ARCHIVE = Resource(
@@ -43,23 +41,6 @@ def chen_split(index: int) -> str | None:
     if index % 2 == 0:
         return "train"
     return "val" if index % 4 == 1 else "test"
-
-
-def _decode(args: tuple[list[str], int]) -> np.ndarray:
-    paths, size = args
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = round(size * 1.15) / min(image.size)
-            image = image.resize(
-                (max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                resample=Image.BILINEAR,
-            )
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-            out[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    return out
 
 
 class CUB(Dataset):
@@ -118,12 +99,7 @@ class CUB(Dataset):
         if cached is not None:
             return cached
         flat = [p for f in files for p in f]
-        workers = max(1, min(4, os.cpu_count() or 1))
-        with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(_decode, [(flat[i::workers], size) for i in range(workers)]))
-        every = np.empty((len(flat), 3, size, size), dtype=np.uint8)
-        for i in range(workers):
-            every[i::workers] = decoded[i]
+        every = decode_rgb(flat, size, crop_ratio=1.15)  # Chen et al.'s test transform
         array = np.zeros((len(folders), max(counts), 3, size, size), dtype=np.uint8)
         start = 0
         for c, n in enumerate(counts):

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import pickle
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from fewbench.data import SPLITS, ClassPool, Dataset, EpisodeSource, SplitSize
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
+from fewbench_plugins.imaging import decode_rgb
 
 STANDARD = {"train": 64, "val": 16, "test": 20}  # classes; 600 images each
 IMAGES_PER_CLASS = 600
@@ -63,18 +62,6 @@ def read_split(path: Path) -> dict[str, list[str]]:
                 raise DataError(f"{path}:{number}: expected 'filename,label', got {row!r}")
             classes.setdefault(row[1], []).append(row[0])
     return classes
-
-
-def _decode(args: tuple[list[str], int]) -> np.ndarray:
-    paths, size = args
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), resample=Image.BILINEAR)
-            out[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    return out
 
 
 class MiniImageNet(Dataset):
@@ -170,13 +157,7 @@ class MiniImageNet(Dataset):
         per_class = min(len(classes[c]) for c in labels)
         # Within a class, images in file-name order (the pickles keep the same order).
         paths = [str(folder / "images" / n) for c in labels for n in sorted(classes[c])[:per_class]]
-        workers = max(1, min(4, os.cpu_count() or 1))
-        chunks = [(paths[i::workers], size) for i in range(workers)]
-        with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(_decode, chunks))
-        out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-        for i in range(workers):
-            out[i::workers] = decoded[i]
+        out = decode_rgb(paths, size)
         return out.reshape(len(labels), per_class, 3, size, size)
 
     def _split_array(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
+from fewbench.download import Resource
 from fewbench.grid import Cell
 from fewbench.store import ResultsStore
 
@@ -76,3 +80,31 @@ def store_run(
     store.close()
     (path / "environment.json").write_text(json.dumps({"torch": "test"}))
     return path
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    """A .tar.gz archive holding ``members`` (path -> content)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def checked_against(dataset: type, archive: Path, verify=None) -> type:
+    """``dataset`` with its one archive replaced by ``archive`` (its MD5), so that the real
+    import path (checksum, unpack, verify, rename) runs on generated data."""
+    attributes = {
+        "resources": (
+            Resource(
+                "http://127.0.0.1:9/unused",
+                archive.name,
+                hashlib.md5(archive.read_bytes()).hexdigest(),
+            ),
+        )
+    }
+    if verify is not None:
+        attributes["verify"] = classmethod(verify)
+    return type(f"Generated{dataset.__name__}", (dataset,), attributes)

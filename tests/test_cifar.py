@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import pickle
-import tarfile
 
 import numpy as np
 import pytest
 import torch
+from stored import checked_against, tar_gz
 
 from fewbench import datastore
-from fewbench.download import Resource
 from fewbench_plugins.cifar import CIFAR_FS_TEST, CIFAR_FS_VAL, FC100, FC100_SUPERCLASSES, CifarFS
 
 
@@ -36,14 +33,7 @@ def fake_cifar100(train_per_class=5, test_per_class=1, seed=0) -> bytes:
         "fine_label_names": names,
         "coarse_label_names": [f"c{i}" for i in range(20)],
     }
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, content in files.items():
-            raw = pickle.dumps(content, protocol=2)
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return buffer.getvalue()
+    return tar_gz({f"cifar-100-python/{n}": pickle.dumps(c, protocol=2) for n, c in files.items()})
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +42,10 @@ def installed(tmp_path_factory):
     archive = base / "cifar-100-python.tar.gz"
     archive.write_bytes(fake_cifar100())
 
-    class FakeFC100(FC100):  # the same dataset, with the generated archive's checksum
-        resources = (
-            Resource(
-                "http://127.0.0.1:9/unused",
-                archive.name,
-                hashlib.md5(archive.read_bytes()).hexdigest(),
-            ),
-        )
-
+    generated = checked_against(FC100, archive)
     root = base / "root"
-    datastore.import_path(FakeFC100, root, archive)
-    assert datastore.status(FakeFC100, root).state == "verified"
+    datastore.import_path(generated, root, archive)
+    assert datastore.status(generated, root).state == "verified"
     return root, base / "cache"
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stored import checked_against, tar_gz
 
 from fewbench import datastore
-from fewbench.download import Resource
 from fewbench_plugins.cub import CUB, chen_split
 
 COUNTS = [3, 5, 4, 6, 3, 4, 5, 6]  # images per class, unequal as in CUB
@@ -20,21 +18,17 @@ COUNTS = [3, 5, 4, 6, 3, 4, 5, 6]  # images per class, unequal as in CUB
 
 def fake_cub(seed=0) -> bytes:
     rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for c, count in enumerate(COUNTS):
-            for i in range(count):
-                # Bright images (>= 100) of odd sizes: padding (zeros) would show.
-                pixels = rng.integers(100, 256, (90 + 7 * i, 120, 3), dtype=np.uint8)
-                raw = io.BytesIO()
-                Image.fromarray(pixels).save(raw, format="JPEG", quality=95)
-                info = tarfile.TarInfo(
-                    f"CUB_200_2011/images/{c + 1:03d}.Bird_{c}/Bird_{c}_{i:04d}.jpg"
-                )
-                info.size = raw.tell()
-                raw.seek(0)
-                tar.addfile(info, raw)
-    return buffer.getvalue()
+    members = {}
+    for c, count in enumerate(COUNTS):
+        for i in range(count):
+            # Bright images (>= 100) of odd sizes: padding (zeros) would show.
+            pixels = rng.integers(100, 256, (90 + 7 * i, 120, 3), dtype=np.uint8)
+            raw = io.BytesIO()
+            Image.fromarray(pixels).save(raw, format="JPEG", quality=95)
+            members[f"CUB_200_2011/images/{c + 1:03d}.Bird_{c}/Bird_{c}_{i:04d}.jpg"] = (
+                raw.getvalue()
+            )
+    return tar_gz(members)
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +37,12 @@ def root(tmp_path_factory):
     archive = base / "CUB_200_2011.tgz"
     archive.write_bytes(fake_cub())
 
-    class SmallCUB(CUB):  # the same dataset, with the generated archive's checksum and size
-        resources = (
-            Resource(
-                "http://127.0.0.1:9/unused",
-                archive.name,
-                hashlib.md5(archive.read_bytes()).hexdigest(),
-            ),
-        )
+    def images_folder_exists(cls, folder):  # the real check wants all 11,788 images
+        return [] if (folder / "CUB_200_2011" / "images").is_dir() else ["missing"]
 
-        @classmethod
-        def verify(cls, folder):
-            return [] if (folder / "CUB_200_2011" / "images").is_dir() else ["missing"]
-
+    generated = checked_against(CUB, archive, verify=images_folder_exists)
     root = base / "root"
-    datastore.import_path(SmallCUB, root, archive)
+    datastore.import_path(generated, root, archive)
     return root
 
 
