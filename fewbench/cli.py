@@ -19,6 +19,7 @@ from fewbench.compare import FORMATS as COMPARE_FORMATS
 from fewbench.compare import compare_to_baseline, render_comparison
 from fewbench.errors import FewbenchError
 from fewbench.grid import expand
+from fewbench.params import check_value
 from fewbench.registry import KINDS, Registry
 from fewbench.report import DEFAULT_COLS, DEFAULT_ROWS, FORMATS, Options, render
 from fewbench.results import load_runs
@@ -61,6 +62,17 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true", help="print the expanded grid and train nothing"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--executor", default="local", help="how cells are run: local (default) or a plugin's"
+    )
+    parser.add_argument("--workers", type=int, help="local: worker processes (default 1)")
+    parser.add_argument(
+        "--gpus", help="local: comma-separated GPU indices, one worker per GPU (e.g. 0,1,2,3)"
+    )
+    parser.add_argument("--cells-per-gpu", type=int, help="local: workers sharing each GPU")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of this process (default: all cores)"
+    )
     parser.add_argument(
         "--no-download",
         action="store_true",
@@ -135,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="figures (PNG and PDF) from run directories")
     plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, required=True, help="folder for the figures")
+
+    status = commands.add_parser("status", help="every cell of a run directory and where it stands")
+    status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
     data = commands.add_parser("data", help="datasets under the data root: list, download, import")
     data.add_argument(
@@ -298,8 +313,15 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
             print(f"{cell.id}  {cell.label}")
         print(f"{len(suite.cells)} cells")
         return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     run_dir = args.out or Path("results") / suite.name / time.strftime("%Y%m%d-%H%M%S")
+    executor = build_executor(args, registry)
+    if executor is not None:
+        return run_with_executor(executor, args, suite, registry, run_dir, data_root, device)
     print(f"fewbench: {len(suite.cells)} cells on {device}, results in {run_dir}", file=sys.stderr)
     stop = threading.Event()
     with first_interrupt_stops(stop):
@@ -346,6 +368,75 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def build_executor(args: argparse.Namespace, registry: Registry):
+    """The executor to hand the run to, or None to run the cells in this process."""
+    for flag, value in (("--workers", args.workers), ("--cells-per-gpu", args.cells_per_gpu)):
+        if value is not None and value < 1:
+            raise FewbenchError(f"{flag}: must be at least 1, got {value}")
+    local_options = {
+        "workers": args.workers,
+        "gpus": args.gpus,
+        "cells_per_gpu": args.cells_per_gpu,
+    }
+    if args.executor == "local" and not any(v is not None for v in local_options.values()):
+        return None  # one worker: this process
+    if args.executor == "local" and (args.workers or 1) <= 1 and not args.gpus:
+        return None
+    item = registry.get("executor", args.executor)
+    config = item.params.defaults()
+    if args.executor == "local":
+        if args.workers is not None:
+            config["workers"] = args.workers
+        if args.gpus:
+            try:
+                config["gpus"] = [int(g) for g in args.gpus.split(",") if g.strip()]
+            except ValueError:
+                raise FewbenchError(
+                    f"--gpus {args.gpus!r}: expected indices like 0,1,2,3"
+                ) from None
+            import torch
+
+            visible = torch.cuda.device_count()
+            wrong = [g for g in config["gpus"] if g >= visible]
+            if wrong:
+                raise FewbenchError(
+                    f"--gpus {args.gpus}: GPU {wrong[0]} does not exist ({visible} visible)"
+                )
+        if args.cells_per_gpu is not None:
+            config["cells_per_gpu"] = args.cells_per_gpu
+    for key, param in item.params.params.items():
+        value, problem = check_value(param, config[key])
+        if problem:
+            raise FewbenchError(f"--{key.replace('_', '-')}: {problem}")
+    return item.build(**config)
+
+
+def run_with_executor(executor, args, suite, registry, run_dir, data_root, device) -> int:
+    from fewbench.executor import WorkerCommand
+    from fewbench.runner import prepare_run_dir, suite_text_of
+
+    store = prepare_run_dir(run_dir, suite, suite_text_of(suite), registry, device)
+    try:
+        if args.retry_failed:
+            store.retry_failed()
+    finally:
+        store.close()
+    options = [
+        "--data-root",
+        str(data_root),
+        "--stale-after",
+        str(args.stale_after),
+        "--no-download",
+    ]
+    if args.cache_dir:
+        options += ["--cache-dir", str(args.cache_dir)]
+    if args.device != "auto":
+        options += ["--device", args.device]
+    code = executor.run(WorkerCommand(run_dir, options), sys.stderr)
+    print(render(run_dir, "table"))
+    return code
+
+
 @contextlib.contextmanager
 def first_interrupt_stops(stop: threading.Event) -> Iterator[None]:
     """Ctrl-C once: finish the iteration, checkpoint, stop. Twice: stop at once."""
@@ -386,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("report", "compare", "plot"):
             return cmd_reports(args)
+        if args.command == "status":
+            from fewbench.status import render_status
+
+            sys.stdout.write(render_status(args.run_dir))
+            return 0
         registry = Registry()
         if args.command == "plugins":
             return cmd_plugins(registry)

@@ -40,3 +40,9 @@ def fewbench_register_backbones(register: Register) -> None:
 @hookspec
 def fewbench_register_learners(register: Register) -> None:
     """Register learner classes (subclasses of :class:`fewbench.learner.Learner`)."""
+
+
+@hookspec
+def fewbench_register_executors(register: Register) -> None:
+    """Register executor classes (subclasses of :class:`fewbench.executor.Executor`): how the
+    cells of a run are spread over processes, GPUs or machines."""

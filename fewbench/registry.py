@@ -12,11 +12,12 @@ from fewbench import hookspecs
 from fewbench.errors import PluginError
 from fewbench.params import ParamSet, closest
 
-KINDS = ("dataset", "backbone", "learner")
+KINDS = ("dataset", "backbone", "learner", "executor")
 _HOOKS = {
     "dataset": "fewbench_register_datasets",
     "backbone": "fewbench_register_backbones",
     "learner": "fewbench_register_learners",
+    "executor": "fewbench_register_executors",
 }
 
 

@@ -1,0 +1,129 @@
+"""The local executor: several worker processes on one run directory, and one of them killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import REPO, run_cli
+
+SUITE = """\
+name: workers
+seeds: [0, 1]
+datasets: [{name: omniglot}]
+tasks: {ways: 5, shots: 1, query: 2}
+backbones: [{name: conv4, hidden: 16}]
+learners:
+  - {name: maml, meta_batch_size: 2, threads: 1}
+  - {name: finetune, batch_size: 16}
+train: {iterations: ITERATIONS, validate_every: 4, val_episodes: 4, log_every: 1, checkpoint_every: 2}
+eval: {episodes: 10, query: 3}
+"""
+
+
+def write_suite(tmp_path: Path, iterations: int) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(SUITE.replace("ITERATIONS", str(iterations)))
+    return path
+
+
+def results(run_dir: Path) -> dict[str, list[float]]:
+    db = sqlite3.connect(run_dir / "results.sqlite")
+    out: dict[str, list[float]] = {}
+    for cell_id, value in db.execute(
+        "SELECT cell_id, value FROM episodes ORDER BY cell_id, episode"
+    ):
+        out.setdefault(cell_id, []).append(value)
+    return out
+
+
+def cells(run_dir: Path) -> list[sqlite3.Row]:
+    db = sqlite3.connect(run_dir / "results.sqlite")
+    db.row_factory = sqlite3.Row
+    return db.execute("SELECT * FROM cells").fetchall()
+
+
+def sequential(suite: Path, out: Path, data_root: Path, cache_dir: Path) -> dict:
+    done = run_cli(
+        "run", str(suite), "--out", str(out), "--data-root", str(data_root), "--threads", "1",
+        env={"FEWBENCH_CACHE": str(cache_dir)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return results(out)
+
+
+def test_two_local_workers_run_every_cell_once_with_the_sequential_results(
+    tmp_path, data_root, cache_dir
+):
+    suite = write_suite(tmp_path, 8)
+    out = tmp_path / "parallel"
+    result = run_cli(
+        "run", str(suite), "--out", str(out), "--data-root", str(data_root), "--workers", "2",
+        env={"FEWBENCH_CACHE": str(cache_dir)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 workers on this machine" in result.stderr and "4 done" in result.stderr
+    rows = cells(out)
+    assert len(rows) == 4 and all(r["status"] == "done" and r["completions"] == 1 for r in rows)
+    assert len({r["worker"] for r in rows}) == 2  # both workers took cells
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["worker-0.log", "worker-1.log"]
+    assert results(out) == sequential(suite, tmp_path / "sequential", data_root, cache_dir)
+    status = run_cli("status", str(out))
+    assert status.returncode == 0 and "4 done, 0 running, 0 pending, 0 failed" in status.stdout
+
+
+def test_a_killed_worker_s_cell_is_resumed_and_the_suite_completes(tmp_path, data_root, cache_dir):
+    suite = write_suite(tmp_path, 60)
+    out = tmp_path / "killed"
+    env = {**os.environ, "FEWBENCH_CACHE": str(cache_dir)}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "fewbench", "run", str(suite), "--out", str(out),
+         "--data-root", str(data_root), "--workers", "2", "--stale-after", "600"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    victim = None
+    deadline = time.time() + 240
+    while victim is None and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        if not (out / "results.sqlite").exists():
+            continue
+        try:
+            for row in cells(out):
+                progress = (
+                    sqlite3.connect(out / "results.sqlite")
+                    .execute("SELECT MAX(iteration) FROM curve WHERE cell_id = ?", (row["id"],))
+                    .fetchone()[0]
+                )
+                if row["status"] == "running" and row["learner"] == "maml" and (progress or 0) >= 4:
+                    victim = row
+                    break
+        except sqlite3.OperationalError:
+            continue
+    assert victim is not None, "no MAML cell got far enough to kill its worker"
+    pid = int(victim["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    stdout, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr
+    rows = {r["id"]: r for r in cells(out)}
+    assert all(r["status"] == "done" and r["completions"] == 1 for r in rows.values())
+    assert rows[victim["id"]]["attempts"] >= 2  # taken over after the kill
+    assert rows[victim["id"]]["worker"] != victim["worker"]
+    assert "exited with code -9" in stderr
+    # Resumed from its checkpoint, the cell ends exactly where an uninterrupted run does.
+    assert results(out) == sequential(suite, tmp_path / "sequential", data_root, cache_dir)
+
+
+def test_bad_executor_options_are_one_line_errors(tmp_path, data_root):
+    for argv, message in (
+        (["--executor", "ray"], "unknown executor 'ray'; known executors: local"),
+        (["--gpus", "0,x"], "expected indices like 0,1,2,3"),
+        (["--workers", "0"], "--workers: must be at least 1"),
+    ):
+        result = run_cli("run", "suites/sinusoid.yaml", "--out", str(tmp_path / "x"), *argv)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
