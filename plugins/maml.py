@@ -20,7 +20,7 @@ from fewbench.data import EpisodeBatch
 from fewbench.hookspecs import hookimpl
 from fewbench.learner import Learner, LearnerContext
 from fewbench.params import Param
-from fewbench_plugins import maml_engines
+from fewbench_plugins import data_parallel, maml_engines
 from fewbench_plugins.maml_engines import ENGINES
 
 
@@ -89,17 +89,26 @@ class MAML(Learner):
         return f"{order}; {chosen}"
 
     def meta_gradient_step(self, batch: EpisodeBatch) -> float:
-        """Add the meta-gradient of the mean query loss to ``.grad``; return that loss."""
-        return maml_engines.meta_gradient(
-            self.engine_for("train", batch),
-            self.replicas,
-            self.ctx.loss,
-            batch,
-            lr=self.config["inner_lr"],
-            steps=self.config["inner_steps"],
-            second_order=not self.config["first_order"],
-            tasks_per_call=self.config["tasks_per_call"],
-        )
+        """Add the meta-gradient of the mean query loss to ``.grad``; return that loss.
+
+        Under ``torch.distributed`` (several ranks), each rank adapts its share of the
+        tasks and the shares are combined (:mod:`fewbench_plugins.data_parallel`)."""
+
+        def local(tasks: EpisodeBatch) -> float:
+            return maml_engines.meta_gradient(
+                self.engine_for("train", tasks),
+                self.replicas,
+                self.ctx.loss,
+                tasks,
+                lr=self.config["inner_lr"],
+                steps=self.config["inner_steps"],
+                second_order=not self.config["first_order"],
+                tasks_per_call=self.config["tasks_per_call"],
+            )
+
+        if data_parallel.active():
+            return data_parallel.meta_gradient(self.model, batch, local)
+        return local(batch)
 
     # -- the learner contract ------------------------------------------------------------
     def train_step(self, batch: EpisodeBatch, iteration: int) -> float:
