@@ -51,6 +51,7 @@ def rank_main(rank: int, world: int, init_file: str, out_file: str, first_order:
         grads, loss = meta_gradient(first_order)
         if rank == 0:
             torch.save({"grads": grads, "loss": loss}, out_file)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
