@@ -73,7 +73,9 @@ class LocalExecutor(Executor):
         )
         try:
             last = ""
-            while any(p.poll() is None for p, _ in processes):
+            # Poll every process each round (not any(), which stops at the first live one):
+            # polling reaps a dead worker, and only then does its pid read as gone.
+            while sum(p.poll() is None for p, _ in processes):
                 time.sleep(self.config["progress_every"])
                 line = summary(cell_table(command.run_dir), workers=len(processes))
                 if line != last:

@@ -127,3 +127,18 @@ def test_bad_executor_options_are_one_line_errors(tmp_path, data_root):
         result = run_cli("run", "suites/sinusoid.yaml", "--out", str(tmp_path / "x"), *argv)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreaped_worker_counts_as_dead():
+    """A killed worker stays a zombie until its parent polls it; it must still read as dead."""
+    import socket
+
+    from fewbench.runner import worker_is_dead
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while not worker_is_dead(f"{socket.gethostname()}:{child.pid}") and time.time() < deadline:
+        time.sleep(0.05)
+    assert worker_is_dead(f"{socket.gethostname()}:{child.pid}")  # exited, not yet reaped
+    assert child.poll() == 0
+    assert not worker_is_dead(f"{socket.gethostname()}:{os.getpid()}")
