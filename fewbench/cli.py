@@ -373,15 +373,8 @@ def build_executor(args: argparse.Namespace, registry: Registry):
     for flag, value in (("--workers", args.workers), ("--cells-per-gpu", args.cells_per_gpu)):
         if value is not None and value < 1:
             raise FewbenchError(f"{flag}: must be at least 1, got {value}")
-    local_options = {
-        "workers": args.workers,
-        "gpus": args.gpus,
-        "cells_per_gpu": args.cells_per_gpu,
-    }
-    if args.executor == "local" and not any(v is not None for v in local_options.values()):
-        return None  # one worker: this process
     if args.executor == "local" and (args.workers or 1) <= 1 and not args.gpus:
-        return None
+        return None  # one worker: this process
     item = registry.get("executor", args.executor)
     config = item.params.defaults()
     if args.executor == "local":

@@ -16,6 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,28 +81,39 @@ def _place(resource: Resource, file: Path, staging: Path) -> None:
         shutil.copy2(file, target / resource.filename)
 
 
-def install(dataset: type[Dataset], root: Path, files: dict[str, Path]) -> Path:
-    """Build the dataset folder from checked ``files`` (resource file name -> path)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / dataset.folder_name()
-    staging = Path(tempfile.mkdtemp(prefix=f".incoming-{dataset.name}-", dir=root))
+def _refuse_existing(dataset: type[Dataset], root: Path) -> Path:
+    """The dataset's final folder, which must not exist yet (checked before any work)."""
+    final = Path(root) / dataset.folder_name()
+    if final.exists():
+        raise DataError(f"{final} already exists; remove it first to install {dataset.name} again")
+    return final
+
+
+def _build(dataset: type[Dataset], root: Path, fill: Callable[[Path], None]) -> Path:
+    """``fill`` a temporary folder beside the final one, verify it, rename it into place."""
+    final = _refuse_existing(dataset, root)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".incoming-{dataset.name}-", dir=final.parent))
     try:
-        for resource in dataset.resources:
-            _place(resource, files[resource.filename], staging)
-        _commit(dataset, staging, final)
+        fill(staging)
+        problems = dataset.verify(staging)
+        if problems:
+            raise DataError(f"{dataset.name}: the installed files are incomplete: {problems[0]}")
+        _refuse_existing(dataset, root)  # another process may have installed it meanwhile
+        staging.rename(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def _commit(dataset: type[Dataset], staging: Path, final: Path) -> None:
-    problems = dataset.verify(staging)
-    if problems:
-        raise DataError(f"{dataset.name}: the installed files are incomplete: {problems[0]}")
-    if final.exists():
-        raise DataError(f"{final} already exists; remove it first to install {dataset.name} again")
-    staging.rename(final)
+def install(dataset: type[Dataset], root: Path, files: dict[str, Path]) -> Path:
+    """Build the dataset folder from checked ``files`` (resource file name -> path)."""
+
+    def place_all(staging: Path) -> None:
+        for resource in dataset.resources:
+            _place(resource, files[resource.filename], staging)
+
+    return _build(dataset, root, place_all)
 
 
 def download(dataset: type[Dataset], root: Path, *, progress: bool = True) -> Path:
@@ -110,6 +122,7 @@ def download(dataset: type[Dataset], root: Path, *, progress: bool = True) -> Pa
         raise DataError(
             f"{dataset.name} cannot be downloaded: {dataset.how_to_get or 'no download is declared'}"
         )
+    _refuse_existing(dataset, root)  # before fetching gigabytes for nothing
     cache = Path(root) / ".downloads" / dataset.name
     files = {r.filename: fetch(r, cache, progress=progress) for r in dataset.resources}
     final = install(dataset, root, files)
@@ -122,6 +135,7 @@ def import_path(dataset: type[Dataset], root: Path, source: Path) -> Path:
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist")
+    _refuse_existing(dataset, root)
     by_name = {r.filename: r for r in dataset.resources}
     if source.is_file() or (by_name and all((source / n).is_file() for n in by_name)):
         return _import_files(dataset, root, source, by_name)
@@ -131,16 +145,9 @@ def import_path(dataset: type[Dataset], root: Path, source: Path) -> Path:
             f"{source} is not a complete {dataset.name} folder: {problems[0]}"
             + (f"; {dataset.how_to_get}" if dataset.how_to_get else "")
         )
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / dataset.folder_name()
-    staging = Path(tempfile.mkdtemp(prefix=f".incoming-{dataset.name}-", dir=root))
-    try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        _commit(dataset, staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _build(
+        dataset, root, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True)
+    )
 
 
 def _import_files(

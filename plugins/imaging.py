@@ -45,3 +45,20 @@ def decode_rgb(paths: list[str], size: int, crop_ratio: float | None = None) -> 
     for i in range(workers):
         out[i::workers] = decoded[i]
     return out
+
+
+def channel_statistics(array: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 ``[C, E, 3, H, W]``, on [0, 1].
+
+    Accumulated one class at a time in float64, so a large split needs no large copy."""
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    count = 0
+    for images in array:
+        values = images.astype(np.float64) / 255.0
+        total += values.sum(axis=(0, 2, 3))
+        squares += (values**2).sum(axis=(0, 2, 3))
+        count += values.shape[0] * values.shape[2] * values.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return mean.tolist(), std.tolist()

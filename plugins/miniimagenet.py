@@ -31,7 +31,7 @@ from fewbench.data import SPLITS, ClassPool, Dataset, EpisodeSource, SplitSize
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench_plugins.imaging import decode_rgb
+from fewbench_plugins.imaging import channel_statistics, decode_rgb
 
 STANDARD = {"train": 64, "val": 16, "test": 20}  # classes; 600 images each
 IMAGES_PER_CLASS = 600
@@ -187,23 +187,6 @@ class MiniImageNet(Dataset):
             split: ClassPool(torch.from_numpy(array), mean, std)
             for split, (array, _) in arrays.items()
         }
-
-
-def channel_statistics(array: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 ``[C, E, 3, H, W]``, on [0, 1].
-
-    Accumulated one class at a time in float64, so a large split needs no large copy."""
-    total = np.zeros(3)
-    squares = np.zeros(3)
-    count = 0
-    for images in array:
-        values = images.astype(np.float64) / 255.0
-        total += values.sum(axis=(0, 2, 3))
-        squares += (values**2).sum(axis=(0, 2, 3))
-        count += values.shape[0] * values.shape[2] * values.shape[3]
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    return mean.tolist(), std.tolist()
 
 
 def _resize(image_chw: np.ndarray, size: int) -> np.ndarray:
