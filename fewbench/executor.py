@@ -17,10 +17,13 @@ from typing import Any, ClassVar
 
 @dataclass
 class WorkerCommand:
-    """What every worker runs: ``fewbench run RUN_DIR`` with the driver's options."""
+    """What the workers need: the run directory and the driver's settings, both as
+    ``fewbench run`` options (``options``) and as values (``settings``, see
+    :data:`fewbench.celltask.SETTING_KEYS`)."""
 
     run_dir: Path
     options: list[str] = field(default_factory=list)  # --data-root, --cache-dir, ...
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class Executor:
@@ -36,3 +39,45 @@ class Executor:
     def run(self, command: WorkerCommand, log) -> int:
         """Run workers until no cell is left to do; return the exit code (0, 1 or 130)."""
         raise NotImplementedError
+
+
+class SchedulerExecutor(Executor):
+    """Base of executors that hand each cell to a cluster scheduler as its own task.
+
+    The scheduler places, retries and requeues the tasks; fewbench does no
+    scheduling of its own. The tasks report through the cells' folders
+    (:mod:`fewbench.journal`), and this driver, the results store's only writer,
+    collects what they finish.
+    """
+
+    def cells_to_submit(self, store) -> list[str]:
+        """Cells of the store, in suite order, that are neither done nor failed nor
+        still in the scheduler's hands (:meth:`in_flight`)."""
+        return [
+            row["id"]
+            for row in store.cells()
+            if row["status"] not in ("done", "failed") and not self.in_flight(row)
+        ]
+
+    def in_flight(self, row) -> bool:
+        """Whether a cell queued by an earlier driver is still the scheduler's to run."""
+        return False
+
+    def report_progress(self, run_dir: Path, store, log, last: str) -> str:
+        from fewbench.journal import collect
+        from fewbench.status import cell_table, summary
+
+        collect(run_dir, store)
+        line = summary(cell_table(run_dir))
+        if line != last:
+            print(f"fewbench: {line}", file=log, flush=True)
+        return line
+
+    @staticmethod
+    def exit_code(run_dir: Path) -> int:
+        from fewbench.status import cell_table
+
+        table = cell_table(run_dir)
+        if (table["status"] == "failed").any():
+            return 1
+        return 0 if (table["status"] == "done").all() else 130

@@ -1,4 +1,10 @@
-"""``fewbench status RUN_DIR``: where every cell of a run stands, from the store alone."""
+"""``fewbench status RUN_DIR``: where every cell of a run stands.
+
+The results store says what the driver knows (done, failed, queued with the
+scheduler); the cell folders of a cluster run (:mod:`fewbench.journal`) say what
+the workers are doing now. Whichever was written later describes the cell, and a
+finished ``result.json`` always means done, collected or not. Reading only.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from fewbench.journal import journal_states
 from fewbench.store import ResultsStore
 
-STATES = ("done", "running", "pending", "interrupted", "failed")
+STATES = ("done", "running", "queued", "pending", "interrupted", "failed")
+OPTIONAL_STATES = ("queued", "interrupted")  # shown in the summary only when some cell is
 
 
 def cell_table(run_dir: Path) -> pd.DataFrame:
     store = ResultsStore.open_run(run_dir, must_exist=True)
+    views = journal_states(run_dir)
     try:
         rows = []
         now = time.time()
@@ -29,28 +38,65 @@ def cell_table(run_dir: Path) -> pd.DataFrame:
                 elapsed = now - cell["updated_at"]
             else:
                 elapsed = None
-            rows.append(
-                {
-                    "cell": cell["label"],
-                    "status": cell["status"],
-                    "worker": cell["worker"] or "",
-                    "elapsed_s": elapsed,
-                    "latest_val": None if latest is None else latest["val_metric"],
-                    "at_iteration": None if latest is None else latest["iteration"],
-                    "metric": cell["metric"],
-                    "mean": cell["mean"],
-                }
-            )
+            row = {
+                "id": cell["id"],
+                "cell": cell["label"],
+                "status": cell["status"],
+                "worker": cell["worker"] or "",
+                "elapsed_s": elapsed,
+                "latest_val": None if latest is None else latest["val_metric"],
+                "at_iteration": None if latest is None else latest["iteration"],
+                "metric": cell["metric"],
+                "mean": cell["mean"],
+                "note": "",
+            }
+            if cell["status"] != "done" and cell["id"] in views:
+                _overlay(row, views[cell["id"]], cell["updated_at"] or 0.0, now)
+            rows.append(row)
         return pd.DataFrame(rows)
     finally:
         store.close()
+
+
+def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
+    """Update ``row`` with what a cluster worker wrote in the cell's folder, where newer."""
+    result, state, curve = view["result"], view["state"] or {}, view["curve"]
+    if result is not None:
+        row.update(
+            status="done",
+            worker=result.get("worker", ""),
+            elapsed_s=result["train_seconds"] + result["eval_seconds"],
+            metric=result["metric"],
+            mean=result["mean"],
+            note="not yet collected",
+        )
+        curve = result["curve"]
+    elif state and state.get("updated_at", 0) > store_updated:
+        row.update(status=state["status"], worker=state.get("worker", ""))
+        notes = []
+        if state.get("attempts", 1) > 1:
+            notes.append(f"attempt {state['attempts']}")
+        if state.get("resumed_from"):
+            notes.append(f"resumed at iteration {state['resumed_from']}")
+        if state["status"] == "running":
+            row["elapsed_s"] = now - state["started"]
+            silent = now - state.get("heartbeat", state["started"])
+            if silent > 300:
+                notes.append(f"no heartbeat for {silent / 60:.0f} min")
+        row["note"] = ", ".join(notes)
+    if curve:
+        validated = [point for point in curve if point[2] is not None]
+        if validated and (row["at_iteration"] is None or validated[-1][0] > row["at_iteration"]):
+            row["at_iteration"], row["latest_val"] = validated[-1][0], validated[-1][2]
 
 
 def summary(table: pd.DataFrame, workers: int | None = None) -> str:
     """One line: counts per state and, once something is done, an estimate of the time left."""
     counts = table["status"].value_counts() if len(table) else pd.Series(dtype=int)
     parts = [
-        f"{int(counts.get(s, 0))} {s}" for s in STATES if counts.get(s, 0) or s != "interrupted"
+        f"{int(counts.get(s, 0))} {s}"
+        for s in STATES
+        if counts.get(s, 0) or s not in OPTIONAL_STATES
     ]
     done = table[table["status"] == "done"]
     left = len(table) - len(done) - int(counts.get("failed", 0))
@@ -70,6 +116,7 @@ def render_status(run_dir: Path) -> str:
             "cell": table["cell"],
             "status": table["status"],
             "worker": table["worker"],
+            "note": table["note"],
             "elapsed": [_duration(v) for v in table["elapsed_s"]],
             "latest validation": [
                 "" if v is None or pd.isna(v) else f"{_value(v, m)} (it {int(i)})"
@@ -79,7 +126,16 @@ def render_status(run_dir: Path) -> str:
             ],
         }
     )
-    return shown.to_string(index=False) + "\n\n" + summary(table) + "\n"
+    if not table["note"].astype(bool).any():
+        shown = shown.drop(columns="note")
+    text = shown.to_string(index=False) + "\n\n" + summary(table) + "\n"
+    uncollected = int((table["note"] == "not yet collected").sum())
+    if uncollected:
+        text += (
+            f"{uncollected} finished cells are not yet in the results store (reports read it): "
+            f"fewbench collect {run_dir}\n"
+        )
+    return text
 
 
 def _duration(seconds: float | None) -> str:

@@ -272,11 +272,43 @@ class ResultsStore:
                 (time.time(), cell_id, worker),
             )
 
+    def record_worker(self, cell_id: str, worker: str | None, attempts: int) -> None:
+        """Record who ran a cell reported through its cell folder, and in how many attempts."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE cells SET worker = ?, attempts = ? WHERE id = ?",
+                (worker, attempts, cell_id),
+            )
+
+    def queue(self, cell_id: str, where: str, *, refresh_time: bool = True) -> None:
+        """A cluster executor handed the cell to its scheduler (``where``: e.g. the job id).
+
+        ``refresh_time=False`` only adds the job id: a task that started meanwhile and
+        reported through its cell folder stays the newer word on the cell.
+        """
+        with self.transaction():
+            self.db.execute(
+                "UPDATE cells SET status = 'queued', worker = ?, error = NULL,"
+                " updated_at = CASE WHEN ? THEN ? ELSE updated_at END"
+                " WHERE id = ? AND status != 'done'",
+                (where, refresh_time, time.time(), cell_id),
+            )
+
+    def unqueue(self, cell_ids: list[str]) -> None:
+        """The submission failed: the cells are pending again."""
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE cells SET status = 'pending', worker = NULL, updated_at = ?"
+                " WHERE id = ? AND status = 'queued'",
+                [(time.time(), cell_id) for cell_id in cell_ids],
+            )
+
     def retry_failed(self) -> int:
         """Put failed cells back to pending; returns how many."""
         with self.transaction():
             return self.db.execute(
-                "UPDATE cells SET status = 'pending' WHERE status = 'failed'"
+                "UPDATE cells SET status = 'pending', updated_at = ? WHERE status = 'failed'",
+                (time.time(),),
             ).rowcount
 
     def add_suite_version(self, text: str) -> str:
