@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import platformdirs
+import yaml
 
 from fewbench import __version__
 from fewbench.compare import FORMATS as COMPARE_FORMATS
@@ -62,14 +64,42 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true", help="print the expanded grid and train nothing"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--executor", default="local", help="how cells are run: local (default) or a plugin's"
+    executors = parser.add_argument_group(
+        "executors", "where the cells run; these override the suite's execution: section"
     )
-    parser.add_argument("--workers", type=int, help="local: worker processes (default 1)")
-    parser.add_argument(
+    executors.add_argument(
+        "--executor", help="local (default), ray, slurm or a plugin's (see fewbench plugins)"
+    )
+    executors.add_argument("--workers", type=int, help="local: worker processes (default 1)")
+    executors.add_argument(
         "--gpus", help="local: comma-separated GPU indices, one worker per GPU (e.g. 0,1,2,3)"
     )
-    parser.add_argument("--cells-per-gpu", type=int, help="local: workers sharing each GPU")
+    executors.add_argument("--cells-per-gpu", type=int, help="local: workers sharing each GPU")
+    executors.add_argument("--address", help="ray: cluster address (default: start Ray here)")
+    executors.add_argument(
+        "--gpus-per-cell", type=float, help="ray, slurm: GPUs per cell (ray: may be 0.25)"
+    )
+    executors.add_argument("--cpus-per-cell", type=float, help="ray, slurm: CPUs per cell")
+    executors.add_argument("--max-retries", type=int, help="ray: retries of a lost cell")
+    executors.add_argument("--partition", help="slurm: partition")
+    executors.add_argument("--account", help="slurm: account")
+    executors.add_argument("--time-min", type=int, help="slurm: time limit per cell, minutes")
+    executors.add_argument("--mem-gb", type=float, help="slurm: memory per cell, GB")
+    executors.add_argument("--array-parallelism", type=int, help="slurm: array tasks at once")
+    executors.add_argument(
+        "--wait",
+        action="store_true",
+        default=None,
+        help="slurm: stay until every cell ends (default: submit and exit)",
+    )
+    executors.add_argument(
+        "--executor-set",
+        dest="executor_sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any executor parameter (YAML value), e.g. sbatch_args={constraint: a100}",
+    )
     parser.add_argument(
         "--threads", type=int, help="CPU threads of this process (default: all cores)"
     )
@@ -150,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="every cell of a run directory and where it stands")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    collect = commands.add_parser(
+        "collect",
+        help="copy cells finished by cluster workers (ray, slurm) into the results store",
+    )
+    collect.add_argument("run_dir", type=Path, metavar="RUN_DIR")
 
     data = commands.add_parser("data", help="datasets under the data root: list, download, import")
     data.add_argument(
@@ -319,10 +354,19 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     run_dir = args.out or Path("results") / suite.name / time.strftime("%Y%m%d-%H%M%S")
-    executor = build_executor(args, registry)
-    if executor is not None:
-        return run_with_executor(executor, args, suite, registry, run_dir, data_root, device)
-    print(f"fewbench: {len(suite.cells)} cells on {device}, results in {run_dir}", file=sys.stderr)
+    executor = build_executor(args, registry, suite.execution, run_dir)
+    ranks = ranks_from_environment(device)
+    if ranks is not None:
+        if executor is not None:
+            raise FewbenchError(
+                "under torchrun each rank is part of one worker: drop --executor/--workers/--gpus"
+            )
+        device = ranks.device
+        run_dir = Path(ranks.announce(str(run_dir)))  # rank 0's: the default name has a timestamp
+        if not ranks.leader:
+            return follow_leader(ranks, suite, registry, run_dir, data_root, args)
+    where = f"{ranks.world} ranks ({device.type})" if ranks else str(device)
+    print(f"fewbench: {len(suite.cells)} cells on {where}, results in {run_dir}", file=sys.stderr)
     stop = threading.Event()
     with first_interrupt_stops(stop):
         try:
@@ -340,7 +384,10 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
                 stale_after=args.stale_after,
                 retry_failed=args.retry_failed,
                 stop=stop,
+                announce=ranks.announce if ranks else None,
             )
+            if ranks:
+                leave_ranks()
             table = render(run_dir, "table")
         except KeyboardInterrupt:
             print(
@@ -368,64 +415,161 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def build_executor(args: argparse.Namespace, registry: Registry):
-    """The executor to hand the run to, or None to run the cells in this process."""
-    for flag, value in (("--workers", args.workers), ("--cells-per-gpu", args.cells_per_gpu)):
-        if value is not None and value < 1:
-            raise FewbenchError(f"{flag}: must be at least 1, got {value}")
-    if args.executor == "local" and (args.workers or 1) <= 1 and not args.gpus:
-        return None  # one worker: this process
-    item = registry.get("executor", args.executor)
+def ranks_from_environment(device):
+    from fewbench.ranks import from_environment
+
+    return from_environment(device)
+
+
+def leave_ranks() -> None:
+    from fewbench.ranks import leave
+
+    leave()
+
+
+def follow_leader(ranks, suite, registry, run_dir: Path, data_root: Path, args) -> int:
+    """A rank other than 0 under torchrun: train in step with rank 0, write nothing."""
+    from fewbench.ranks import follow
+    from fewbench.runner import DatasetCache
+
+    datasets = DatasetCache(
+        registry, data_root, args.cache_dir or default_cache_dir(), ranks.device
+    )
+    follow(ranks, suite, registry, datasets, run_dir, sys.stderr)
+    leave_ranks()
+    return 0
+
+
+# Command-line flags that set executor parameters: flag attribute -> parameter name.
+EXECUTOR_FLAGS = {
+    "workers": "workers",
+    "gpus": "gpus",
+    "cells_per_gpu": "cells_per_gpu",
+    "address": "address",
+    "gpus_per_cell": "gpus_per_cell",
+    "cpus_per_cell": "cpus_per_cell",
+    "max_retries": "max_retries",
+    "partition": "partition",
+    "account": "account",
+    "time_min": "time_min",
+    "mem_gb": "mem_gb",
+    "array_parallelism": "array_parallelism",
+    "wait": "wait",
+}
+
+
+EXECUTION_FILE = "execution.json"  # the executor and parameters a run directory last ran with
+
+
+def executor_config(
+    args: argparse.Namespace, registry: Registry, execution: dict, previous: dict | None = None
+) -> tuple[str, dict]:
+    """The executor's name and parameters: its defaults, then the suite's ``execution:``
+    section, then what the run directory last ran with (``previous``; each only when it
+    names the same executor), then the command line."""
+    previous = previous or {}
+    name = args.executor or previous.get("executor") or execution.get("executor", "local")
+    item = registry.get("executor", name)
+    params = item.params.params
     config = item.params.defaults()
-    if args.executor == "local":
-        if args.workers is not None:
-            config["workers"] = args.workers
-        if args.gpus:
+    for layer in (execution, previous):
+        if layer.get("executor", "local") == name:
+            config.update({k: v for k, v in layer.items() if k in params})
+    for attr, key in EXECUTOR_FLAGS.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        flag = "--" + attr.replace("_", "-")
+        if key not in params:
+            raise FewbenchError(
+                f"{flag}: not an option of the {name} executor (its parameters: "
+                f"{', '.join(params) or 'none'})"
+            )
+        if key == "gpus":
             try:
-                config["gpus"] = [int(g) for g in args.gpus.split(",") if g.strip()]
+                value = [int(g) for g in value.split(",") if g.strip()]
             except ValueError:
-                raise FewbenchError(
-                    f"--gpus {args.gpus!r}: expected indices like 0,1,2,3"
-                ) from None
+                raise FewbenchError(f"--gpus {value!r}: expected indices like 0,1,2,3") from None
+        elif isinstance(value, float) and params[key].value_type is int and value.is_integer():
+            value = int(value)
+        config[key], problem = check_value(params[key], value)
+        if problem:
+            raise FewbenchError(f"{flag}: {problem}")
+    for assignment in args.executor_sets:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or key not in params:
+            raise FewbenchError(
+                f"--executor-set {assignment!r}: expected KEY=VALUE with KEY one of the {name} "
+                f"executor's parameters: {', '.join(params) or 'none'}"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise FewbenchError(f"--executor-set {assignment!r}: not a YAML value") from None
+        config[key], problem = check_value(params[key], value)
+        if problem:
+            raise FewbenchError(f"--executor-set {key}: {problem}")
+    return name, config
+
+
+def build_executor(args: argparse.Namespace, registry: Registry, execution: dict, run_dir: Path):
+    """The executor to hand the run to, or None to run the cells in this process.
+
+    Rerunning a run directory reuses the executor and parameters it last ran with
+    (``execution.json``), so that ``fewbench run RUN_DIR`` alone carries on a cluster run.
+    """
+    try:
+        previous = json.loads((run_dir / EXECUTION_FILE).read_text())
+    except (OSError, ValueError):
+        previous = None
+    name, config = executor_config(args, registry, execution, previous)
+    if name == "local":
+        if config["workers"] <= 1 and not config["gpus"]:
+            return None  # one worker: this process
+        if config["gpus"]:
             import torch
 
             visible = torch.cuda.device_count()
             wrong = [g for g in config["gpus"] if g >= visible]
             if wrong:
                 raise FewbenchError(
-                    f"--gpus {args.gpus}: GPU {wrong[0]} does not exist ({visible} visible)"
+                    f"--gpus {','.join(map(str, config['gpus']))}: GPU {wrong[0]} does not exist "
+                    f"({visible} visible)"
                 )
-        if args.cells_per_gpu is not None:
-            config["cells_per_gpu"] = args.cells_per_gpu
-    for key, param in item.params.params.items():
-        value, problem = check_value(param, config[key])
-        if problem:
-            raise FewbenchError(f"--{key.replace('_', '-')}: {problem}")
-    return item.build(**config)
+    executor = registry.get("executor", name).build(**config)
+    executor.name_and_config = {"executor": name, **config}
+    return executor
 
 
 def run_with_executor(executor, args, suite, registry, run_dir, data_root, device) -> int:
     from fewbench.executor import WorkerCommand
     from fewbench.runner import prepare_run_dir, suite_text_of
 
+    run_dir = run_dir.resolve()  # workers elsewhere find it by this path (shared file system)
     store = prepare_run_dir(run_dir, suite, suite_text_of(suite), registry, device)
     try:
         if args.retry_failed:
             store.retry_failed()
     finally:
         store.close()
+    settings = {
+        "data_root": str(Path(data_root).resolve()),
+        "cache_dir": str(args.cache_dir.resolve()) if args.cache_dir else None,
+        "device": args.device,
+        "stale_after": args.stale_after,
+    }
     options = [
-        "--data-root",
-        str(data_root),
-        "--stale-after",
-        str(args.stale_after),
+        "--executor", "local", "--workers", "1",  # each worker runs cells itself
+        "--data-root", settings["data_root"], "--stale-after", str(args.stale_after),
         "--no-download",
-    ]
+    ]  # fmt: skip
     if args.cache_dir:
-        options += ["--cache-dir", str(args.cache_dir)]
+        options += ["--cache-dir", settings["cache_dir"]]
     if args.device != "auto":
         options += ["--device", args.device]
-    code = executor.run(WorkerCommand(run_dir, options), sys.stderr)
+    (run_dir / EXECUTION_FILE).write_text(json.dumps(executor.name_and_config, indent=2) + "\n")
+    code = executor.run(WorkerCommand(run_dir, options, settings), sys.stderr)
     print(render(run_dir, "table"))
     return code
 
@@ -474,6 +618,15 @@ def main(argv: list[str] | None = None) -> int:
             from fewbench.status import render_status
 
             sys.stdout.write(render_status(args.run_dir))
+            return 0
+        if args.command == "collect":
+            from fewbench.journal import collect
+
+            counts = collect(args.run_dir)
+            print(
+                f"fewbench: collected {counts['done']} finished and {counts['failed']} failed cells "
+                f"into {args.run_dir}/results.sqlite"
+            )
             return 0
         registry = Registry()
         if args.command == "plugins":

@@ -25,7 +25,7 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class Suite:
     data: dict[str, Any]
     cells: list[Cell]
     warnings: list[str]
+    # The ``execution:`` section, checked: {"executor": name, **its parameters given}.
+    execution: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -347,6 +349,7 @@ def expand(
     evaluation = check_mapping(source, "eval", data.get("eval"), EVAL)
     entries = {key: _expand_entries(source, registry, key) for key in PLUGIN_LISTS}
     overrides = _check_overrides(source)
+    execution = _check_execution(source, registry)
 
     cells: list[Cell] = []
     warnings: list[str] = []
@@ -412,4 +415,31 @@ def expand(
         seen[identifier] = label
         labels = {"dataset": dataset.label, "backbone": backbone.label, "learner": learner.label}
         cells.append(Cell(identifier, label, config, labels))
-    return Suite(name.strip(), data, cells, sorted(set(warnings)))
+    return Suite(name.strip(), data, cells, sorted(set(warnings)), execution)
+
+
+def _check_execution(source: SuiteSource, registry: Registry) -> dict[str, Any]:
+    """The ``execution:`` section: an executor's name and any of its parameters.
+
+    Only the parameters written are kept (command-line flags and the executor's
+    defaults fill the rest); it never enters a cell's configuration, so moving a
+    suite from a workstation to a cluster keeps its cell ids and results.
+    """
+    section = source.data.get("execution")
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise source.error(
+            "execution", f"expected a mapping, got {type(section).__name__} {section!r}"
+        )
+    name = section.get("executor", "local")
+    if not isinstance(name, str) or not registry.has("executor", name):
+        known = registry.names("executor")
+        raise source.error(
+            "execution.executor",
+            f"unknown executor {name!r}{closest(str(name), known)}; known executors: {', '.join(known)}",
+        )
+    params = registry.get("executor", name).params.params
+    given = {k: v for k, v in section.items() if k != "executor"}
+    checked = check_mapping(source, "execution", given, params)
+    return {"executor": name, **{key: checked[key] for key in given}}

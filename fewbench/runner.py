@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +24,7 @@ from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
 from fewbench.faults import crash_point
 from fewbench.grid import Cell, Suite
+from fewbench.journal import collect
 from fewbench.learner import LearnerContext
 from fewbench.registry import Registry
 from fewbench.stats import mean_ci95
@@ -90,19 +92,23 @@ def prepare_run_dir(
     store.set_meta("environment", env)
     store.add_suite_version(suite_text)  # every version of the suite run into this directory
     store.add_cells(suite.cells)
+    collect(run_dir, store)  # what cluster workers finished since the last driver looked
     return store
 
 
-def run_cell(
-    cell: Cell,
-    store: ResultsStore,
-    registry: Registry,
-    datasets: DatasetCache,
-    run_dir: Path,
-    device: torch.device,
-    progress: bool,
-    stop: threading.Event | None = None,
-) -> dict[str, Any]:
+@dataclass
+class CellSetup:
+    """A cell's learner, set up and seeded, with its data: what training starts from."""
+
+    learner: Any
+    sources: dict[str, EpisodeSource]
+    task_type: str
+    identity: tuple
+
+
+def set_up_cell(
+    cell: Cell, registry: Registry, datasets: DatasetCache, device: torch.device
+) -> CellSetup:
     config = cell.config
     dataset, sources = datasets.get(config["dataset"])
     task_type = getattr(dataset, "task_type", "classification")
@@ -125,6 +131,27 @@ def run_cell(
             task_type=task_type,
         )
     )
+    return CellSetup(learner, sources, task_type, identity)
+
+
+def run_cell(
+    cell: Cell,
+    store: ResultsStore,
+    registry: Registry,
+    datasets: DatasetCache,
+    run_dir: Path,
+    device: torch.device,
+    progress: bool,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    config = cell.config
+    setup = set_up_cell(cell, registry, datasets, device)
+    learner, sources, task_type, identity = (
+        setup.learner,
+        setup.sources,
+        setup.task_type,
+        setup.identity,
+    )
     engine = learner.describe_engine()
     store.mark(cell.id, "running", engine=engine)
     checkpoint_dir = run_dir / "checkpoints" / cell.id
@@ -139,6 +166,7 @@ def run_cell(
             task_type=task_type,
             progress=progress,
             on_validate=lambda curve: store.save_curve(cell.id, curve),
+            on_resume=getattr(store, "resumed", None),  # cell folders record it; the store not
             stop=stop,
         )
     except Exception as exc:  # keep the curve so far of a cell that fails in training
@@ -257,12 +285,15 @@ def run_suite(
     stale_after: float = 120.0,
     retry_failed: bool = False,
     stop: threading.Event | None = None,
+    announce: Callable[[str | None], object] | None = None,
 ) -> RunSummary:
     """Run every cell of ``suite`` not already done; a failing cell is recorded and the suite goes on.
 
     Cells are claimed one at a time in the results store, so several processes on
     one run directory share the work; a cell whose worker stopped beating for
     ``stale_after`` seconds is claimed again and resumes from its checkpoint.
+    ``announce`` hears each cell's id before it runs, and None at the end (for the
+    other ranks of a data-parallel run, :mod:`fewbench.ranks`).
     """
     created = not run_dir.exists()
     try:
@@ -299,6 +330,8 @@ def run_suite(
                 break
             cell = by_id[claimed]
             prefix = f"[{number_of[cell.id]}/{len(suite.cells)}] {cell.label} ({cell.id})"
+            if announce is not None:
+                announce(cell.id)
             try:
                 with Heartbeat(store.path, cell.id, worker, interval=max(0.5, stale_after / 4)):
                     result = run_cell(
@@ -316,11 +349,7 @@ def run_suite(
                 print(f"{prefix}: FAILED: {exc}", file=log, flush=True)
                 continue
             except Exception as exc:  # a bug in a plugin must not take the suite down
-                reason = f"{type(exc).__name__}: {exc}"
-                if hasattr(exc, "fewbench_iteration"):
-                    reason += f" (at iteration {exc.fewbench_iteration})"
-                if isinstance(exc, torch.OutOfMemoryError):
-                    reason += " (lower meta_batch_size or use first_order: true)"
+                reason = failure_reason(exc)
                 store.mark(cell.id, "failed", error=reason + "\n" + traceback.format_exc())
                 summary.failed.append((cell.label, reason))
                 print(f"{prefix}: FAILED: {reason}", file=log, flush=True)
@@ -340,7 +369,21 @@ def run_suite(
                 summary.interrupted = f"before {left[0].label}"
     finally:
         store.close()
+        if announce is not None:
+            announce(None)
     return summary
+
+
+def failure_reason(exc: Exception) -> str:
+    """One line on why a cell failed, for the log and the results store."""
+    if isinstance(exc, FewbenchError):
+        return str(exc)
+    reason = f"{type(exc).__name__}: {exc}"
+    if hasattr(exc, "fewbench_iteration"):
+        reason += f" (at iteration {exc.fewbench_iteration})"
+    if isinstance(exc, torch.OutOfMemoryError):
+        reason += " (lower meta_batch_size or use first_order: true)"
+    return reason
 
 
 def suite_text_of(suite: Suite) -> str:

@@ -30,6 +30,9 @@ TOP_LEVEL = {
     "train": Param({}, help="training loop settings"),
     "eval": Param({}, help="test evaluation settings"),
     "overrides": Param([], help="[{when: {...}, set: {...}}] applied in order"),
+    "execution": Param(
+        {}, help="how cells run: {executor: NAME, ...that executor's parameters}; not part of cells"
+    ),
 }
 REQUIRED = ("name", "datasets", "tasks", "backbones", "learners")
 TASKS = {

@@ -87,15 +87,19 @@ def train(
     task_type: str = "classification",
     progress: bool = True,
     on_validate: Callable[[list], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
+    write_checkpoints: bool = True,
 ) -> TrainOutcome:
     """Train ``learner`` on the cell's training split; leave it holding its best state.
 
     Resumes from ``checkpoint_dir/last.pt`` when present. Checkpoints hold the
     learner's state (parameters, optimizer), the loop's state (iteration, curve,
     best state) and every random generator's state, so a resumed run continues
-    exactly as an uninterrupted one would. Setting ``stop`` writes a checkpoint
-    after the current iteration and raises :class:`Interrupted`.
+    exactly as an uninterrupted one would (``on_resume`` hears the iteration it
+    resumes from). Setting ``stop`` writes a checkpoint after the current iteration
+    and raises :class:`Interrupted`. With ``write_checkpoints`` false (the other ranks
+    of a data-parallel cell) the checkpoint is read, never written.
     """
     config = cell.config
     tasks, train_cfg, eval_cfg = config["tasks"], config["train"], config["eval"]
@@ -122,6 +126,8 @@ def train(
             learner.load_state_dict(saved["learner"])
             state = saved["loop"]
             set_rng_state(saved["rng"])
+            if on_resume is not None:
+                on_resume(state["iteration"])
 
     def write_checkpoint() -> None:
         nonlocal started
@@ -216,7 +222,7 @@ def train(
                 or time.monotonic() - last_checkpoint > 60 * train_cfg["checkpoint_minutes"]
             )
             stopping = stop is not None and stop.is_set()
-            if checkpoint is not None and (due or stopping):
+            if checkpoint is not None and write_checkpoints and (due or stopping):
                 write_checkpoint()
                 last_checkpoint = time.monotonic()
             if stopping:

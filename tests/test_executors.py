@@ -8,53 +8,9 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from grid_runs import cells, results, sequential, write_suite
 from helpers import REPO, run_cli
-
-SUITE = """\
-name: workers
-seeds: [0, 1]
-datasets: [{name: omniglot}]
-tasks: {ways: 5, shots: 1, query: 2}
-backbones: [{name: conv4, hidden: 16}]
-learners:
-  - {name: maml, meta_batch_size: 2, threads: 1}
-  - {name: finetune, batch_size: 16}
-train: {iterations: ITERATIONS, validate_every: 4, val_episodes: 4, log_every: 1, checkpoint_every: 2}
-eval: {episodes: 10, query: 3}
-"""
-
-
-def write_suite(tmp_path: Path, iterations: int) -> Path:
-    path = tmp_path / "suite.yaml"
-    path.write_text(SUITE.replace("ITERATIONS", str(iterations)))
-    return path
-
-
-def results(run_dir: Path) -> dict[str, list[float]]:
-    db = sqlite3.connect(run_dir / "results.sqlite")
-    out: dict[str, list[float]] = {}
-    for cell_id, value in db.execute(
-        "SELECT cell_id, value FROM episodes ORDER BY cell_id, episode"
-    ):
-        out.setdefault(cell_id, []).append(value)
-    return out
-
-
-def cells(run_dir: Path) -> list[sqlite3.Row]:
-    db = sqlite3.connect(run_dir / "results.sqlite")
-    db.row_factory = sqlite3.Row
-    return db.execute("SELECT * FROM cells").fetchall()
-
-
-def sequential(suite: Path, out: Path, data_root: Path, cache_dir: Path) -> dict:
-    done = run_cli(
-        "run", str(suite), "--out", str(out), "--data-root", str(data_root), "--threads", "1",
-        env={"FEWBENCH_CACHE": str(cache_dir)},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return results(out)
 
 
 def test_two_local_workers_run_every_cell_once_with_the_sequential_results(
@@ -72,7 +28,7 @@ def test_two_local_workers_run_every_cell_once_with_the_sequential_results(
     assert len(rows) == 4 and all(r["status"] == "done" and r["completions"] == 1 for r in rows)
     assert len({r["worker"] for r in rows}) == 2  # both workers took cells
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["worker-0.log", "worker-1.log"]
-    assert results(out) == sequential(suite, tmp_path / "sequential", data_root, cache_dir)
+    assert results(out) == sequential(8, tmp_path, data_root, cache_dir)
     status = run_cli("status", str(out))
     assert status.returncode == 0 and "4 done, 0 running, 0 pending, 0 failed" in status.stdout
 
@@ -115,12 +71,15 @@ def test_a_killed_worker_s_cell_is_resumed_and_the_suite_completes(tmp_path, dat
     assert rows[victim["id"]]["worker"] != victim["worker"]
     assert "exited with code -9" in stderr
     # Resumed from its checkpoint, the cell ends exactly where an uninterrupted run does.
-    assert results(out) == sequential(suite, tmp_path / "sequential", data_root, cache_dir)
+    assert results(out) == sequential(60, tmp_path, data_root, cache_dir)
 
 
 def test_bad_executor_options_are_one_line_errors(tmp_path, data_root):
     for argv, message in (
-        (["--executor", "ray"], "unknown executor 'ray'; known executors: local"),
+        (["--executor", "rya"], "unknown executor 'rya' (did you mean 'ray'?)"),
+        (["--executor", "ray", "--partition", "gpu"], "--partition: not an option of the ray"),
+        (["--executor", "slurm", "--time-min", "0"], "--time-min: must be at least 1, got 0"),
+        (["--executor-set", "bogus=1"], "--executor-set 'bogus=1': expected KEY=VALUE with KEY"),
         (["--gpus", "0,x"], "expected indices like 0,1,2,3"),
         (["--workers", "0"], "--workers: must be at least 1"),
     ):

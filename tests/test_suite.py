@@ -250,3 +250,25 @@ def test_list_parameter_items_are_checked(registry, data_root, hidden, fragment)
     )
     error = error_of(text, registry, data_root)
     assert error.path == "backbones[0].hidden" and fragment in str(error)
+
+
+@pytest.mark.parametrize(
+    ("section", "path", "fragment"),
+    [
+        ("execution: {executor: slrum}", "execution.executor", "did you mean 'slurm'"),
+        ("execution: {executor: slurm, partiton: gpu}", "execution.partiton", "'partition'"),
+        ("execution: {executor: ray, gpus_per_cell: half}", "execution.gpus_per_cell", "a number"),
+        ("execution: [slurm]", "execution", "expected a mapping"),
+    ],
+)
+def test_execution_section_errors_say_where(registry, data_root, section, path, fragment):
+    error = error_of(BASE + section + "\n", registry, data_root)
+    assert (error.path, error.line) == (path, 14) and fragment in str(error)
+
+
+def test_execution_section_does_not_change_cells(registry, data_root):
+    plain = grid(BASE, registry, data_root)
+    slurm = grid(BASE + "execution: {executor: slurm, partition: gpu}\n", registry, data_root)
+    assert [c.id for c in slurm.cells] == [c.id for c in plain.cells]
+    assert slurm.execution == {"executor": "slurm", "partition": "gpu"}
+    assert plain.execution == {}

@@ -1,0 +1,147 @@
+"""The ``ray`` executor: each cell is a Ray task, placed, retried and limited by Ray.
+
+``fewbench run SUITE --executor ray [--address ADDR]``. With no address,
+``ray.init()`` starts a Ray instance on this machine; with one, the cells go to
+that cluster, whose nodes must have fewbench installed and see the run directory
+and the data root at the same paths (a shared file system).
+
+Each task asks for ``cpus_per_cell`` CPUs and ``gpus_per_cell`` GPUs; a fraction
+such as 0.25 packs four cells onto one GPU. A task whose worker process or node
+dies is retried by Ray (``max_retries``) and resumes from the cell's last
+checkpoint. The driver collects finished cells into the results store as they
+come in; stopping the driver stops its tasks (Ray ends a job's tasks with its
+driver), and ``fewbench run RUN_DIR --executor ray`` submits what is left.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fewbench.errors import FewbenchError
+from fewbench.executor import SchedulerExecutor, WorkerCommand
+from fewbench.hookspecs import hookimpl
+from fewbench.params import Param
+
+
+def ray_cell_task(run_dir: str, cell_id: str, settings: dict) -> dict:
+    """The Ray task: one cell, with the node and GPUs Ray gave it kept for ``fewbench status``."""
+    import ray
+
+    from fewbench.celltask import run_cell_task
+
+    context = ray.get_runtime_context()
+    details = {
+        "ray_node": context.get_node_id()[:12],
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
+    return run_cell_task(run_dir, cell_id, settings, details)
+
+
+class RayExecutor(SchedulerExecutor):
+    name = "ray"
+    description = "One Ray task per cell, on a local Ray instance or the cluster at --address"
+    params = {
+        "address": Param(
+            "", type=str, help="Ray cluster address (e.g. ray://head:10001); empty: start one here"
+        ),
+        "cpus_per_cell": Param(
+            1.0, type=(int, float), minimum=0.01, help="CPUs each cell asks for"
+        ),
+        "gpus_per_cell": Param(
+            0.0,
+            minimum=0,
+            help="GPUs each cell asks for; a fraction packs several cells onto one GPU",
+        ),
+        "max_retries": Param(
+            3,
+            minimum=0,
+            help="retries of a cell whose worker or node died (resumes from its checkpoint)",
+        ),
+        "progress_every": Param(10.0, minimum=0.1, help="seconds between progress lines"),
+    }
+
+    def task_options(self, label: str) -> dict:
+        """The resources and retry policy of each cell's task."""
+        return {
+            "num_cpus": self.config["cpus_per_cell"],
+            "num_gpus": self.config["gpus_per_cell"],
+            "max_retries": self.config["max_retries"],
+            "retry_exceptions": False,  # a cell's own failure is recorded, not retried
+            "name": f"fewbench {label}",
+        }
+
+    def task_settings(self, settings: dict) -> dict:
+        settings = dict(settings)
+        if settings.get("device", "auto") == "auto":
+            settings["device"] = "cuda" if self.config["gpus_per_cell"] > 0 else "cpu"
+        settings["threads"] = max(1, math.floor(self.config["cpus_per_cell"]))
+        return settings
+
+    def run(self, command: WorkerCommand, log) -> int:
+        try:
+            import ray
+        except ImportError:
+            raise FewbenchError(
+                "the ray executor needs Ray: pip install 'fewbench[ray]' (or pip install ray)"
+            ) from None
+        from fewbench.journal import collect
+        from fewbench.store import ResultsStore
+
+        address = self.config["address"] or None
+        try:
+            ray.init(
+                address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR"
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise FewbenchError(f"--address {address}: cannot connect to Ray: {exc}") from None
+        store = ResultsStore.open_run(command.run_dir)
+        try:
+            collect(command.run_dir, store)
+            labels = {row["id"]: row["label"] for row in store.cells()}
+            remote = ray.remote(ray_cell_task)
+            settings = self.task_settings(command.settings)
+            tasks = {}
+            for cell_id in self.cells_to_submit(store):
+                store.queue(cell_id, "ray task")  # before the task can start and report
+                ref = remote.options(**self.task_options(labels[cell_id])).remote(
+                    str(command.run_dir), cell_id, settings
+                )
+                tasks[ref] = cell_id
+            resources = ray.cluster_resources()
+            print(
+                f"fewbench: {len(tasks)} cells submitted to Ray "
+                f"({address or 'a local instance'}: {resources.get('CPU', 0):g} CPUs, "
+                f"{resources.get('GPU', 0):g} GPUs); fewbench status {command.run_dir} shows every cell",
+                file=log,
+                flush=True,
+            )
+            last = ""
+            while tasks:
+                ready, _ = ray.wait(
+                    list(tasks), num_returns=len(tasks), timeout=self.config["progress_every"]
+                )
+                for ref in ready:
+                    cell_id = tasks.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except Exception as exc:  # retries spent: the worker or node kept dying
+                        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        store.mark(cell_id, "failed", error=f"Ray: {type(exc).__name__}: {reason}")
+                last = self.report_progress(command.run_dir, store, log, last)
+        except KeyboardInterrupt:
+            print(
+                f"fewbench: stopped; the cells' checkpoints hold. Resume with: "
+                f"fewbench run {command.run_dir} --executor ray",
+                file=log,
+                flush=True,
+            )
+            return 130
+        finally:
+            store.close()
+            ray.shutdown()
+        return self.exit_code(command.run_dir)
+
+
+@hookimpl
+def fewbench_register_executors(register):
+    register(RayExecutor)

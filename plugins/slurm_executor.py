@@ -1,0 +1,277 @@
+"""The ``slurm`` executor: the cells go out as one SLURM job array, through submitit.
+
+``fewbench run SUITE --executor slurm --partition gpu --time-min 240 ...``
+submits one array task per cell (``sbatch --array=0-N%P``, with the partition,
+time limit, GPUs, CPUs and memory per cell), records the job ids and, unless
+``--wait``, exits: the jobs run on their own. ``fewbench status RUN_DIR`` shows
+where every cell stands, ``fewbench collect RUN_DIR`` copies finished cells into
+the results store, and ``fewbench run RUN_DIR --executor slurm`` again collects,
+leaves alone the cells whose jobs are still queued or running, and submits the rest.
+
+A job that is preempted or reaches its time limit gets SIGUSR2 from SLURM
+(``signal_delay_s`` before the limit); submitit then requeues it with the same
+arguments, and the cell resumes from its last checkpoint (written every
+``train.checkpoint_every`` iterations and at least every ``train.checkpoint_minutes``).
+
+``cluster: local`` runs the same submission through submitit's local executor,
+as processes on this machine: for trying a suite before sending it, and for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from fewbench.errors import FewbenchError
+from fewbench.executor import SchedulerExecutor, WorkerCommand
+from fewbench.hookspecs import hookimpl
+from fewbench.params import Param
+
+# sacct states in which a job may still run the cell; anything else ended it.
+LIVE_STATES = {
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+    "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT",
+}  # fmt: skip
+JOB_ENV = {
+    "slurm_job": "SLURM_JOB_ID",
+    "slurm_array_job": "SLURM_ARRAY_JOB_ID",
+    "slurm_array_task": "SLURM_ARRAY_TASK_ID",
+    "local_job": "SUBMITIT_LOCAL_JOB_ID",
+}
+
+
+class SlurmCellJob:
+    """What each array task runs. submitit calls ``checkpoint`` on SIGUSR2 (preemption or
+    time limit) and requeues the returned submission: the same cell, which resumes
+    from its checkpoint."""
+
+    def __call__(self, run_dir: str, cell_id: str, settings: dict) -> dict:
+        from fewbench.celltask import run_cell_task
+
+        details = {key: os.environ[name] for key, name in JOB_ENV.items() if name in os.environ}
+        return run_cell_task(run_dir, cell_id, settings, details)
+
+    def checkpoint(self, run_dir: str, cell_id: str, settings: dict):
+        from submitit.helpers import DelayedSubmission
+
+        from fewbench.journal import CellJournal
+        from fewbench.runner import default_worker_name
+
+        journal = CellJournal(Path(run_dir), cell_id, default_worker_name())
+        journal.mark(cell_id, "interrupted", error="preempted or out of time; requeued")
+        return DelayedSubmission(self, run_dir, cell_id, settings)
+
+
+class SlurmExecutor(SchedulerExecutor):
+    _live: frozenset[str] = frozenset()  # cells whose earlier job SLURM still holds (set in run)
+    name = "slurm"
+    description = "One SLURM array task per cell, through submitit; requeued on preemption"
+    params = {
+        "partition": Param("", type=str, help="SLURM partition (empty: the cluster's default)"),
+        "account": Param("", type=str, help="SLURM account to charge (empty: your default)"),
+        "time_min": Param(240, minimum=1, help="time limit of each cell's job, in minutes"),
+        "gpus_per_cell": Param(1, minimum=0, help="GPUs of each cell's job"),
+        "cpus_per_cell": Param(4, minimum=1, help="CPUs of each cell's job"),
+        "mem_gb": Param(16.0, minimum=0.1, help="memory of each cell's job, in GB"),
+        "array_parallelism": Param(
+            32, minimum=1, help="array tasks running at once (the %P of --array)"
+        ),
+        "max_requeues": Param(3, minimum=0, help="requeues after reaching the time limit"),
+        "signal_delay_s": Param(120, minimum=1, help="SIGUSR2 this long before the time limit"),
+        "sbatch_args": Param(
+            {}, type=dict, help="further sbatch options, e.g. {constraint: a100, qos: high}"
+        ),
+        "wait": Param(False, help="stay, show progress and collect until every cell ends"),
+        "cluster": Param(
+            "slurm",
+            choices=("slurm", "local"),
+            help="local: the same jobs as processes on this machine (submitit's local executor; waits)",
+        ),
+        "progress_every": Param(
+            10.0, minimum=0.1, help="seconds between progress lines (with wait)"
+        ),
+    }
+
+    def submitit_parameters(self, suite_name: str) -> dict:
+        """What submitit turns into the #SBATCH lines of the array job."""
+        config = self.config
+        parameters = {
+            "name": f"fewbench-{suite_name}",
+            "timeout_min": config["time_min"],
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "cpus_per_task": config["cpus_per_cell"],
+            "gpus_per_node": config["gpus_per_cell"],
+            "mem_gb": config["mem_gb"],
+            "slurm_array_parallelism": config["array_parallelism"],
+            "slurm_signal_delay_s": config["signal_delay_s"],
+        }
+        if config["partition"]:
+            parameters["slurm_partition"] = config["partition"]
+        if config["account"]:
+            parameters["slurm_account"] = config["account"]
+        if config["sbatch_args"]:
+            parameters["slurm_additional_parameters"] = dict(config["sbatch_args"])
+        return parameters
+
+    def task_settings(self, settings: dict) -> dict:
+        settings = dict(settings)
+        if settings.get("device", "auto") == "auto":
+            settings["device"] = "cuda" if self.config["gpus_per_cell"] > 0 else "cpu"
+        settings["threads"] = self.config["cpus_per_cell"]
+        return settings
+
+    def make_executor(self, run_dir: Path, suite_name: str):
+        try:
+            import submitit
+        except ImportError:
+            raise FewbenchError(
+                "the slurm executor needs submitit: pip install 'fewbench[slurm]' "
+                "(or pip install submitit)"
+            ) from None
+        try:
+            executor = submitit.AutoExecutor(
+                folder=run_dir / "slurm" / "%j",
+                cluster=self.config["cluster"],
+                slurm_max_num_timeout=self.config["max_requeues"],
+                local_max_num_timeout=self.config["max_requeues"],
+            )
+        except RuntimeError as exc:  # no srun on PATH
+            raise FewbenchError(
+                f"the slurm executor needs SLURM's commands on PATH ({exc}): run fewbench on the "
+                "cluster's login node, or try the jobs here with --executor-set cluster=local"
+            ) from None
+        executor.update_parameters(**self.submitit_parameters(suite_name))
+        return executor
+
+    # --- the job ids of each cell, kept in the run directory for a later driver ---
+
+    @staticmethod
+    def _jobs_file(run_dir: Path) -> Path:
+        return run_dir / "slurm" / "jobs.json"
+
+    def _load_jobs(self, run_dir: Path) -> dict[str, str]:
+        try:
+            return json.loads(self._jobs_file(run_dir).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def in_flight(self, row) -> bool:
+        return row["id"] in self._live
+
+    def live_cells(self, store, known_jobs: dict[str, str], folder: Path, log) -> set[str]:
+        """Cells queued by an earlier driver whose job SLURM still holds (asked of sacct,
+        through submitit, in one call): they are left alone, not submitted again."""
+        queued = [row["id"] for row in store.cells() if row["status"] == "queued"]
+        if self.config["cluster"] != "slurm" or not queued:
+            return set()
+        import submitit
+
+        jobs = {
+            cell_id: submitit.SlurmJob(folder=folder, job_id=known_jobs[cell_id])
+            for cell_id in queued
+            if cell_id in known_jobs
+        }
+        if jobs:
+            next(iter(jobs.values())).watcher.update()
+        live = set()
+        for cell_id, job in jobs.items():
+            state = (job.state or "UNKNOWN").split()[0].upper()
+            if state in LIVE_STATES:
+                live.add(cell_id)
+            elif state == "UNKNOWN":
+                print(
+                    f"fewbench: SLURM has no state for job {job.job_id}; submitting its cell again",
+                    file=log,
+                    flush=True,
+                )
+        return live
+
+    def run(self, command: WorkerCommand, log) -> int:
+        from fewbench.journal import collect, write_json
+        from fewbench.store import ResultsStore
+
+        run_dir = command.run_dir
+        store = ResultsStore.open_run(run_dir)
+        try:
+            suite_name = store.meta("suite_name") or "suite"
+            executor = self.make_executor(run_dir, suite_name)
+            collect(run_dir, store)
+            known_jobs = self._load_jobs(run_dir)
+            self._live = self.live_cells(store, known_jobs, run_dir / "slurm" / "%j", log)
+            todo = self.cells_to_submit(store)
+            jobs = []
+            if todo:
+                for cell_id in todo:
+                    store.queue(cell_id, "slurm (submitting)")
+                count = len(todo)
+                try:
+                    jobs = executor.map_array(
+                        SlurmCellJob(), [str(run_dir)] * count, todo,
+                        [self.task_settings(command.settings)] * count,
+                    )  # fmt: skip
+                except Exception as exc:  # sbatch refused: say why, leave the cells pending
+                    store.unqueue(todo)
+                    message = str(exc).strip().splitlines()
+                    raise FewbenchError(
+                        f"submitting to SLURM failed: {message[-1] if message else type(exc).__name__}"
+                    ) from None
+                for cell_id, job in zip(todo, jobs, strict=True):
+                    store.queue(cell_id, f"slurm job {job.job_id}", refresh_time=False)
+                    known_jobs[cell_id] = job.job_id
+                write_json(self._jobs_file(run_dir), known_jobs)
+            where = "as local processes" if self.config["cluster"] == "local" else "to SLURM"
+            print(
+                f"fewbench: {len(todo)} cells submitted {where}"
+                + (f" (array job {jobs[0].job_id.split('_')[0]})" if jobs else "")
+                + f"; logs in {run_dir / 'slurm'}; fewbench status {run_dir} shows every cell",
+                file=log,
+                flush=True,
+            )
+            if not (self.config["wait"] or self.config["cluster"] == "local"):
+                print(
+                    f"fewbench: not waiting. Later: fewbench collect {run_dir} (results into the "
+                    f"store), or fewbench run {run_dir} --executor slurm (collect and submit what is left)",
+                    file=log,
+                    flush=True,
+                )
+                return 0
+            return self.wait(run_dir, store, dict(zip(todo, jobs, strict=True)), log)
+        finally:
+            store.close()
+
+    def wait(self, run_dir: Path, store, jobs: dict, log) -> int:
+        """Show progress until every job ended; a job that ended without a result fails its cell."""
+        from fewbench.journal import CellJournal
+
+        last = ""
+        try:
+            while any(not job.done() for job in jobs.values()):
+                time.sleep(self.config["progress_every"])
+                last = self.report_progress(run_dir, store, log, last)
+        except KeyboardInterrupt:
+            print(
+                f"fewbench: stopped waiting; the jobs go on. fewbench status {run_dir}",
+                file=log,
+                flush=True,
+            )
+            return 130
+        self.report_progress(run_dir, store, log, last)
+        for cell_id, job in jobs.items():
+            if (
+                store.status(cell_id) in ("done", "failed")
+                or CellJournal(run_dir, cell_id, "").done
+            ):
+                continue
+            error = job.exception()
+            reason = str(error).strip().splitlines()[-1] if error else f"job ended ({job.state})"
+            store.mark(cell_id, "failed", error=f"SLURM job {job.job_id}: {reason}")
+        self.report_progress(run_dir, store, log, "")
+        return self.exit_code(run_dir)
+
+
+@hookimpl
+def fewbench_register_executors(register):
+    register(SlurmExecutor)
