@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import REPO, assert_same_trained_conv4, run_cli
 
 from fewbench.data import EpisodeBatch
 from fewbench.learner import LearnerContext
@@ -70,3 +76,47 @@ def test_two_ranks_give_the_single_process_meta_gradient(tmp_path):
         assert abs(distributed["loss"] - loss) < 1e-6
         for a, b in zip(distributed["grads"], single, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+TORCHRUN_SUITE = """\
+name: ranks
+seeds: [0]
+datasets: [{name: omniglot}]
+tasks: {ways: 5, shots: 1, query: 2}
+backbones: [{name: conv4, hidden: 16}]
+learners: [{name: maml, meta_batch_size: 4, threads: 1}]
+train: {iterations: 6, validate_every: 3, val_episodes: 4, log_every: 1, checkpoint_every: 2}
+eval: {episodes: 10, query: 3}
+"""
+
+
+def test_torchrun_trains_one_cell_on_two_ranks_like_one_process(tmp_path, data_root, cache_dir):
+    """``torchrun -m fewbench run``: rank 0 runs the cell and records it, rank 1 adapts half of
+    every meta-batch; the trained weights equal a one-process run's to float tolerance."""
+    suite = tmp_path / "ranks.yaml"
+    suite.write_text(TORCHRUN_SUITE)
+    common = ["--data-root", str(data_root), "--threads", "1", "--no-progress"]
+    env = {"FEWBENCH_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    single = run_cli("run", str(suite), "--out", str(tmp_path / "one"), *common, env=env)
+    assert single.returncode == 0, single.stderr
+    ranks = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "fewbench", "run", str(suite), "--out", str(tmp_path / "two"), *common],
+        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert "cells on 2 ranks (cpu)" in ranks.stderr
+
+    def stored(run: str):
+        db = sqlite3.connect(tmp_path / run / "results.sqlite")
+        ((cell_id, worker, completions),) = db.execute("SELECT id, worker, completions FROM cells")
+        losses = [row[0] for row in db.execute(
+            "SELECT loss FROM curve WHERE cell_id = ? ORDER BY iteration", (cell_id,))]  # fmt: skip
+        best = torch.load(tmp_path / run / "checkpoints" / cell_id / "best.pt")
+        return cell_id, completions, losses, best
+
+    one, two = stored("one"), stored("two")
+    assert one[0] == two[0] and two[1] == 1  # the same cell, recorded once (by rank 0)
+    assert torch.allclose(torch.tensor(one[2]), torch.tensor(two[2]), rtol=1e-4, atol=1e-6)
+    assert_same_trained_conv4(one[3]["model"], two[3]["model"])

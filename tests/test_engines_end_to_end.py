@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import torch
-from helpers import run_cli
+from helpers import assert_same_trained_conv4, run_cli
 
 ENGINES = ("loop", "batched")
 
@@ -41,15 +41,7 @@ def test_engines_train_the_same_model_on_the_same_episodes(tmp_path, data_root, 
         name: torch.load(out / "checkpoints" / cell_id / "best.pt", weights_only=False)["model"]
         for name, (cell_id, _) in cells.items()
     }
-    # A convolution's bias just before a batch norm has no effect on the output, so its
-    # gradient is float noise that Adam turns into steps of +-meta_lr: leave those out.
-    irrelevant = {f"0.{i}.bias" for i in (0, 3, 6, 9)}
-    compared = [key for key in weights["loop"] if key not in irrelevant]
-    assert len(compared) == 14
-    for key in compared:
-        torch.testing.assert_close(
-            weights["batched"][key], weights["loop"][key], rtol=1e-3, atol=1e-4
-        )
+    assert_same_trained_conv4(weights["batched"], weights["loop"])
     curves = {
         name: db.execute(
             "SELECT loss FROM curve WHERE cell_id = ? ORDER BY iteration", (cell_id,)
