@@ -356,11 +356,13 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     run_dir = args.out or Path("results") / suite.name / time.strftime("%Y%m%d-%H%M%S")
     executor = build_executor(args, registry, suite.execution, run_dir)
     ranks = ranks_from_environment(device)
+    if ranks is not None and executor is not None:
+        raise FewbenchError(
+            "under torchrun each rank is part of one worker: drop --executor/--workers/--gpus"
+        )
+    if executor is not None:
+        return run_with_executor(executor, args, suite, registry, run_dir, data_root, device)
     if ranks is not None:
-        if executor is not None:
-            raise FewbenchError(
-                "under torchrun each rank is part of one worker: drop --executor/--workers/--gpus"
-            )
         device = ranks.device
         run_dir = Path(ranks.announce(str(run_dir)))  # rank 0's: the default name has a timestamp
         if not ranks.leader:
@@ -539,6 +541,7 @@ def build_executor(args: argparse.Namespace, registry: Registry, execution: dict
                 )
     executor = registry.get("executor", name).build(**config)
     executor.name_and_config = {"executor": name, **config}
+    executor.check()
     return executor
 
 

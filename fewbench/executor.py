@@ -36,6 +36,10 @@ class Executor:
     def __init__(self, **params: Any):
         self.config = params
 
+    def check(self) -> None:
+        """Fail, with one line, on settings that cannot work (a missing library, an address
+        nobody answers at), before the run directory is written."""
+
     def run(self, command: WorkerCommand, log) -> int:
         """Run workers until no cell is left to do; return the exit code (0, 1 or 130)."""
         raise NotImplementedError

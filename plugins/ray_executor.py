@@ -16,6 +16,7 @@ driver), and ``fewbench run RUN_DIR --executor ray`` submits what is left.
 from __future__ import annotations
 
 import math
+import socket
 
 from fewbench.errors import FewbenchError
 from fewbench.executor import SchedulerExecutor, WorkerCommand
@@ -37,12 +38,29 @@ def ray_cell_task(run_dir: str, cell_id: str, settings: dict) -> dict:
     return run_cell_task(run_dir, cell_id, settings, details)
 
 
+def check_reachable(address: str, seconds: float = 5.0) -> None:
+    """Fail at once, in one line, on an address nothing answers at: Ray itself retries
+    for minutes before giving up."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise FewbenchError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise FewbenchError(f"--address {address}: no Ray cluster answers there ({exc})") from None
+
+
 class RayExecutor(SchedulerExecutor):
     name = "ray"
     description = "One Ray task per cell, on a local Ray instance or the cluster at --address"
     params = {
         "address": Param(
-            "", type=str, help="Ray cluster address (e.g. ray://head:10001); empty: start one here"
+            "",
+            type=str,
+            help="Ray cluster: HOST:PORT, ray://HOST:10001 or auto (the one on this machine); "
+            "empty: start one here",
         ),
         "cpus_per_cell": Param(
             1.0, type=(int, float), minimum=0.01, help="CPUs each cell asks for"
@@ -77,13 +95,19 @@ class RayExecutor(SchedulerExecutor):
         settings["threads"] = max(1, math.floor(self.config["cpus_per_cell"]))
         return settings
 
-    def run(self, command: WorkerCommand, log) -> int:
+    def check(self) -> None:
         try:
-            import ray
+            import ray  # noqa: F401
         except ImportError:
             raise FewbenchError(
                 "the ray executor needs Ray: pip install 'fewbench[ray]' (or pip install ray)"
             ) from None
+        if self.config["address"]:
+            check_reachable(self.config["address"])
+
+    def run(self, command: WorkerCommand, log) -> int:
+        import ray
+
         from fewbench.journal import collect
         from fewbench.store import ResultsStore
 

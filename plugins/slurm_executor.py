@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -123,14 +124,25 @@ class SlurmExecutor(SchedulerExecutor):
         settings["threads"] = self.config["cpus_per_cell"]
         return settings
 
-    def make_executor(self, run_dir: Path, suite_name: str):
+    def check(self) -> None:
         try:
-            import submitit
+            import submitit  # noqa: F401
         except ImportError:
             raise FewbenchError(
                 "the slurm executor needs submitit: pip install 'fewbench[slurm]' "
                 "(or pip install submitit)"
             ) from None
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if self.config["cluster"] == "slurm" and missing:
+            raise FewbenchError(
+                f"the slurm executor needs SLURM's commands on PATH ({', '.join(missing)} not "
+                "found): run fewbench on the cluster's login node, or try the jobs here with "
+                "--executor-set cluster=local"
+            )
+
+    def make_executor(self, run_dir: Path, suite_name: str):
+        import submitit
+
         try:
             executor = submitit.AutoExecutor(
                 folder=run_dir / "slurm" / "%j",

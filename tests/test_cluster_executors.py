@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 from grid_runs import (
@@ -25,6 +28,7 @@ from helpers import run_cli
 SLURM_LOCAL = ["--executor", "slurm", "--executor-set", "cluster=local", "--gpus-per-cell", "0",
                "--cpus-per-cell", "1", "--executor-set", "progress_every=1"]  # fmt: skip
 RAY = ["--executor", "ray", "--executor-set", "progress_every=1"]
+RAY_CLI = str(Path(sys.executable).parent / "ray")  # installed beside this Python
 
 
 def run_grid(tmp_path, data_root, cache_dir, iterations, executor_args):
@@ -43,15 +47,37 @@ def resumed_from(run_dir: Path, cell_id: str) -> int:
 
 
 def test_ray_runs_every_cell_once_with_the_sequential_results(tmp_path, data_root, cache_dir):
-    out, result = run_grid(tmp_path, data_root, cache_dir, 8, RAY)
-    assert "4 cells submitted to Ray (a local instance" in result.stderr
+    """On a Ray cluster the test starts (``ray start --head``) with one logical GPU: cells asking
+    for half a GPU each share it, and run on the CPU (``--device cpu``)."""
+    port = free_port()
+    started = subprocess.run(
+        [RAY_CLI, "start", "--head", "--num-cpus", "2", "--num-gpus", "1", "--port", str(port),
+         "--include-dashboard=false", "--disable-usage-stats"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        out, result = run_grid(
+            tmp_path, data_root, cache_dir, 8,
+            [*RAY, "--address", "auto", "--gpus-per-cell", "0.5", "--device", "cpu"],
+        )  # fmt: skip
+    finally:
+        subprocess.run([RAY_CLI, "stop", "--force"], capture_output=True, timeout=120, check=False)
+    assert "4 cells submitted to Ray (auto: 2 CPUs, 1 GPUs)" in result.stderr
     rows = assert_every_cell_ran_once(out)
     assert all(r["worker"].count(":") == 1 for r in rows)  # host:pid of the Ray worker process
     assert results(out) == sequential(8, tmp_path, data_root, cache_dir)
     states = [json.loads(p.read_text()) for p in (out / "cells").glob("*/state.json")]
-    assert len(states) == 4 and all(s["ray_node"] and s["status"] == "done" for s in states)
+    assert len(states) == 4 and all(s["status"] == "done" and s["ray_node"] for s in states)
+    assert all(s["gpu_ids"] == ["0"] for s in states)  # half of GPU 0 each
     status = run_cli("status", str(out))
     assert "4 done, 0 running, 0 pending, 0 failed" in status.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_ray_retries_a_killed_worker_s_cell_from_its_checkpoint(tmp_path, data_root, cache_dir):
@@ -203,3 +229,32 @@ def test_collect_copies_finished_cells_into_the_store_once(tmp_path, data_root, 
     assert results(out) == sequential(8, tmp_path, data_root, cache_dir)
     assert "collected 0 finished" in run_cli("collect", str(out)).stdout
     assert "not yet" not in run_cli("status", str(out)).stdout
+
+
+def test_a_failing_cell_is_recorded_once_and_the_others_finish(tmp_path, data_root, cache_dir):
+    """A diverging cell fails in its task, is not retried (it would fail the same way), and
+    reaches the results store with its reason; the suite still finishes its other cell."""
+    suite = tmp_path / "diverging.yaml"
+    suite.write_text(
+        write_suite(tmp_path, 4)
+        .read_text()
+        .replace("seeds: [0, 1]", "seeds: [0]")
+        .replace(
+            "{name: maml, meta_batch_size: 2, threads: 1}",
+            "{name: maml, meta_batch_size: 2, threads: 1, inner_lr: 1.0e+30}",
+        )  # fmt: skip
+    )
+    out = tmp_path / "run"
+    result = run_cli(
+        "run", str(suite), "--out", str(out), "--data-root", str(data_root), *RAY,
+        env={"FEWBENCH_CACHE": str(cache_dir)},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    rows = {r["learner"]: r for r in cells(out)}
+    assert rows["finetune"]["status"] == "done"
+    assert rows["maml"]["status"] == "failed" and rows["maml"]["attempts"] == 1
+    assert (
+        rows["maml"]["error"]
+        == "training loss became nan at iteration 1; try a lower learning rate"
+    )
+    assert "1 done, 0 running, 0 pending, 1 failed" in run_cli("status", str(out)).stdout

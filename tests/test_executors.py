@@ -80,12 +80,15 @@ def test_bad_executor_options_are_one_line_errors(tmp_path, data_root):
         (["--executor", "ray", "--partition", "gpu"], "--partition: not an option of the ray"),
         (["--executor", "slurm", "--time-min", "0"], "--time-min: must be at least 1, got 0"),
         (["--executor-set", "bogus=1"], "--executor-set 'bogus=1': expected KEY=VALUE with KEY"),
+        (["--executor", "ray", "--address", "127.0.0.1:1"], "no Ray cluster answers there"),
+        (["--executor", "slurm"], "needs SLURM's commands on PATH (sbatch, srun not found)"),
         (["--gpus", "0,x"], "expected indices like 0,1,2,3"),
         (["--workers", "0"], "--workers: must be at least 1"),
     ):
         result = run_cli("run", "suites/sinusoid.yaml", "--out", str(tmp_path / "x"), *argv)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()  # refused before the run directory was written
 
 
 def test_an_unreaped_worker_counts_as_dead():
