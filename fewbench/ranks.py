@@ -6,7 +6,7 @@ group (NCCL on GPUs, gloo on CPUs), and each rank sees its own GPU
 results, and evaluates. Before each cell it announces the cell's id; every rank
 then sets up the same learner from the same seed and trains in step, each
 adapting its share of every meta-batch (MAML and first-order MAML combine the
-shares' meta-gradients with ``all_reduce``, :mod:`fewbench_plugins.data_parallel`),
+shares' meta-gradients with ``all_reduce``: see the maml plugin's ``data_parallel``),
 so all ranks take the same optimizer steps. The other ranks read the cell's
 checkpoint to resume with rank 0, and never write anything.
 """

@@ -98,6 +98,38 @@ def test_ray_retries_a_killed_worker_s_cell_from_its_checkpoint(tmp_path, data_r
     assert results(out) == sequential(60, tmp_path, data_root, cache_dir)
 
 
+def test_ray_retries_the_cell_of_a_node_that_died_on_another_node(tmp_path, data_root, cache_dir):
+    """A Ray cluster of a head (no CPUs) and two 1-CPU worker nodes; the node running a MAML cell
+    is removed mid-cell (its raylet and workers killed): Ray retries the cell on the other node,
+    which resumes it from the checkpoint on the shared run directory."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
+    )
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        out = tmp_path / "node-died"
+        driver = start_driver(
+            [str(write_suite(tmp_path, 60)), "--out", str(out), "--data-root", str(data_root),
+             *RAY, "--address", cluster.address],
+            cache_dir,
+        )  # fmt: skip
+        victim, state = wait_for_running_maml_cell(out, driver)
+        (node,) = [n for n in nodes if n.node_id.startswith(state["ray_node"])]
+        cluster.remove_node(node, allow_graceful=False)
+        _, stderr = driver.communicate(timeout=600)
+    finally:
+        cluster.shutdown()
+    assert driver.returncode == 0, stderr
+    rows = {r["id"]: r for r in assert_every_cell_ran_once(out, attempts=2)}
+    assert rows[victim]["attempts"] == 2 and resumed_from(out, victim) >= 4
+    final = json.loads((out / "cells" / victim / "state.json").read_text())
+    assert final["ray_node"] != state["ray_node"]  # finished on the surviving node
+    assert results(out) == sequential(60, tmp_path, data_root, cache_dir)
+
+
 def test_slurm_jobs_run_locally_through_submitit(tmp_path, data_root, cache_dir):
     out, result = run_grid(tmp_path, data_root, cache_dir, 8, SLURM_LOCAL)
     assert "4 cells submitted as local processes" in result.stderr
