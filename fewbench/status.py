@@ -78,6 +78,10 @@ def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
             notes.append(f"attempt {state['attempts']}")
         if state.get("resumed_from"):
             notes.append(f"resumed at iteration {state['resumed_from']}")
+        if state.get("slurm_job"):
+            notes.append(f"slurm job {state['slurm_job']}")
+        elif state.get("ray_node"):
+            notes.append(f"ray node {state['ray_node']}")
         if state["status"] == "running":
             row["elapsed_s"] = now - state["started"]
             silent = now - state.get("heartbeat", state["started"])

@@ -35,12 +35,18 @@ LIVE_STATES = {
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
     "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT",
 }  # fmt: skip
-JOB_ENV = {
-    "slurm_job": "SLURM_JOB_ID",
-    "slurm_array_job": "SLURM_ARRAY_JOB_ID",
-    "slurm_array_task": "SLURM_ARRAY_TASK_ID",
-    "local_job": "SUBMITIT_LOCAL_JOB_ID",
-}
+
+
+def job_details() -> dict[str, str]:
+    """Which job runs this task, as ``squeue`` names it (``4242_3`` for an array task)."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return {"slurm_job": f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"}
+    if "SLURM_JOB_ID" in env:
+        return {"slurm_job": env["SLURM_JOB_ID"]}
+    if "SUBMITIT_LOCAL_JOB_ID" in env:
+        return {"local_job": env["SUBMITIT_LOCAL_JOB_ID"]}
+    return {}
 
 
 class SlurmCellJob:
@@ -51,8 +57,7 @@ class SlurmCellJob:
     def __call__(self, run_dir: str, cell_id: str, settings: dict) -> dict:
         from fewbench.celltask import run_cell_task
 
-        details = {key: os.environ[name] for key, name in JOB_ENV.items() if name in os.environ}
-        return run_cell_task(run_dir, cell_id, settings, details)
+        return run_cell_task(run_dir, cell_id, settings, job_details())
 
     def checkpoint(self, run_dir: str, cell_id: str, settings: dict):
         from submitit.helpers import DelayedSubmission
@@ -255,14 +260,33 @@ class SlurmExecutor(SchedulerExecutor):
             store.close()
 
     def wait(self, run_dir: Path, store, jobs: dict, log) -> int:
-        """Show progress until every job ended; a job that ended without a result fails its cell."""
-        from fewbench.journal import CellJournal
+        """Show progress and collect until every cell ended. Cells report through their
+        folders; SLURM is asked (sacct, at most once a minute) only about cells that have not,
+        and a job that ended without a result fails its cell with the job's reason."""
+        from fewbench.journal import collect
 
-        last = ""
+        waiting, last, asked = dict(jobs), "", 0.0
+        every = 0.0 if self.config["cluster"] == "local" else 60.0
         try:
-            while any(not job.done() for job in jobs.values()):
+            while waiting:
                 time.sleep(self.config["progress_every"])
                 last = self.report_progress(run_dir, store, log, last)
+                for cell_id in [c for c in waiting if store.status(c) in ("done", "failed")]:
+                    del waiting[cell_id]
+                if not waiting or time.monotonic() - asked < every:
+                    continue
+                asked = time.monotonic()
+                ended = {c: job for c, job in waiting.items() if job.done(force_check=True)}
+                collect(run_dir, store)  # a result written just before its job ended
+                for cell_id, job in ended.items():
+                    del waiting[cell_id]
+                    if store.status(cell_id) not in ("done", "failed"):
+                        store.mark(
+                            cell_id,
+                            "failed",
+                            error=f"SLURM job {job.job_id} ended ({job.state}) without a result; "
+                            f"its log: {job.paths.stderr}",
+                        )
         except KeyboardInterrupt:
             print(
                 f"fewbench: stopped waiting; the jobs go on. fewbench status {run_dir}",
@@ -270,16 +294,6 @@ class SlurmExecutor(SchedulerExecutor):
                 flush=True,
             )
             return 130
-        self.report_progress(run_dir, store, log, last)
-        for cell_id, job in jobs.items():
-            if (
-                store.status(cell_id) in ("done", "failed")
-                or CellJournal(run_dir, cell_id, "").done
-            ):
-                continue
-            error = job.exception()
-            reason = str(error).strip().splitlines()[-1] if error else f"job ended ({job.state})"
-            store.mark(cell_id, "failed", error=f"SLURM job {job.job_id}: {reason}")
         self.report_progress(run_dir, store, log, "")
         return self.exit_code(run_dir)
 

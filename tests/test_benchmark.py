@@ -54,3 +54,29 @@ def test_an_unknown_engine_is_reported_not_raised():
     for engine in ("no-such-engine", "batched+no-such-variant"):
         row = throughput.measure("1a", engine, "cpu", 0)
         assert row.error == f"unknown engine {engine!r}" and row.iterations == 0
+
+
+def test_cells_per_hour_prints_one_row_per_layout(data_root, cache_dir, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "cells_per_hour", REPO / "benchmarks" / "cells_per_hour.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(
+        [
+            "--data-root",
+            str(data_root),
+            "--cache-dir",
+            str(cache_dir),
+            "--cells",
+            "2",
+            "--iterations",
+            "2",
+            "--episodes",
+            "2",
+        ]  # fmt: skip
+    )
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "worker" in line]
+    assert len(rows) == 2 and rows[0].endswith("| 1.00x |")
+    assert rows[1].startswith("| 2 workers x 1 threads |")

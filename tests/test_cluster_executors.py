@@ -162,6 +162,35 @@ def test_a_preempted_slurm_job_is_requeued_and_resumes(tmp_path, data_root, cach
     assert results(out) == sequential(60, tmp_path, data_root, cache_dir)
 
 
+def test_a_slurm_job_that_dies_fails_its_cell_and_retry_failed_resumes_it(
+    tmp_path, data_root, cache_dir
+):
+    """A job killed outright (no SIGUSR2, no requeue) ends without a result: the driver fails its
+    cell with the job's reason. ``fewbench run RUN_DIR --retry-failed`` alone (the executor comes
+    from execution.json) submits it again, and it resumes from its checkpoint."""
+    suite = write_suite(tmp_path, 60)
+    out = tmp_path / "lost"
+    driver = start_driver(
+        [str(suite), "--out", str(out), "--data-root", str(data_root), *SLURM_LOCAL], cache_dir
+    )
+    victim, state = wait_for_running_maml_cell(out, driver)
+    os.kill(int(state["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 1, stderr
+    rows = {r["id"]: r for r in cells(out)}
+    assert rows[victim]["status"] == "failed"
+    assert "ended (FINISHED) without a result; its log: " in rows[victim]["error"]
+    assert sum(r["status"] == "done" for r in rows.values()) == 3
+    again = run_cli(
+        "run", str(out), "--retry-failed", "--data-root", str(data_root),
+        env={"FEWBENCH_CACHE": str(cache_dir)},
+    )  # fmt: skip
+    assert again.returncode == 0 and "1 cells submitted as local processes" in again.stderr
+    assert_every_cell_ran_once(out, attempts=2)
+    assert resumed_from(out, victim) >= 4
+    assert results(out) == sequential(60, tmp_path, data_root, cache_dir)
+
+
 def fake_slurm(tmp_path: Path, sacct_states: dict[str, str]) -> dict[str, str]:
     """``sbatch``, ``sacct`` and ``srun`` stand-ins on PATH: sbatch keeps each submitted file
     and answers job 4242, 4243, ...; sacct reports the given states."""
@@ -290,3 +319,15 @@ def test_a_failing_cell_is_recorded_once_and_the_others_finish(tmp_path, data_ro
         == "training loss became nan at iteration 1; try a lower learning rate"
     )
     assert "1 done, 0 running, 0 pending, 1 failed" in run_cli("status", str(out)).stdout
+
+
+def test_a_slurm_task_names_its_job_as_squeue_does(monkeypatch):
+    from fewbench_plugins.slurm_executor import job_details
+
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4250")
+    assert job_details() == {"slurm_job": "4250"}
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert job_details() == {"slurm_job": "4242_3"}  # the array task, not its own job id
