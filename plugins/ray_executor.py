@@ -155,7 +155,7 @@ class RayExecutor(SchedulerExecutor):
         except KeyboardInterrupt:
             print(
                 f"fewbench: stopped; the cells' checkpoints hold. Resume with: "
-                f"fewbench run {command.run_dir} --executor ray",
+                f"fewbench run {command.run_dir}",
                 file=log,
                 flush=True,
             )

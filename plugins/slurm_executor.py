@@ -250,7 +250,7 @@ class SlurmExecutor(SchedulerExecutor):
             if not (self.config["wait"] or self.config["cluster"] == "local"):
                 print(
                     f"fewbench: not waiting. Later: fewbench collect {run_dir} (results into the "
-                    f"store), or fewbench run {run_dir} --executor slurm (collect and submit what is left)",
+                    f"store), or fewbench run {run_dir} (collect, and submit what was lost)",
                     file=log,
                     flush=True,
                 )

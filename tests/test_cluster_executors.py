@@ -331,3 +331,20 @@ def test_a_slurm_task_names_its_job_as_squeue_does(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert job_details() == {"slurm_job": "4242_3"}  # the array task, not its own job id
+
+
+def test_a_refused_submission_is_one_line_and_leaves_the_cells_pending(tmp_path, data_root):
+    env = fake_slurm(tmp_path, {})
+    (tmp_path / "bin" / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n"
+    )
+    out = tmp_path / "run"
+    result = run_cli(
+        "run", str(write_suite(tmp_path, 8)), "--out", str(out), "--data-root", str(data_root),
+        "--executor", "slurm", "--partition", "nope", env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "fewbench: error: submitting to SLURM failed: sbatch: error: invalid partition specified: nope"
+    )
+    assert {r["status"] for r in cells(out)} == {"pending"}
