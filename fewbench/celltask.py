@@ -17,7 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fewbench.journal import CellJournal, JournalHeartbeat
+from fewbench.heartbeat import Heartbeat, interval_for
+from fewbench.journal import CellJournal
 
 # What the driver passes to every task (plain values: it is pickled to other machines).
 SETTING_KEYS = ("data_root", "cache_dir", "device", "threads", "stale_after")
@@ -65,8 +66,8 @@ def run_cell_task(
             Path(settings["cache_dir"]) if settings.get("cache_dir") else default_cache_dir()
         )
         datasets = DatasetCache(registry, data_root, cache_dir, device)
-        interval = max(0.5, float(settings.get("stale_after", 120.0)) / 4)
-        with JournalHeartbeat(journal, interval):
+        interval = interval_for(float(settings.get("stale_after", 120.0)))
+        with Heartbeat.calling(journal.beat, interval):
             result = run_cell(cells[cell_id], journal, registry, datasets, folder, device, False)
     except Exception as exc:  # recorded for the driver; the task itself succeeds
         reason = failure_reason(exc)

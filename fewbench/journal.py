@@ -130,27 +130,6 @@ class CellJournal:
         return True
 
 
-class JournalHeartbeat:
-    """Refreshes ``state.json``'s heartbeat from a background thread while a cell runs."""
-
-    def __init__(self, journal: CellJournal, interval: float):
-        self.journal, self.interval = journal, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fewbench-heartbeat", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.journal.beat()
-
-    def __enter__(self) -> JournalHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def journal_states(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Every cell folder's view: ``state`` (dict or None), ``result`` (dict or None), ``curve``."""
     root = Path(run_dir) / CELLS_DIR

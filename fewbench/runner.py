@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -9,7 +11,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +26,7 @@ from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
 from fewbench.faults import crash_point
 from fewbench.grid import Cell, Suite
+from fewbench.heartbeat import Heartbeat, interval_for
 from fewbench.journal import collect
 from fewbench.learner import LearnerContext
 from fewbench.registry import Registry
@@ -217,29 +220,14 @@ def run_cell(
     }
 
 
-class Heartbeat:
-    """Keeps a claimed cell's heartbeat fresh from a background thread (own connection)."""
-
-    def __init__(self, db_path: Path, cell_id: str, worker: str, interval: float):
-        self.db_path, self.cell_id, self.worker, self.interval = db_path, cell_id, worker, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fewbench-heartbeat", daemon=True)
-
-    def _run(self) -> None:
-        store = ResultsStore(self.db_path)
-        try:
-            while not self._stop.wait(self.interval):
-                store.beat(self.cell_id, self.worker)
-        finally:
-            store.close()
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+@contextlib.contextmanager
+def store_beat(db_path: Path, cell_id: str, worker: str) -> Iterator[Callable[[], None]]:
+    """The beat of a cell claimed in the results store, on the heartbeat thread's own connection."""
+    store = ResultsStore(db_path)
+    try:
+        yield lambda: store.beat(cell_id, worker)
+    finally:
+        store.close()
 
 
 def default_worker_name() -> str:
@@ -333,7 +321,8 @@ def run_suite(
             if announce is not None:
                 announce(cell.id)
             try:
-                with Heartbeat(store.path, cell.id, worker, interval=max(0.5, stale_after / 4)):
+                beat = functools.partial(store_beat, store.path, cell.id, worker)
+                with Heartbeat(beat, interval_for(stale_after)):
                     result = run_cell(
                         cell, store, registry, datasets, run_dir, device, progress, stop
                     )
