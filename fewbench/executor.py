@@ -10,6 +10,7 @@ An executor decides where those workers run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,8 +42,18 @@ class Executor:
         nobody answers at), before the run directory is written."""
 
     def run(self, command: WorkerCommand, log) -> int:
-        """Run workers until no cell is left to do; return the exit code (0, 1 or 130)."""
+        """Run workers until no cell is left to do; return the exit code (:meth:`exit_code`)."""
         raise NotImplementedError
+
+    @staticmethod
+    def exit_code(run_dir: Path) -> int:
+        """1 when a cell failed, else 0 when every cell is done, else 130 (unfinished)."""
+        from fewbench.status import cell_table
+
+        table = cell_table(run_dir)
+        if (table["status"] == "failed").any():
+            return 1
+        return 0 if (table["status"] == "done").all() else 130
 
 
 class SchedulerExecutor(Executor):
@@ -63,6 +74,16 @@ class SchedulerExecutor(Executor):
             if row["status"] not in ("done", "failed") and not self.in_flight(row)
         ]
 
+    def task_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The driver's settings as each task gets them: with ``device: auto`` a cell runs on
+        CUDA when it asked for GPUs (``gpus_per_cell``), and its torch threads are the CPUs
+        it asked for (``cpus_per_cell``), so cells sharing a node do not oversubscribe it."""
+        settings = dict(settings)
+        if settings.get("device", "auto") == "auto":
+            settings["device"] = "cuda" if self.config["gpus_per_cell"] > 0 else "cpu"
+        settings["threads"] = max(1, math.floor(self.config["cpus_per_cell"]))
+        return settings
+
     def in_flight(self, row) -> bool:
         """Whether a cell queued by an earlier driver is still the scheduler's to run."""
         return False
@@ -76,12 +97,3 @@ class SchedulerExecutor(Executor):
         if line != last:
             print(f"fewbench: {line}", file=log, flush=True)
         return line
-
-    @staticmethod
-    def exit_code(run_dir: Path) -> int:
-        from fewbench.status import cell_table
-
-        table = cell_table(run_dir)
-        if (table["status"] == "failed").any():
-            return 1
-        return 0 if (table["status"] == "done").all() else 130

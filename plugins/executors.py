@@ -91,12 +91,8 @@ class LocalExecutor(Executor):
                         file=log,
                         flush=True,
                     )
-        table = cell_table(command.run_dir)
-        print(f"fewbench: {summary(table)}", file=log, flush=True)
-        if (table["status"] == "failed").any():
-            return 1
-        unfinished = table["status"].isin(["pending", "running", "interrupted"]).any()
-        return 130 if unfinished else 0
+        print(f"fewbench: {summary(cell_table(command.run_dir))}", file=log, flush=True)
+        return self.exit_code(command.run_dir)
 
 
 @hookimpl

@@ -15,7 +15,6 @@ driver), and ``fewbench run RUN_DIR --executor ray`` submits what is left.
 
 from __future__ import annotations
 
-import math
 import socket
 
 from fewbench.errors import FewbenchError
@@ -88,13 +87,6 @@ class RayExecutor(SchedulerExecutor):
             "name": f"fewbench {label}",
         }
 
-    def task_settings(self, settings: dict) -> dict:
-        settings = dict(settings)
-        if settings.get("device", "auto") == "auto":
-            settings["device"] = "cuda" if self.config["gpus_per_cell"] > 0 else "cpu"
-        settings["threads"] = max(1, math.floor(self.config["cpus_per_cell"]))
-        return settings
-
     def check(self) -> None:
         try:
             import ray  # noqa: F401
@@ -108,7 +100,6 @@ class RayExecutor(SchedulerExecutor):
     def run(self, command: WorkerCommand, log) -> int:
         import ray
 
-        from fewbench.journal import collect
         from fewbench.store import ResultsStore
 
         address = self.config["address"] or None
@@ -120,7 +111,6 @@ class RayExecutor(SchedulerExecutor):
             raise FewbenchError(f"--address {address}: cannot connect to Ray: {exc}") from None
         store = ResultsStore.open_run(command.run_dir)
         try:
-            collect(command.run_dir, store)
             labels = {row["id"]: row["label"] for row in store.cells()}
             remote = ray.remote(ray_cell_task)
             settings = self.task_settings(command.settings)

@@ -122,13 +122,6 @@ class SlurmExecutor(SchedulerExecutor):
             parameters["slurm_additional_parameters"] = dict(config["sbatch_args"])
         return parameters
 
-    def task_settings(self, settings: dict) -> dict:
-        settings = dict(settings)
-        if settings.get("device", "auto") == "auto":
-            settings["device"] = "cuda" if self.config["gpus_per_cell"] > 0 else "cpu"
-        settings["threads"] = self.config["cpus_per_cell"]
-        return settings
-
     def check(self) -> None:
         try:
             import submitit  # noqa: F401
@@ -207,7 +200,7 @@ class SlurmExecutor(SchedulerExecutor):
         return live
 
     def run(self, command: WorkerCommand, log) -> int:
-        from fewbench.journal import collect, write_json
+        from fewbench.journal import write_json
         from fewbench.store import ResultsStore
 
         run_dir = command.run_dir
@@ -215,7 +208,6 @@ class SlurmExecutor(SchedulerExecutor):
         try:
             suite_name = store.meta("suite_name") or "suite"
             executor = self.make_executor(run_dir, suite_name)
-            collect(run_dir, store)
             known_jobs = self._load_jobs(run_dir)
             self._live = self.live_cells(store, known_jobs, run_dir / "slurm" / "%j", log)
             todo = self.cells_to_submit(store)
