@@ -89,7 +89,7 @@ def wait_for_running_maml_cell(
     run_dir: Path, driver: subprocess.Popen, seconds: float = 240
 ) -> tuple[str, dict]:
     """Poll the cell folders of a cluster run until a MAML cell is running its first attempt
-    past its first checkpoint and validation; returns its id and state."""
+    past its second validation (iteration 8); returns its id and state."""
     deadline = time.time() + seconds
     maml: set[str] = set()
     while time.time() < deadline and driver.poll() is None:
@@ -107,7 +107,10 @@ def wait_for_running_maml_cell(
             except (OSError, ValueError):
                 continue
             running = state.get("status") == "running" and state.get("attempts") == 1
-            if running and any(point[0] >= 4 for point in curve):
+            # The curve is saved at each validation (every 4 iterations), just before that
+            # iteration's checkpoint (every 2): once it reaches 8, the checkpoint of iteration
+            # 6 is on disk for sure, so a resumed attempt starts at iteration 6 or later.
+            if running and any(point[0] >= 8 for point in curve):
                 return cell_id, state
     _, stderr = driver.communicate(timeout=60) if driver.poll() is not None else ("", "")
     raise AssertionError(f"no MAML cell got far enough in time; the driver said: {stderr[-3000:]}")

@@ -80,20 +80,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_ray_retries_a_killed_worker_s_cell_from_its_checkpoint(tmp_path, data_root, cache_dir):
-    suite = write_suite(tmp_path, 60)
-    out = tmp_path / "killed"
+def disrupt_a_maml_cell(tmp_path, data_root, cache_dir, executor_args, disrupt):
+    """Run the 60-iteration grid from a driver; once a MAML cell is at iteration 8 or later,
+    call ``disrupt(state)`` with that cell's state and let the run finish. Returns the run
+    directory, the cell's id, its state when disrupted, and the driver's exit code and stderr."""
+    out = tmp_path / "disrupted"
     driver = start_driver(
-        [str(suite), "--out", str(out), "--data-root", str(data_root), *RAY], cache_dir
-    )
+        [str(write_suite(tmp_path, 60)), "--out", str(out), "--data-root", str(data_root),
+         *executor_args],
+        cache_dir,
+    )  # fmt: skip
     victim, state = wait_for_running_maml_cell(out, driver)
-    os.kill(int(state["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    disrupt(state)
     _, stderr = driver.communicate(timeout=600)
-    assert driver.returncode == 0, stderr
+    return out, victim, state, driver.returncode, stderr
+
+
+def signal_worker(signum: int):
+    """A disruption: send ``signum`` to the process running the cell."""
+    return lambda state: os.kill(int(state["worker"].rsplit(":", 1)[1]), signum)
+
+
+def test_ray_retries_a_killed_worker_s_cell_from_its_checkpoint(tmp_path, data_root, cache_dir):
+    out, victim, state, code, stderr = disrupt_a_maml_cell(
+        tmp_path, data_root, cache_dir, RAY, signal_worker(signal.SIGKILL)
+    )
+    assert code == 0, stderr
     rows = {r["id"]: r for r in assert_every_cell_ran_once(out, attempts=2)}
     assert rows[victim]["attempts"] == 2 and rows[victim]["worker"] != state["worker"]
-    # The retry resumed from the checkpoint the killed attempt had written (every 2 iterations,
-    # and it was past iteration 4), and ended exactly where an uninterrupted run does.
+    # The retry resumed from the checkpoint the killed attempt had written (every 2 iterations;
+    # it was past iteration 8), and ended exactly where an uninterrupted run does.
     assert resumed_from(out, victim) >= 4
     assert results(out) == sequential(60, tmp_path, data_root, cache_dir)
 
@@ -110,19 +126,17 @@ def test_ray_retries_the_cell_of_a_node_that_died_on_another_node(tmp_path, data
     try:
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        out = tmp_path / "node-died"
-        driver = start_driver(
-            [str(write_suite(tmp_path, 60)), "--out", str(out), "--data-root", str(data_root),
-             *RAY, "--address", cluster.address],
-            cache_dir,
-        )  # fmt: skip
-        victim, state = wait_for_running_maml_cell(out, driver)
-        (node,) = [n for n in nodes if n.node_id.startswith(state["ray_node"])]
-        cluster.remove_node(node, allow_graceful=False)
-        _, stderr = driver.communicate(timeout=600)
+
+        def remove_its_node(state: dict) -> None:
+            (node,) = [n for n in nodes if n.node_id.startswith(state["ray_node"])]
+            cluster.remove_node(node, allow_graceful=False)
+
+        out, victim, state, code, stderr = disrupt_a_maml_cell(
+            tmp_path, data_root, cache_dir, [*RAY, "--address", cluster.address], remove_its_node
+        )
     finally:
         cluster.shutdown()
-    assert driver.returncode == 0, stderr
+    assert code == 0, stderr
     rows = {r["id"]: r for r in assert_every_cell_ran_once(out, attempts=2)}
     assert rows[victim]["attempts"] == 2 and resumed_from(out, victim) >= 4
     final = json.loads((out / "cells" / victim / "state.json").read_text())
@@ -144,16 +158,11 @@ def test_slurm_jobs_run_locally_through_submitit(tmp_path, data_root, cache_dir)
 
 
 def test_a_preempted_slurm_job_is_requeued_and_resumes(tmp_path, data_root, cache_dir):
-    suite = write_suite(tmp_path, 60)
-    out = tmp_path / "preempted"
-    driver = start_driver(
-        [str(suite), "--out", str(out), "--data-root", str(data_root), *SLURM_LOCAL], cache_dir
-    )
-    victim, state = wait_for_running_maml_cell(out, driver)
     # What SLURM sends before preempting a job or at its time limit (--signal=USR2@...).
-    os.kill(int(state["worker"].rsplit(":", 1)[1]), signal.SIGUSR2)
-    _, stderr = driver.communicate(timeout=600)
-    assert driver.returncode == 0, stderr
+    out, victim, _, code, stderr = disrupt_a_maml_cell(
+        tmp_path, data_root, cache_dir, SLURM_LOCAL, signal_worker(signal.SIGUSR2)
+    )
+    assert code == 0, stderr
     rows = {r["id"]: r for r in assert_every_cell_ran_once(out, attempts=2)}
     assert rows[victim]["attempts"] == 2 and resumed_from(out, victim) >= 4
     job_id = json.loads((out / "slurm" / "jobs.json").read_text())[victim]
@@ -168,15 +177,10 @@ def test_a_slurm_job_that_dies_fails_its_cell_and_retry_failed_resumes_it(
     """A job killed outright (no SIGUSR2, no requeue) ends without a result: the driver fails its
     cell with the job's reason. ``fewbench run RUN_DIR --retry-failed`` alone (the executor comes
     from execution.json) submits it again, and it resumes from its checkpoint."""
-    suite = write_suite(tmp_path, 60)
-    out = tmp_path / "lost"
-    driver = start_driver(
-        [str(suite), "--out", str(out), "--data-root", str(data_root), *SLURM_LOCAL], cache_dir
+    out, victim, _, code, stderr = disrupt_a_maml_cell(
+        tmp_path, data_root, cache_dir, SLURM_LOCAL, signal_worker(signal.SIGKILL)
     )
-    victim, state = wait_for_running_maml_cell(out, driver)
-    os.kill(int(state["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
-    _, stderr = driver.communicate(timeout=600)
-    assert driver.returncode == 1, stderr
+    assert code == 1, stderr
     rows = {r["id"]: r for r in cells(out)}
     assert rows[victim]["status"] == "failed"
     assert "ended (FINISHED) without a result; its log: " in rows[victim]["error"]
