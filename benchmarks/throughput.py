@@ -67,9 +67,9 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     from fewbench.data import ClassPool, seeded_generator
     from fewbench.learner import LearnerContext
     from fewbench.params import ParamSet
-    from fewbench_plugins import maml_engines
-    from fewbench_plugins.backbones import Conv4
-    from fewbench_plugins.maml import MAML
+    from fewbench_plugins.learners import maml_engines
+    from fewbench_plugins.backbones.standard import Conv4
+    from fewbench_plugins.learners.maml import MAML
 
     _, ways, shots, query, tasks, steps, shape, hidden, pool, classes, per_class = CONFIGS[config]
     device = torch.device(device_name)

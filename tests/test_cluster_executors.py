@@ -326,7 +326,7 @@ def test_a_failing_cell_is_recorded_once_and_the_others_finish(tmp_path, data_ro
 
 
 def test_a_slurm_task_names_its_job_as_squeue_does(monkeypatch):
-    from fewbench_plugins.slurm_executor import job_details
+    from fewbench_plugins.executors.slurm_jobs import job_details
 
     for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)

@@ -11,7 +11,7 @@ from PIL import Image
 from stored import checked_against, tar_gz
 
 from fewbench import datastore
-from fewbench_plugins.cub import CUB, chen_split
+from fewbench_plugins.datasets.cub import CUB, chen_split
 
 COUNTS = [3, 5, 4, 6, 3, 4, 5, 6]  # images per class, unequal as in CUB
 

@@ -15,8 +15,8 @@ from helpers import REPO, assert_same_trained_conv4, run_cli
 from fewbench.data import EpisodeBatch
 from fewbench.learner import LearnerContext
 from fewbench.params import ParamSet
-from fewbench_plugins.backbones import Conv4
-from fewbench_plugins.maml import MAML
+from fewbench_plugins.backbones.standard import Conv4
+from fewbench_plugins.learners.maml import MAML
 
 TASKS, WAYS = 5, 3  # an odd number of tasks: unequal shares
 

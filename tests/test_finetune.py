@@ -8,8 +8,8 @@ import torch
 from fewbench.data import EpisodeBatch, LabelledBatch
 from fewbench.learner import LearnerContext
 from fewbench.params import ParamSet
-from fewbench_plugins.backbones import Conv4
-from fewbench_plugins.finetune import FineTune
+from fewbench_plugins.backbones.standard import Conv4
+from fewbench_plugins.learners.finetune import FineTune
 
 
 def make(head: str) -> FineTune:

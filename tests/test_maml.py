@@ -13,9 +13,9 @@ from torch.func import functional_call
 from fewbench.data import EpisodeBatch
 from fewbench.learner import LearnerContext
 from fewbench.params import ParamSet
-from fewbench_plugins.backbones import MLP, Conv4
-from fewbench_plugins.maml import MAML, FirstOrderMAML
-from fewbench_plugins.maml_engines import EngineChoice, choose_engine
+from fewbench_plugins.backbones.standard import MLP, Conv4
+from fewbench_plugins.learners.maml import MAML, FirstOrderMAML
+from fewbench_plugins.learners.maml_engines import EngineChoice, choose_engine
 
 
 def make_learner(cls, backbone, input_shape, ways, dtype=torch.float32, **params):

@@ -13,8 +13,8 @@ from PIL import Image
 
 from fewbench.data import ClassPool
 from fewbench.errors import DataError
-from fewbench_plugins.imaging import channel_statistics
-from fewbench_plugins.miniimagenet import MiniImageNet
+from fewbench_plugins.datasets.imaging import channel_statistics
+from fewbench_plugins.datasets.miniimagenet import MiniImageNet
 
 CLASSES = {"train": 6, "val": 3, "test": 4}
 PER_CLASS = 7

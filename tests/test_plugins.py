@@ -149,7 +149,7 @@ def test_two_plugins_registering_one_name_is_an_error_naming_both():
         Registry(extra_plugins=[_Clash()])
     message = str(info.value)
     assert "learner 'maml' is registered twice" in message
-    assert "fewbench (fewbench_plugins.maml.MAML)" in message and "Impostor" in message
+    assert "fewbench (fewbench_plugins.learners.maml.MAML)" in message and "Impostor" in message
 
 
 def test_unknown_name_lists_known_names_and_suggests(registry):

@@ -11,7 +11,7 @@ import torch
 from helpers import run_cli
 
 from fewbench.evaluation import EpisodeSpec, fixed_episodes
-from fewbench_plugins.sinusoid import Sinusoid
+from fewbench_plugins.datasets.sinusoid import Sinusoid
 
 
 def sources():

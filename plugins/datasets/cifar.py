@@ -30,7 +30,7 @@ from fewbench.download import Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench_plugins.imaging import channel_statistics
+from fewbench_plugins.datasets.imaging import channel_statistics
 
 ARCHIVE = Resource(
     "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",

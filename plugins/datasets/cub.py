@@ -26,7 +26,7 @@ from fewbench.download import Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench_plugins.imaging import channel_statistics, decode_rgb
+from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb
 
 ARCHIVE = Resource(
     "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",

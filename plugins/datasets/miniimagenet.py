@@ -31,7 +31,7 @@ from fewbench.data import SPLITS, ClassPool, Dataset, EpisodeSource, SplitSize
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench_plugins.imaging import channel_statistics, decode_rgb
+from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb
 
 STANDARD = {"train": 64, "val": 16, "test": 20}  # classes; 600 images each
 IMAGES_PER_CLASS = 600

@@ -8,7 +8,7 @@ makes ``d theta' / d theta`` the identity and applies the query gradient at
 losses, as in Finn et al.'s code; the meta-optimizer is Adam with ``meta_lr``.
 
 How the tasks of a meta-batch are computed (all tasks at once, or one at a time)
-is the ``engine`` parameter; see :mod:`fewbench_plugins.maml_engines`.
+is the ``engine`` parameter; see :mod:`fewbench_plugins.learners.maml_engines`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from fewbench.data import EpisodeBatch
 from fewbench.hookspecs import hookimpl
 from fewbench.learner import Learner, LearnerContext
 from fewbench.params import Param
-from fewbench_plugins import data_parallel, maml_engines
-from fewbench_plugins.maml_engines import ENGINES
+from fewbench_plugins.learners import data_parallel, maml_engines
+from fewbench_plugins.learners.maml_engines import ENGINES
 
 
 class MAML(Learner):
@@ -92,7 +92,7 @@ class MAML(Learner):
         """Add the meta-gradient of the mean query loss to ``.grad``; return that loss.
 
         Under ``torch.distributed`` (several ranks), each rank adapts its share of the
-        tasks and the shares are combined (:mod:`fewbench_plugins.data_parallel`)."""
+        tasks and the shares are combined (:mod:`fewbench_plugins.learners.data_parallel`)."""
 
         def local(tasks: EpisodeBatch) -> float:
             return maml_engines.meta_gradient(
