@@ -67,8 +67,8 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     from fewbench.data import ClassPool, seeded_generator
     from fewbench.learner import LearnerContext
     from fewbench.params import ParamSet
-    from fewbench_plugins.learners import maml_engines
     from fewbench_plugins.backbones.standard import Conv4
+    from fewbench_plugins.learners import maml_engines
     from fewbench_plugins.learners.maml import MAML
 
     _, ways, shots, query, tasks, steps, shape, hidden, pool, classes, per_class = CONFIGS[config]

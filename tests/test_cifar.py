@@ -10,7 +10,13 @@ import torch
 from stored import checked_against, tar_gz
 
 from fewbench import datastore
-from fewbench_plugins.datasets.cifar import CIFAR_FS_TEST, CIFAR_FS_VAL, FC100, FC100_SUPERCLASSES, CifarFS
+from fewbench_plugins.datasets.cifar import (
+    CIFAR_FS_TEST,
+    CIFAR_FS_VAL,
+    FC100,
+    FC100_SUPERCLASSES,
+    CifarFS,
+)
 
 
 def fake_cifar100(train_per_class=5, test_per_class=1, seed=0) -> bytes:
