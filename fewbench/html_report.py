@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fewbench import __version__
 from fewbench.plots import plot_all
-from fewbench.report import Entry, ReferenceEntry, ReportTable
+from fewbench.report_formats import Entry, ReferenceEntry, ReportTable
 from fewbench.results import Results
 
 STYLE = """
