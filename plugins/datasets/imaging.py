@@ -1,9 +1,15 @@
-"""Decoding image files into uint8 arrays, in worker processes, for the image datasets."""
+"""Decoding image files into uint8 arrays, in worker processes, for the image datasets.
+
+:func:`decode_images` is the one process pool; each dataset brings only its per-image
+decoding (:func:`rgb_square` for the natural-image datasets, a grayscale one for Omniglot).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -27,24 +33,41 @@ def rgb_square(path: str, size: int, crop_ratio: float | None = None) -> np.ndar
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _decode_chunk(args: tuple[list[str], int, float | None]) -> np.ndarray:
-    paths, size, crop_ratio = args
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+def _decode_chunk(
+    args: tuple[Callable[[str], np.ndarray], list[str], tuple[int, ...]],
+) -> np.ndarray:
+    decode_one, paths, shape = args
+    out = np.empty((len(paths), *shape), dtype=np.uint8)
     for i, path in enumerate(paths):
-        out[i] = rgb_square(path, size, crop_ratio)
+        out[i] = decode_one(path)
+    return out
+
+
+def decode_images(
+    paths: list[str], decode_one: Callable[[str], np.ndarray], shape: tuple[int, ...]
+) -> np.ndarray:
+    """Every path as uint8 ``[N, *shape]``, in order, decoded by up to 4 processes.
+
+    The one pool the image datasets share: ``decode_one`` turns a path into a uint8
+    ``shape`` array and must pickle (a top-level function, or a ``functools.partial``
+    of one). Each worker takes every ``workers``-th path, so neighbouring files (one
+    class, often alike in size) are spread over all workers; the results are
+    interleaved back into the order of ``paths``."""
+    workers = max(1, min(4, os.cpu_count() or 1, len(paths)))
+    chunks = [(decode_one, paths[i::workers], tuple(shape)) for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        decoded = list(pool.map(_decode_chunk, chunks))
+    out = np.empty((len(paths), *shape), dtype=np.uint8)
+    for i in range(workers):
+        out[i::workers] = decoded[i]
     return out
 
 
 def decode_rgb(paths: list[str], size: int, crop_ratio: float | None = None) -> np.ndarray:
-    """Every path as uint8 ``[N, 3, size, size]``, in order, decoded by up to 4 processes."""
-    workers = max(1, min(4, os.cpu_count() or 1, len(paths)))
-    chunks = [(paths[i::workers], size, crop_ratio) for i in range(workers)]
-    with ProcessPoolExecutor(workers) as pool:
-        decoded = list(pool.map(_decode_chunk, chunks))
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i in range(workers):
-        out[i::workers] = decoded[i]
-    return out
+    """Every path as uint8 ``[N, 3, size, size]`` (see :func:`rgb_square`), in order."""
+    return decode_images(
+        paths, partial(rgb_square, size=size, crop_ratio=crop_ratio), (3, size, size)
+    )
 
 
 def channel_statistics(array: np.ndarray) -> tuple[list[float], list[float]]:

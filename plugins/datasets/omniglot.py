@@ -14,7 +14,7 @@ about a second.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from fewbench.download import Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
+from fewbench_plugins.datasets.imaging import decode_images
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 DRAWINGS_PER_CHARACTER = 20
@@ -41,14 +42,11 @@ HOW_TO_GET = (
 )
 
 
-def _decode(args: tuple[list[str], int]) -> np.ndarray:
-    paths, size = args
-    out = np.empty((len(paths), size, size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            image = image.convert("L").resize((size, size), resample=Image.LANCZOS)
-            out[i] = 255 - np.asarray(image, dtype=np.uint8)  # strokes bright, background 0
-    return out
+def _decode(path: str, size: int) -> np.ndarray:
+    """One drawing as uint8 ``[size, size]``, Lanczos-resized, strokes bright (255) on 0."""
+    with Image.open(path) as image:
+        image = image.convert("L").resize((size, size), resample=Image.LANCZOS)
+        return 255 - np.asarray(image, dtype=np.uint8)
 
 
 OFFICIAL = "https://github.com/brendenlake/omniglot/raw/master/python"
@@ -188,13 +186,9 @@ class Omniglot(Dataset):
                     f"expected {DRAWINGS_PER_CHARACTER}; {HOW_TO_GET}"
                 )
             paths.append([str(p) for p in drawings])
-        workers = max(1, min(4, os.cpu_count() or 1))
-        chunks = [(sum(paths[i::workers], []), size) for i in range(workers)]
-        with ProcessPoolExecutor(workers) as pool:
-            decoded = list(pool.map(_decode, chunks))
-        images = np.empty((len(paths), DRAWINGS_PER_CHARACTER, size, size), dtype=np.uint8)
-        for i in range(workers):
-            images[i::workers] = decoded[i].reshape(-1, DRAWINGS_PER_CHARACTER, size, size)
+        flat = [path for drawings in paths for path in drawings]
+        images = decode_images(flat, partial(_decode, size=size), (size, size))
+        images = images.reshape(len(paths), DRAWINGS_PER_CHARACTER, size, size)
         tensor = torch.from_numpy(images)
         save_tensor_cache(cache_file, {"names": names, "images": tensor})
         return names, tensor
