@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fewbench.cell import AUGMENTATIONS  # noqa: F401  (declared with the suite schema)
 from fewbench.data import EpisodeBatch, LabelledBatch
-
-AUGMENTATIONS = ("flip", "crop", "rotate90")
 
 
 def flip(images: Tensor, generator: torch.Generator) -> Tensor:

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fewbench.faults import crash_point
+from fewbench.atomic import write_atomically, write_json_atomically
 
 FORMAT = 1
 
 
 def save_atomically(payload: Any, path: Path, *, fault_point: str | None = None) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place:
-    a crash leaves the previous file intact (``fault_point`` is for crash tests)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, tmp)
-        if fault_point:
-            crash_point(fault_point)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``torch.save`` atomically: a crash leaves the previous file intact."""
+    write_atomically(path, lambda f: torch.save(payload, f), fault_point=fault_point)
 
 
 def save_tensor_cache(path: Path, payload: dict[str, Any]) -> None:
@@ -53,17 +40,8 @@ def load_tensor_cache(path: Path, expect: dict[str, Any]) -> dict[str, Any] | No
 
 def save_array_cache(path: Path, array: np.ndarray, meta: dict[str, Any]) -> None:
     """Write ``array`` as ``.npy`` plus a ``.json`` of ``meta``, each atomically, JSON last."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    info = path.with_suffix(".json")
-    partial = info.with_name(info.name + ".tmp")
-    partial.write_text(json.dumps({**meta, "shape": list(array.shape)}))
-    os.replace(partial, info)
+    write_atomically(path, lambda f: np.save(f, array))
+    write_json_atomically(path.with_suffix(".json"), {**meta, "shape": list(array.shape)})
 
 
 def load_array_cache(path: Path, expect: dict[str, Any]) -> tuple[np.ndarray, dict] | None:

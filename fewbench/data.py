@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from fewbench.task_types import CLASSIFICATION, TaskType
+
 SPLITS = ("train", "val", "test")
 
 
@@ -203,7 +205,7 @@ class Dataset:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     params: ClassVar[dict[str, Any]] = {}
-    task_type: ClassVar[str] = "classification"
+    task_type: ClassVar[TaskType | str] = CLASSIFICATION  # fewbench.task_types
     folder: ClassVar[str] = ""  # under the data root; the name when empty
     resources: ClassVar[tuple[Any, ...]] = ()  # fewbench.download.Resource
     how_to_get: ClassVar[str] = ""

@@ -36,3 +36,8 @@ class DataError(FewbenchError):
 
 class PluginError(FewbenchError):
     """A plugin conflict or an unknown plugin name."""
+
+
+def one_line(text: str) -> str:
+    """Escape line breaks and other control characters (a suite may hold any unicode)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

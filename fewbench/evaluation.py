@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
+from fewbench.cell import Cell
 from fewbench.data import EpisodeBatch, EpisodeSource, seeded_generator
 from fewbench.learner import Learner
+from fewbench.task_types import CLASSIFICATION, TaskType
 
 
 def dataset_identity(
@@ -45,12 +46,9 @@ class EpisodeSpec:
     seed: int
 
     @classmethod
-    def of(cls, config: dict[str, Any], identity: tuple, split: str) -> EpisodeSpec:
-        """The validation or test episodes of a cell configuration."""
-        tasks, evaluation = config["tasks"], config["eval"]
-        return cls(
-            identity, split, tasks["ways"], tasks["shots"], evaluation["query"], evaluation["seed"]
-        )
+    def of(cls, cell: Cell, identity: tuple, split: str) -> EpisodeSpec:
+        """The validation or test episodes of a cell."""
+        return cls(identity, split, cell.ways, cell.shots, cell.eval.query, cell.eval.seed)
 
     def generator(self, index: int) -> torch.Generator:
         return seeded_generator(
@@ -76,13 +74,6 @@ def fixed_episodes(
     return EpisodeBatch.concat(parts)
 
 
-def episode_metric(outputs: Tensor, targets: Tensor, task_type: str) -> Tensor:
-    """Per-episode accuracy (classification) or mean squared error (regression)."""
-    if task_type == "classification":
-        return (outputs.argmax(dim=-1) == targets).float().mean(dim=-1)
-    return ((outputs - targets) ** 2).reshape(outputs.shape[0], -1).mean(dim=-1)
-
-
 def evaluate(
     learner: Learner,
     source: EpisodeSource,
@@ -91,12 +82,12 @@ def evaluate(
     episodes: int,
     chunk: int,
     device: torch.device,
-    task_type: str = "classification",
+    task_type: TaskType = CLASSIFICATION,
 ) -> np.ndarray:
-    """Adapt to each fixed episode and return the per-episode metric."""
+    """Adapt to each fixed episode and return the per-episode metric of ``task_type``."""
     values = []
     for start in range(0, episodes, chunk):
         batch = fixed_episodes(source, spec, start, min(chunk, episodes - start)).to(device)
         outputs = learner.predict(batch)
-        values.append(episode_metric(outputs, batch.query_y, task_type).detach().cpu())
+        values.append(task_type.episode_metric(outputs, batch.query_y).detach().cpu())
     return torch.cat(values).numpy().astype(np.float64)

@@ -16,8 +16,12 @@ third-party package would, and are found through the ``fewbench`` entry-point gr
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
+
+if TYPE_CHECKING:
+    from fewbench.executor import ExecutorOption
 
 PROJECT_NAME = "fewbench"
 
@@ -46,3 +50,11 @@ def fewbench_register_learners(register: Register) -> None:
 def fewbench_register_executors(register: Register) -> None:
     """Register executor classes (subclasses of :class:`fewbench.executor.Executor`): how the
     cells of a run are spread over processes, GPUs or machines."""
+
+
+@hookspec
+def fewbench_add_executor_options(add_option: Callable[[ExecutorOption], None]) -> None:
+    """Declare command-line options of ``fewbench run`` that set executor parameters
+    (:class:`fewbench.executor.ExecutorOption`), in the manner of pytest's
+    ``pytest_addoption``: the core's parser names no executor. Two executors may
+    declare the same flag for a parameter of the same name (``--gpus-per-cell``)."""

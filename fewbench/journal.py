@@ -8,6 +8,8 @@ directory lies on one. So workers started by a cluster executor (``ray``,
 - ``state.json``: running / failed / interrupted, the worker (host:pid), the
   attempt number, when the attempt started and its latest heartbeat;
 - ``curve.json``: the training curve so far (the latest validation for ``status``);
+- ``cell.json``: the cell itself (its configuration), written by the driver when it
+  queues the cell, so that the task needs neither the suite file nor the store;
 - ``result.json``: the finished cell. Its rename is the commit: a cell with a
   ``result.json`` is done, whatever else happened.
 
@@ -21,13 +23,16 @@ copies finished and failed cells from these files into it (:func:`collect`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from fewbench.atomic import write_json_atomically
+from fewbench.cell import Cell
+from fewbench.errors import FewbenchError
+from fewbench.heartbeat import Heartbeat
+from fewbench.sink import CellResult, CurvePoint, ResultSink
 from fewbench.store import ResultsStore
 
 CELLS_DIR = "cells"
@@ -38,18 +43,8 @@ def cell_dir(run_dir: Path, cell_id: str) -> Path:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place (atomic, also on NFS)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write JSON by an atomic rename (also on NFS)."""
+    write_json_atomically(path, payload)
 
 
 def read_json(path: Path) -> Any | None:
@@ -59,9 +54,23 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
-class CellJournal:
-    """The results-store methods a cell needs (``mark``, ``save_curve``, ``complete``,
-    ``beat``), written to the cell's own folder instead of the shared database."""
+def write_cell(run_dir: Path, cell: Cell) -> None:
+    """The cell's configuration, for the task that will run it."""
+    write_json(cell_dir(run_dir, cell.id) / "cell.json", cell.to_record())
+
+
+def read_cell(run_dir: Path, cell_id: str) -> Cell:
+    record = read_json(cell_dir(run_dir, cell_id) / "cell.json")
+    if record is None:
+        raise FewbenchError(
+            f"{cell_dir(run_dir, cell_id)}/cell.json is missing or unreadable: "
+            "the driver writes it when it queues the cell"
+        )
+    return Cell.from_record(record)
+
+
+class CellJournal(ResultSink):
+    """A cell's results sink in its own folder instead of the shared database."""
 
     def __init__(self, run_dir: Path, cell_id: str, worker: str):
         self.folder = cell_dir(run_dir, cell_id)
@@ -74,7 +83,8 @@ class CellJournal:
         return (self.folder / "result.json").is_file()
 
     def start(self, **details: Any) -> int:
-        """Begin an attempt; returns its number (1 for the first, 2 after a retry or requeue)."""
+        """Begin an attempt; returns its number (1 for the first, 2 after a retry or requeue).
+        ``details`` (an executor's ``note``, its node or job) are kept in the state file."""
         now = time.time()
         attempts = int(self.state.get("attempts", 0)) + 1
         self._write_state(
@@ -94,33 +104,34 @@ class CellJournal:
             self.state = {**self.state, **changes, "updated_at": time.time()}
             write_json(self.folder / "state.json", self.state)
 
-    def mark(
-        self, cell_id: str, status: str, error: str | None = None, engine: str | None = None
-    ) -> None:
-        changes: dict[str, Any] = {"status": status, "error": error}
-        if engine is not None:
-            changes["engine"] = engine
-        self._write_state(**changes)
+    def started(self, engine: str) -> None:
+        self._write_state(status="running", error=None, engine=engine)
+
+    def failed(self, reason: str) -> None:
+        self._write_state(status="failed", error=reason)
+
+    def interrupted(self, reason: str) -> None:
+        self._write_state(status="interrupted", error=reason)
 
     def resumed(self, iteration: int) -> None:
-        """Training picked up the cell's checkpoint at ``iteration`` (for status and tests)."""
         self._write_state(resumed_from=iteration)
 
     def beat(self) -> None:
         self._write_state(heartbeat=time.time())
 
-    def save_curve(self, cell_id: str, points: list[tuple[int, Any, Any]]) -> None:
-        write_json(self.folder / "curve.json", [list(p) for p in points])
+    def heartbeat(self, interval: float) -> Heartbeat:
+        return Heartbeat.calling(self.beat, interval)
 
-    def complete(self, cell_id: str, **result: Any) -> bool:
-        """Commit the finished cell; False (and nothing written) when it is already done."""
+    def save_curve(self, curve: list[CurvePoint]) -> None:
+        write_json(self.folder / "curve.json", [list(p) for p in curve])
+
+    def complete(self, result: CellResult) -> bool:
         if self.done:
             return False
-        result["curve"] = [list(p) for p in result["curve"]]
         write_json(
             self.folder / "result.json",
             {
-                **result,
+                **result.to_json(),
                 "worker": self.worker,
                 "attempts": self.state.get("attempts", 1),
                 "finished": time.time(),
@@ -163,11 +174,7 @@ def collect(run_dir: Path, store: ResultsStore | None = None) -> dict[str, int]:
                 continue
             result, state = view["result"], view["state"] or {}
             if result is not None:
-                fields = {
-                    k: v for k, v in result.items() if k not in ("worker", "attempts", "finished")
-                }
-                fields["curve"] = [tuple(p) for p in fields["curve"]]
-                if store.complete(cell_id, **fields):
+                if store.complete(cell_id, CellResult.from_json(result)):
                     store.record_worker(cell_id, result["worker"], result["attempts"])
                     counts["done"] += 1
             elif state.get("status") == "failed" and (row["updated_at"] or 0) < state["updated_at"]:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fewbench.backbone import Backbone
 from fewbench.data import EpisodeBatch, LabelledBatch
+from fewbench.task_types import CLASSIFICATION, TaskType
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,11 @@ class LearnerContext:
     query: int
     num_train_classes: int
     device: torch.device
-    task_type: str = "classification"
+    task_type: TaskType = CLASSIFICATION
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """The training loss for this task type (outputs flattened over tasks)."""
-        if self.task_type == "classification":
-            return nn.functional.cross_entropy(
-                outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
-            )
-        return nn.functional.mse_loss(outputs, targets)
+        """The training loss of the task type (over all tasks of the batch)."""
+        return self.task_type.loss(outputs, targets)
 
 
 class Learner:
@@ -56,6 +53,8 @@ class Learner:
     description: ClassVar[str] = ""
     params: ClassVar[dict[str, Any]] = {}
     batch_kind: ClassVar[str] = "episodes"
+    # Added to a cell's failure when it ran out of memory: which of its parameters to lower.
+    out_of_memory_hint: ClassVar[str] = ""
 
     def __init__(self, **params: Any):
         self.config = params

@@ -3,12 +3,13 @@
 torchrun starts N copies of ``fewbench run``; they form a ``torch.distributed``
 group (NCCL on GPUs, gloo on CPUs), and each rank sees its own GPU
 (``LOCAL_RANK``). Rank 0 is the worker: it claims cells, writes checkpoints and
-results, and evaluates. Before each cell it announces the cell's id; every rank
-then sets up the same learner from the same seed and trains in step, each
+results, and evaluates. Before each cell it sends the cell to the others; every
+rank then sets up the same learner from the same seed and trains in step, each
 adapting its share of every meta-batch (MAML and first-order MAML combine the
 shares' meta-gradients with ``all_reduce``: see the maml plugin's ``data_parallel``),
 so all ranks take the same optimizer steps. The other ranks read the cell's
-checkpoint to resume with rank 0, and never write anything.
+checkpoint to resume with rank 0 (:func:`fewbench.worker.follow`), and never
+write anything.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import TextIO
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,9 +36,9 @@ class Ranks:
     def leader(self) -> bool:
         return self.rank == 0
 
-    def announce(self, cell_id: str | None) -> str | None:
-        """Rank 0 says which cell comes next (None: no more); every rank returns it."""
-        message = [cell_id if self.leader else None]
+    def share(self, value: Any = None) -> Any:
+        """Rank 0's ``value`` on every rank (the others pass nothing)."""
+        message = [value if self.leader else None]
         dist.broadcast_object_list(message, src=0)
         return message[0]
 
@@ -56,31 +56,6 @@ def from_environment(device: torch.device) -> Ranks | None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
     return Ranks(rank, world, device)
-
-
-def follow(ranks: Ranks, suite, registry, datasets, run_dir: Path, log: TextIO) -> None:
-    """The loop of every rank but 0: train each announced cell in step with rank 0."""
-    from fewbench.runner import failure_reason, set_up_cell
-    from fewbench.training import train
-
-    cells = {cell.id: cell for cell in suite.cells}
-    while (cell_id := ranks.announce(None)) is not None:
-        cell = cells[cell_id]
-        try:
-            setup = set_up_cell(cell, registry, datasets, ranks.device)
-            train(
-                setup.learner,
-                setup.sources,
-                cell,
-                identity=setup.identity,
-                device=ranks.device,
-                checkpoint_dir=run_dir / "checkpoints" / cell.id,
-                task_type=setup.task_type,
-                progress=False,
-                write_checkpoints=False,
-            )
-        except Exception as exc:  # rank 0 records the failure; it meets the same one
-            print(f"rank {ranks.rank}: {cell.label}: {failure_reason(exc)}", file=log, flush=True)
 
 
 def leave() -> None:

@@ -62,6 +62,21 @@ class Registry:
             for impl in hook.get_hookimpls():
                 provider = providers.get(id(impl.plugin)) or impl.plugin_name
                 impl.function(register=self._registrar(kind, provider, impl.plugin_name))
+        self.executor_options: dict[str, Any] = {}  # flag -> ExecutorOption
+        for impl in self.manager.hook.fewbench_add_executor_options.get_hookimpls():
+            impl.function(add_option=self._add_option(impl.plugin_name))
+
+    def _add_option(self, module: str):
+        def add_option(option: Any) -> None:
+            known = self.executor_options.get(option.flag)
+            if known is not None and known.param != option.param:
+                raise PluginError(
+                    f"{module} declares {option.flag} for the executor parameter "
+                    f"'{option.param}', but it already sets '{known.param}'"
+                )
+            self.executor_options.setdefault(option.flag, option)
+
+        return add_option
 
     def _registrar(self, kind: str, provider: str, module: str):
         def register(cls: type) -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from fewbench.journal import journal_states
 from fewbench.store import ResultsStore
+from fewbench.task_types import by_metric
 
 STATES = ("done", "running", "queued", "pending", "interrupted", "failed")
 OPTIONAL_STATES = ("queued", "interrupted")  # shown in the summary only when some cell is
@@ -78,10 +79,8 @@ def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
             notes.append(f"attempt {state['attempts']}")
         if state.get("resumed_from"):
             notes.append(f"resumed at iteration {state['resumed_from']}")
-        if state.get("slurm_job"):
-            notes.append(f"slurm job {state['slurm_job']}")
-        elif state.get("ray_node"):
-            notes.append(f"ray node {state['ray_node']}")
+        if state.get("note"):  # what the executor's task says of itself: its job, its node
+            notes.append(str(state["note"]))
         if state["status"] == "running":
             row["elapsed_s"] = now - state["started"]
             silent = now - state.get("heartbeat", state["started"])
@@ -154,4 +153,4 @@ def _duration(seconds: float | None) -> str:
 
 
 def _value(value: float, metric: str | None) -> str:
-    return f"{value:.4f}" if metric == "mse" else f"{100 * value:.2f}%"
+    return by_metric(metric).format(value)

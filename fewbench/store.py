@@ -24,8 +24,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fewbench.cell import Cell
 from fewbench.faults import crash_point
-from fewbench.grid import Cell
+from fewbench.heartbeat import Heartbeat
+from fewbench.sink import CellResult, CurvePoint, ResultSink
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -121,11 +123,14 @@ class ResultsStore:
         return row[0] if row else None
 
     def add_cells(self, cells: Iterable[Cell]) -> None:
-        """Register cells as pending; cells already known (same id) keep their state."""
+        """Register cells as pending; cells already known (same id) keep their state, and take
+        the new configuration (settings left out of the id, such as ``eval.chunk``, may change:
+        workers run the stored configuration)."""
         with self.transaction():
             self.db.executemany(
-                "INSERT OR IGNORE INTO cells (id, label, config, dataset, ways, shots, backbone, learner, seed,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO cells (id, label, config, dataset, ways, shots, backbone, learner, seed,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET config = excluded.config",
                 [
                     (
                         c.id,
@@ -157,9 +162,7 @@ class ResultsStore:
                 (status, error, engine, time.time(), cell_id),
             )
 
-    def save_curve(
-        self, cell_id: str, points: list[tuple[int, float | None, float | None]]
-    ) -> None:
+    def save_curve(self, cell_id: str, points: list[CurvePoint]) -> None:
         with self.transaction():
             self._write_curve(cell_id, points)
 
@@ -172,22 +175,7 @@ class ResultsStore:
             [(cell_id, *point) for point in points],
         )
 
-    def complete(
-        self,
-        cell_id: str,
-        *,
-        metric: str,
-        values: list[float],
-        mean: float,
-        ci95: float,
-        curve: list[tuple[int, float | None, float | None]],
-        iterations: int,
-        best_iteration: int | None,
-        best_val: float | None,
-        engine: str,
-        train_seconds: float,
-        eval_seconds: float,
-    ) -> bool:
+    def complete(self, cell_id: str, result: CellResult) -> bool:
         """Write a finished cell's results and status in one transaction.
 
         Returns False (and writes nothing) when the cell is already done, for
@@ -199,24 +187,24 @@ class ResultsStore:
             self.db.execute("DELETE FROM episodes WHERE cell_id = ?", (cell_id,))
             self.db.executemany(
                 "INSERT INTO episodes (cell_id, episode, value) VALUES (?, ?, ?)",
-                [(cell_id, i, float(v)) for i, v in enumerate(values)],
+                [(cell_id, i, float(v)) for i, v in enumerate(result.values)],
             )
-            self._write_curve(cell_id, curve)
+            self._write_curve(cell_id, result.curve)
             crash_point("results-commit")
             self.db.execute(
                 "UPDATE cells SET status = 'done', error = NULL, metric = ?, mean = ?, ci95 = ?, iterations = ?,"
                 " best_iteration = ?, best_val = ?, engine = ?, train_seconds = ?, eval_seconds = ?,"
                 " completions = completions + 1, heartbeat = NULL, updated_at = ? WHERE id = ?",
                 (
-                    metric,
-                    mean,
-                    ci95,
-                    iterations,
-                    best_iteration,
-                    best_val,
-                    engine,
-                    train_seconds,
-                    eval_seconds,
+                    result.metric,
+                    result.mean,
+                    result.ci95,
+                    result.iterations,
+                    result.best_iteration,
+                    result.best_val,
+                    result.engine,
+                    result.train_seconds,
+                    result.eval_seconds,
                     time.time(),
                     cell_id,
                 ),
@@ -320,6 +308,28 @@ class ResultsStore:
             )
         return digest
 
+    def set_current_cells(self, cell_ids: list[str]) -> None:
+        """The cells of the suite as last run into this directory, in suite order: what
+        workers work through (cells of an earlier version of the suite stay stored)."""
+        self.set_meta("current_cells", json.dumps(cell_ids))
+
+    def current_cells(self) -> list[str]:
+        text = self.meta("current_cells")
+        return json.loads(text) if text else [row["id"] for row in self.cells()]
+
+    def cell(self, cell_id: str) -> Cell:
+        """A stored cell, as the driver expanded it."""
+        row = self.db.execute(
+            "SELECT id, label, config, dataset, backbone, learner FROM cells WHERE id = ?",
+            (cell_id,),
+        ).fetchone()
+        if row is None:
+            from fewbench.errors import FewbenchError
+
+            raise FewbenchError(f"{self.path}: no cell {cell_id}")
+        labels = {"dataset": row["dataset"], "backbone": row["backbone"], "learner": row["learner"]}
+        return Cell.from_config(json.loads(row["config"]), row["label"], labels, row["id"])
+
     def cells(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM cells ORDER BY rowid").fetchall()
 
@@ -334,3 +344,41 @@ class ResultsStore:
             "SELECT iteration, loss, val_metric FROM curve WHERE cell_id = ? ORDER BY iteration",
             (cell_id,),
         ).fetchall()
+
+
+@contextlib.contextmanager
+def _beat_connection(path: Path, cell_id: str, worker: str) -> Iterator[Callable[[], None]]:
+    """The beat of a claimed cell, on the heartbeat thread's own connection (SQLite
+    connections stay in the thread that opened them)."""
+    store = ResultsStore(path)
+    try:
+        yield lambda: store.beat(cell_id, worker)
+    finally:
+        store.close()
+
+
+class StoreSink(ResultSink):
+    """A cell claimed in the results store by ``worker`` reports there."""
+
+    def __init__(self, store: ResultsStore, cell_id: str, worker: str):
+        self.store, self.cell_id, self.worker = store, cell_id, worker
+
+    def started(self, engine: str) -> None:
+        self.store.mark(self.cell_id, "running", engine=engine)
+
+    def save_curve(self, curve: list[CurvePoint]) -> None:
+        self.store.save_curve(self.cell_id, curve)
+
+    def complete(self, result: CellResult) -> bool:
+        return self.store.complete(self.cell_id, result)
+
+    def failed(self, reason: str) -> None:
+        self.store.mark(self.cell_id, "failed", error=reason)
+
+    def interrupted(self, reason: str) -> None:
+        self.store.mark(self.cell_id, "interrupted", error=reason)
+
+    def heartbeat(self, interval: float) -> Heartbeat:
+        return Heartbeat(
+            lambda: _beat_connection(self.store.path, self.cell_id, self.worker), interval
+        )

@@ -7,6 +7,8 @@ file, the key path (``learners[1].inner_lr``) and, where YAML gives it, the line
 from __future__ import annotations
 
 import copy
+import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from fewbench.augment import AUGMENTATIONS
-from fewbench.errors import SuiteError
+from fewbench.cell import EvalSettings, Tasks, TrainSettings, schema
+from fewbench.errors import PluginError, SuiteError
 from fewbench.params import Param, check_value, closest
+from fewbench.registry import Registered, Registry
 
 # The public suite format: the names below are part of the interface.
 TOP_LEVEL = {
@@ -35,42 +38,21 @@ TOP_LEVEL = {
     ),
 }
 REQUIRED = ("name", "datasets", "tasks", "backbones", "learners")
-TASKS = {
-    "ways": Param(5, type=(int, list), help="classes per episode (an integer or a list)"),
-    "shots": Param(1, type=(int, list), help="support examples per class (an integer or a list)"),
-    "query": Param(1, minimum=1, help="query examples per class in training episodes"),
-}
-TRAIN = {
-    "iterations": Param(1000, minimum=1, help="training steps (meta-iterations)"),
-    "validate_every": Param(500, minimum=1, help="validate every this many iterations"),
-    "val_episodes": Param(
-        100, minimum=0, help="fixed validation episodes (0: keep the last state)"
-    ),
-    "log_every": Param(50, minimum=1, help="record the training loss every this many iterations"),
-    "checkpoint_every": Param(
-        1000, minimum=1, help="write a checkpoint every this many iterations"
-    ),
-    "checkpoint_minutes": Param(5.0, minimum=0.0, help="and at least this often, in minutes"),
-    "keep_checkpoints": Param(
-        "best",
-        choices=("best", "none", "all"),
-        help="what to keep of a finished cell: its best state, nothing, or everything",
-    ),
-    "augment": Param(
-        [],
-        item_type=str,
-        choices=AUGMENTATIONS,
-        help="augmentations of training images, batched on the device: flip, crop, rotate90",
-    ),
-}
-EVAL = {
-    "episodes": Param(600, minimum=1, help="fixed test episodes"),
-    "query": Param(15, minimum=1, help="query examples per class in validation and test episodes"),
-    "seed": Param(0, help="seed of the fixed validation and test episodes"),
-    "chunk": Param(50, minimum=1, help="episodes adapted per call to the learner"),
-}
+TASKS = schema(Tasks)
+TRAIN = schema(TrainSettings)
+EVAL = schema(EvalSettings)
 SECTIONS = {"tasks": TASKS, "train": TRAIN, "eval": EVAL}
 PLUGIN_LISTS = {"datasets": "dataset", "backbones": "backbone", "learners": "learner"}
+
+WHEN_KEYS = ("dataset", "backbone", "learner", "ways", "shots", "seed")
+SET_SECTIONS = {
+    "dataset": None,
+    "backbone": None,
+    "learner": None,
+    "tasks": TASKS,
+    "train": TRAIN,
+    "eval": EVAL,
+}
 
 
 @dataclass
@@ -242,3 +224,226 @@ def check_mapping(
     for key, param in schema.items():
         result.setdefault(key, copy.deepcopy(param.default))
     return result
+
+
+@dataclass
+class PluginEntry:
+    """One plugin entry of a suite list, after a list-valued parameter expanded it."""
+
+    plugin: Registered
+    params: dict[str, Any]
+    given: dict[str, Any]
+    label: str = ""
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.plugin.name, **self.params}
+
+
+@dataclass(frozen=True)
+class CheckedSuite:
+    """A suite that passed every structural check: its axes, settings and plugin
+    entries, ready to expand (:func:`fewbench.grid.expand_grid`)."""
+
+    source: SuiteSource
+    name: str
+    seeds: list[int]
+    ways: list[int]
+    shots: list[int]
+    query: int
+    train: dict[str, Any]
+    eval: dict[str, Any]
+    entries: dict[str, list[PluginEntry]]  # datasets, backbones, learners
+    overrides: list[dict[str, Any]]
+    # The ``execution:`` section, checked: {"executor": name, **its parameters given}.
+    execution: dict[str, Any]
+
+
+def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
+    """Every structural check of a suite (keys, types, plugin names and parameters,
+    overrides, the execution section); data is checked later, on its own."""
+    data = source.data
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise source.error(
+                str(key),
+                f"unknown key '{key}'{closest(str(key), list(TOP_LEVEL))}; "
+                f"known keys: {', '.join(TOP_LEVEL)}",
+            )
+    for key in REQUIRED:
+        if key not in data:
+            raise source.error("", f"missing required section '{key}'")
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
+        raise source.error("name", f"expected a folder-safe name like 'omniglot', got {name!r}")
+    seeds = _int_list(source, "seeds", data.get("seeds", [0]), minimum=0)
+    tasks = check_mapping(source, "tasks", data["tasks"], TASKS)
+    return CheckedSuite(
+        source=source,
+        name=name.strip(),
+        seeds=seeds,
+        ways=_int_list(source, "tasks.ways", tasks["ways"], minimum=1),
+        shots=_int_list(source, "tasks.shots", tasks["shots"], minimum=1),
+        query=tasks["query"],
+        train=check_mapping(source, "train", data.get("train"), TRAIN),
+        eval=check_mapping(source, "eval", data.get("eval"), EVAL),
+        entries={key: _expand_entries(source, registry, key) for key in PLUGIN_LISTS},
+        overrides=_check_overrides(source),
+        execution=_check_execution(source, registry),
+    )
+
+
+def _int_list(source: SuiteSource, path: str, value: Any, minimum: int) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise source.error(path, "expected at least one value")
+    for i, item in enumerate(values):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise source.error(
+                f"{path}[{i}]" if isinstance(value, list) else path,
+                f"expected an integer, got {item!r}",
+            )
+        if item < minimum:
+            raise source.error(path, f"must be at least {minimum}, got {item}")
+    if len(set(values)) != len(values):
+        raise source.error(path, f"repeated values in {values}")
+    return values
+
+
+def _expand_entries(source: SuiteSource, registry: Registry, key: str) -> list[PluginEntry]:
+    kind = PLUGIN_LISTS[key]
+    raw = source.data.get(key)
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise source.error(
+            key, f"expected a non-empty list of {kind} entries like '- {{name: ...}}'"
+        )
+    entries: list[PluginEntry] = []
+    for i, item in enumerate(raw):
+        path = f"{key}[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise source.error(
+                path, f"expected a mapping with a 'name', like {{name: ...}}, got {item!r}"
+            )
+        try:
+            plugin = registry.get(kind, item["name"])
+        except PluginError as exc:
+            raise source.error(f"{path}.name", str(exc)) from None
+        choices: list[list[tuple[str, Any]]] = []
+        for param_name, value in item.items():
+            if param_name == "name":
+                continue
+            param_path = f"{path}.{param_name}"
+            if param_name not in plugin.params.params:
+                known = ", ".join(plugin.params.params) or "none"
+                raise source.error(
+                    param_path,
+                    f"{kind} '{plugin.name}' has no parameter '{param_name}'"
+                    f"{closest(str(param_name), list(plugin.params.params))}; "
+                    f"its parameters: {known}",
+                )
+            param = plugin.params.params[param_name]
+            expands = isinstance(value, list) and (
+                param.value_type is not list or (value and all(isinstance(v, list) for v in value))
+            )
+            options = value if expands else [value]
+            if not options:
+                raise source.error(param_path, "an empty list gives no values to run")
+            checked = []
+            for option in options:
+                option, problem = check_value(param, option)
+                if problem:
+                    raise source.error(param_path, problem)
+                checked.append((param_name, option))
+            choices.append(checked)
+        for combination in itertools.product(*choices):
+            given = dict(combination)
+            entries.append(PluginEntry(plugin, {**plugin.params.defaults(), **given}, given))
+    _label_entries(entries)
+    return entries
+
+
+def _label_entries(entries: list[PluginEntry]) -> None:
+    """Name each entry by its plugin, plus the parameters that tell same-named entries apart."""
+    by_name: dict[str, list[PluginEntry]] = {}
+    for entry in entries:
+        by_name.setdefault(entry.plugin.name, []).append(entry)
+    for name, group in by_name.items():
+        if len(group) == 1:
+            group[0].label = name
+            continue
+        varying = [k for k in group[0].params if len({json.dumps(e.params[k]) for e in group}) > 1]
+        for entry in group:
+            detail = ",".join(f"{k}={entry.params[k]}" for k in varying)
+            entry.label = f"{name}[{detail}]" if detail else name
+
+
+def _check_overrides(source: SuiteSource) -> list[dict[str, Any]]:
+    raw = source.data.get("overrides") or []
+    if not isinstance(raw, list):
+        raise source.error("overrides", "expected a list of {when: {...}, set: {...}}")
+    result = []
+    for i, item in enumerate(raw):
+        path = f"overrides[{i}]"
+        if not isinstance(item, dict):
+            raise source.error(path, "expected a mapping {when: {...}, set: {...}}")
+        for key in item:
+            if key not in ("when", "set"):
+                raise source.error(
+                    f"{path}.{key}",
+                    f"unknown key '{key}'{closest(str(key), ['when', 'set'])}; "
+                    "an override has 'when' and 'set'",
+                )
+        when, assign = item.get("when") or {}, item.get("set")
+        if not isinstance(when, dict):
+            raise source.error(f"{path}.when", "expected a mapping like {ways: 20}")
+        for key in when:
+            if key not in WHEN_KEYS:
+                raise source.error(
+                    f"{path}.when.{key}",
+                    f"unknown key '{key}'{closest(str(key), WHEN_KEYS)}; "
+                    f"known keys: {', '.join(WHEN_KEYS)}",
+                )
+        if not isinstance(assign, dict) or not assign:
+            raise source.error(
+                f"{path}.set", "expected a non-empty mapping like {learner.inner_lr: 0.1}"
+            )
+        for key in assign:
+            section = str(key).split(".")[0]
+            if section not in SET_SECTIONS or "." not in str(key):
+                raise source.error(
+                    f"{path}.set.{key}",
+                    f"expected a dotted key starting with one of {', '.join(SET_SECTIONS)}"
+                    f"{closest(section, list(SET_SECTIONS))}",
+                )
+        result.append({"when": when, "set": assign, "path": path})
+    return result
+
+
+def _check_execution(source: SuiteSource, registry: Registry) -> dict[str, Any]:
+    """The ``execution:`` section: an executor's name and any of its parameters.
+
+    Only the parameters written are kept (command-line flags and the executor's
+    defaults fill the rest); it never enters a cell's configuration, so moving a
+    suite from a workstation to a cluster keeps its cell ids and results.
+    """
+    section = source.data.get("execution")
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise source.error(
+            "execution", f"expected a mapping, got {type(section).__name__} {section!r}"
+        )
+    name = section.get("executor", "local")
+    if not isinstance(name, str) or not registry.has("executor", name):
+        known = registry.names("executor")
+        raise source.error(
+            "execution.executor",
+            f"unknown executor {name!r}{closest(str(name), known)}; known executors: {', '.join(known)}",
+        )
+    params = registry.get("executor", name).params.params
+    given = {k: v for k, v in section.items() if k != "executor"}
+    checked = check_mapping(source, "execution", given, params)
+    return {"executor": name, **{key: checked[key] for key in given}}

@@ -25,15 +25,26 @@ from tqdm import tqdm
 
 from fewbench.augment import augment_batch
 from fewbench.cache import save_atomically
+from fewbench.cell import Cell
 from fewbench.data import EpisodeSource, seeded_generator
 from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, evaluate
-from fewbench.grid import Cell
 from fewbench.learner import Learner
+from fewbench.sink import CurvePoint
+from fewbench.task_types import CLASSIFICATION, TaskType
 
 
 class Diverged(FewbenchError):
     """The training loss became NaN or infinite."""
+
+
+class TrainingFailed(Exception):
+    """Training stopped on an error: ``cause`` at ``iteration``, with the curve so far
+    (kept with the failed cell)."""
+
+    def __init__(self, cause: BaseException, iteration: int, curve: list[CurvePoint]):
+        super().__init__(str(cause))
+        self.cause, self.iteration, self.curve = cause, iteration, list(curve)
 
 
 @dataclass
@@ -41,7 +52,7 @@ class TrainOutcome:
     iterations: int
     best_iteration: int | None
     best_val: float | None
-    curve: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    curve: list[CurvePoint] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -84,7 +95,7 @@ def train(
     identity: tuple,
     device: torch.device,
     checkpoint_dir: Path | None,
-    task_type: str = "classification",
+    task_type: TaskType = CLASSIFICATION,
     progress: bool = True,
     on_validate: Callable[[list], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
@@ -101,10 +112,9 @@ def train(
     and raises :class:`Interrupted`. With ``write_checkpoints`` false (the other ranks
     of a data-parallel cell) the checkpoint is read, never written.
     """
-    config = cell.config
-    tasks, train_cfg, eval_cfg = config["tasks"], config["train"], config["eval"]
-    total = learner.iterations(train_cfg["iterations"])
-    ways, shots, query = tasks["ways"], tasks["shots"], tasks["query"]
+    settings = cell.train
+    total = learner.iterations(settings.iterations)
+    ways, shots, query = cell.ways, cell.shots, cell.tasks.query
     started = time.perf_counter()
     checkpoint = checkpoint_dir / "last.pt" if checkpoint_dir else None
 
@@ -137,24 +147,19 @@ def train(
         save_atomically(payload, checkpoint, fault_point="checkpoint-write")
 
     def validate() -> float | None:
-        if train_cfg["val_episodes"] == 0:
+        if settings.val_episodes == 0:
             return None
         values = evaluate(
             learner,
             sources["val"],
-            EpisodeSpec.of(config, identity, "val"),
-            episodes=train_cfg["val_episodes"],
-            chunk=eval_cfg["chunk"],
+            EpisodeSpec.of(cell, identity, "val"),
+            episodes=settings.val_episodes,
+            chunk=cell.eval.chunk,
             device=device,
             task_type=task_type,
         )
         return float(values.mean())
 
-    better = (
-        (lambda new, old: new > old)
-        if task_type == "classification"
-        else (lambda new, old: new < old)
-    )
     losses: list[float] = state["losses"]
     last_val = state["best_val"]
     last_checkpoint = time.monotonic()
@@ -170,7 +175,7 @@ def train(
     )
     try:
         for iteration in range(state["iteration"] + 1, total + 1):
-            generator = seeded_generator("train", config["seed"], iteration)
+            generator = seeded_generator("train", cell.seed, iteration)
             if learner.batch_kind == "episodes":
                 batch = sources["train"].sample_episodes(
                     learner.batch_size(), ways, shots, query, generator
@@ -179,29 +184,26 @@ def train(
                 batch = sources["train"].sample_labelled(learner.batch_size(), generator)
             # The augmentations continue the iteration's generator: a resumed run, or a run
             # on another device, draws the same transformations.
-            batch = augment_batch(batch.to(device), train_cfg.get("augment", []), generator)
+            batch = augment_batch(batch.to(device), list(settings.augment), generator)
             try:
                 loss = learner.train_step(batch, iteration)
-            except Exception as exc:  # let the runner say where it happened, and keep the curve
-                exc.fewbench_iteration = iteration
-                exc.fewbench_curve = state["curve"]
-                raise
+            except Exception as exc:  # say where it happened, and keep the curve
+                raise TrainingFailed(exc, iteration, state["curve"]) from exc
             if not math.isfinite(loss):
                 state["curve"].append((iteration, loss if not math.isnan(loss) else None, None))
                 error = Diverged(
                     f"training loss became {loss} at iteration {iteration}; try a lower learning rate"
                 )
-                error.fewbench_curve = state["curve"]
-                raise error
+                raise TrainingFailed(error, iteration, state["curve"]) from error
             losses.append(loss)
-            record_loss = iteration % train_cfg["log_every"] == 0 or iteration == total
-            validating = iteration % train_cfg["validate_every"] == 0 or iteration == total
+            record_loss = iteration % settings.log_every == 0 or iteration == total
+            validating = iteration % settings.validate_every == 0 or iteration == total
             val = None
             if validating:
                 val = validate()
                 if val is not None:
                     last_val = val
-                    if state["best_val"] is None or better(val, state["best_val"]):
+                    if state["best_val"] is None or task_type.better(val, state["best_val"]):
                         state["best_val"], state["best_iteration"] = val, iteration
                         state["best_state"] = copy.deepcopy(learner.state_dict())
             if record_loss or validating:
@@ -217,9 +219,9 @@ def train(
             )
             state["iteration"] = iteration
             due = (
-                iteration % train_cfg["checkpoint_every"] == 0
+                iteration % settings.checkpoint_every == 0
                 or iteration == total
-                or time.monotonic() - last_checkpoint > 60 * train_cfg["checkpoint_minutes"]
+                or time.monotonic() - last_checkpoint > 60 * settings.checkpoint_minutes
             )
             stopping = stop is not None and stop.is_set()
             if checkpoint is not None and write_checkpoints and (due or stopping):

@@ -9,8 +9,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from fewbench.cell import Cell
 from fewbench.download import Resource
-from fewbench.grid import Cell
+from fewbench.sink import CellResult
 from fewbench.store import ResultsStore
 
 
@@ -37,11 +38,11 @@ def make_cell(
         "eval": {"query": 15, "seed": eval_seed},
         "seed": seed,
     }
-    return Cell(
-        f"{label}-{dataset}-{ways}-{shots}-{seed}-{eval_seed}-{backbone}",
-        f"{dataset}/{ways}w{shots}s/{backbone}/{label}/seed{seed}",
+    return Cell.from_config(
         config,
+        f"{dataset}/{ways}w{shots}s/{backbone}/{label}/seed{seed}",
         {"dataset": dataset, "backbone": backbone, "learner": label},
+        id=f"{label}-{dataset}-{ways}-{shots}-{seed}-{eval_seed}-{backbone}",
     )
 
 
@@ -65,17 +66,19 @@ def store_run(
             continue
         store.complete(
             c.id,
-            metric=metric,
-            values=list(values),
-            mean=sum(values) / len(values),
-            ci95=0.0,
-            curve=(curves or {}).get(c.id, [(1, 1.0, 0.5), (2, 0.5, 0.6)]),
-            iterations=2,
-            best_iteration=2,
-            best_val=0.6,
-            engine="test engine",
-            train_seconds=1.0,
-            eval_seconds=1.0,
+            CellResult(
+                metric=metric,
+                values=list(values),
+                mean=sum(values) / len(values),
+                ci95=0.0,
+                curve=(curves or {}).get(c.id, [(1, 1.0, 0.5), (2, 0.5, 0.6)]),
+                iterations=2,
+                best_iteration=2,
+                best_val=0.6,
+                engine="test engine",
+                train_seconds=1.0,
+                eval_seconds=1.0,
+            ),
         )
     store.close()
     (path / "environment.json").write_text(json.dumps({"torch": "test"}))

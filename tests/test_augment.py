@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fewbench import augment
+from fewbench.cell import Cell
 from fewbench.data import ClassPool, LabelledBatch
-from fewbench.grid import Cell
 from fewbench.learner import Learner
 from fewbench.suite import TRAIN
 from fewbench.training import train
@@ -94,6 +94,9 @@ def train_batches(augmentations: list[str]) -> list[LabelledBatch]:
     fixed = torch.Generator().manual_seed(0)
     pool = ClassPool(torch.randint(0, 256, (10, 6, 1, 8, 8), dtype=torch.uint8, generator=fixed))
     config = {
+        "dataset": {"name": "toy"},
+        "backbone": {"name": "none"},
+        "learner": {"name": "recording"},
         "seed": 0,
         "tasks": {"ways": 2, "shots": 1, "query": 1},
         "train": {
@@ -103,7 +106,7 @@ def train_batches(augmentations: list[str]) -> list[LabelledBatch]:
         "eval": {"query": 1, "seed": 0, "chunk": 5},
     }  # fmt: skip
     learner = RecordingLearner()
-    cell = Cell("c", "c", config, {})
+    cell = Cell.from_config(config, "c")
     train(
         learner, {"train": pool}, cell, identity=("t",), device=torch.device("cpu"),
         checkpoint_dir=None, progress=False,

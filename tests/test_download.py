@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,8 +14,8 @@ import pytest
 from helpers import run_cli
 
 from fewbench import datastore
-from fewbench.cli import ensure_data
 from fewbench.data import Dataset
+from fewbench.datacheck import download_missing
 from fewbench.download import DownloadError, Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
@@ -226,7 +227,7 @@ def test_run_downloads_a_missing_dataset_before_training(server, tmp_path):
             register(dataset)
 
     registry = Registry([Plugin()], entry_points=False)
-    ensure_data({"toyzip"}, registry, tmp_path, progress=False)
+    download_missing({"toyzip"}, registry, tmp_path, progress=False, log=sys.stderr)
     assert datastore.status(dataset, tmp_path).state == "verified"
 
 

@@ -19,6 +19,7 @@ import torch
 from fewbench.data import SPLITS, Dataset, EpisodeBatch, EpisodeSource, LabelledBatch, SplitSize
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
+from fewbench.task_types import REGRESSION
 
 UNLIMITED = 10**12  # points per "class": any number of support and query points
 
@@ -62,7 +63,7 @@ class SinusoidTasks(EpisodeSource):
 class Sinusoid(Dataset):
     name = "sinusoid"
     description = "Sine-wave regression tasks (Finn et al. 2017, section 5.1); generated, no files"
-    task_type = "regression"
+    task_type = REGRESSION
     needs_files = False
     params = {
         "amplitude_min": Param(0.1, help="smallest amplitude"),

@@ -1,24 +1,32 @@
 """The ``local`` executor: worker processes on this machine, optionally one (or K) per GPU.
 
-Each worker is ``fewbench run RUN_DIR`` in its own process, named ``host:pid`` in
-the results store, with its share of the CPU threads (torch, OpenMP and MKL
-threads are set so that the workers together do not oversubscribe the cores) and,
-with ``gpus``, only its own GPU visible. A worker that dies loses its cell's
-progress since the last checkpoint: the others see its process is gone and take
-the cell over. The driver prints the overall progress while they work.
+Each worker is ``python -m fewbench.worker RUN_DIR SETTINGS`` in its own process,
+named ``host:pid`` in the results store, with its share of the CPU threads (torch,
+OpenMP and MKL threads are set so that the workers together do not oversubscribe
+the cores) and, with ``gpus``, only its own GPU visible. Workers take the cells
+the driver stored, by id; none reads the suite. A worker that dies loses its
+cell's progress since the last checkpoint: the others see its process is gone and
+take the cell over. The driver prints the overall progress while they work.
+With one worker and no GPUs listed, the driver runs the cells itself.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
-from fewbench.executor import Executor, WorkerCommand
+from fewbench.errors import FewbenchError
+from fewbench.executor import Executor, ExecutorOption, RunDir
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench.status import cell_table, summary
+
+
+def gpu_indices(text: str) -> list[int]:
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise ValueError("expected indices like 0,1,2,3") from None
 
 
 class LocalExecutor(Executor):
@@ -30,6 +38,22 @@ class LocalExecutor(Executor):
         "cells_per_gpu": Param(1, minimum=1, help="workers sharing one GPU"),
         "progress_every": Param(10.0, minimum=0.1, help="seconds between progress lines"),
     }
+
+    def in_process(self) -> bool:
+        return self.config["workers"] <= 1 and not self.config["gpus"]
+
+    def check(self) -> None:
+        if not self.config["gpus"]:
+            return
+        import torch
+
+        visible = torch.cuda.device_count()
+        wrong = [g for g in self.config["gpus"] if g >= visible]
+        if wrong:
+            raise FewbenchError(
+                f"--gpus {','.join(map(str, self.config['gpus']))}: GPU {wrong[0]} does not exist "
+                f"({visible} visible)"
+            )
 
     def slots(self) -> list[dict[str, str]]:
         """The environment of each worker: which GPU it sees."""
@@ -49,25 +73,23 @@ class LocalExecutor(Executor):
             env[variable] = str(threads)
         return env, threads
 
-    def run(self, command: WorkerCommand, log) -> int:
+    def run(self, run: RunDir, log) -> int:
         slots = self.slots()
-        logs = command.run_dir / "logs"
+        logs = run.path / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         processes = []
         for index, slot in enumerate(slots):
             env, threads = self.worker_env(slot, len(slots))
-            argv = [
-                sys.executable, "-m", "fewbench", "run", str(command.run_dir),
-                "--no-progress", "--threads", str(threads), *command.options,
-            ]  # fmt: skip
-            if slot:
-                argv += ["--device", "cuda"]
+            changes = {"threads": threads, "progress": False}
+            if slot:  # the worker sees only its own GPU
+                changes["device"] = "cuda"
+            argv = run.worker_command(**changes)
             out = open(logs / f"worker-{index}.log", "ab")  # noqa: SIM115 - closed below
             processes.append((subprocess.Popen(argv, env=env, stdout=out, stderr=out), out))
         where = f"GPUs {self.config['gpus']}" if self.config["gpus"] else "this machine"
         print(
             f"fewbench: {len(processes)} workers on {where}; logs in {logs}; "
-            f"fewbench status {command.run_dir} shows every cell",
+            f"fewbench status {run.path} shows every cell",
             file=log,
             flush=True,
         )
@@ -77,7 +99,7 @@ class LocalExecutor(Executor):
             # polling reaps a dead worker, and only then does its pid read as gone.
             while sum(p.poll() is None for p, _ in processes):
                 time.sleep(self.config["progress_every"])
-                line = summary(cell_table(command.run_dir), workers=len(processes))
+                line = run.progress(workers=len(processes))
                 if line != last:
                     print(f"fewbench: {line}", file=log, flush=True)
                     last = line
@@ -91,10 +113,26 @@ class LocalExecutor(Executor):
                         file=log,
                         flush=True,
                     )
-        print(f"fewbench: {summary(cell_table(command.run_dir))}", file=log, flush=True)
-        return self.exit_code(command.run_dir)
+        print(f"fewbench: {run.progress()}", file=log, flush=True)
+        return run.exit_code()
 
 
 @hookimpl
 def fewbench_register_executors(register):
     register(LocalExecutor)
+
+
+@hookimpl
+def fewbench_add_executor_options(add_option):
+    add_option(ExecutorOption("--workers", "workers", "local: worker processes (default 1)", int))
+    add_option(
+        ExecutorOption(
+            "--gpus",
+            "gpus",
+            "local: comma-separated GPU indices, one worker per GPU (e.g. 0,1,2,3)",
+            gpu_indices,
+        )
+    )
+    add_option(
+        ExecutorOption("--cells-per-gpu", "cells_per_gpu", "local: workers sharing each GPU", int)
+    )

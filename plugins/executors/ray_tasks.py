@@ -18,7 +18,7 @@ from __future__ import annotations
 import socket
 
 from fewbench.errors import FewbenchError
-from fewbench.executor import SchedulerExecutor, WorkerCommand
+from fewbench.executor import ExecutorOption, RunDir, SchedulerExecutor, run_cell_task
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
 
@@ -27,12 +27,12 @@ def ray_cell_task(run_dir: str, cell_id: str, settings: dict) -> dict:
     """The Ray task: one cell, with the node and GPUs Ray gave it kept for ``fewbench status``."""
     import ray
 
-    from fewbench.celltask import run_cell_task
-
     context = ray.get_runtime_context()
+    node = context.get_node_id()[:12]
     details = {
-        "ray_node": context.get_node_id()[:12],
+        "ray_node": node,
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "note": f"ray node {node}",
     }
     return run_cell_task(run_dir, cell_id, settings, details)
 
@@ -97,10 +97,8 @@ class RayExecutor(SchedulerExecutor):
         if self.config["address"]:
             check_reachable(self.config["address"])
 
-    def run(self, command: WorkerCommand, log) -> int:
+    def run(self, run: RunDir, log) -> int:
         import ray
-
-        from fewbench.store import ResultsStore
 
         address = self.config["address"] or None
         try:
@@ -109,23 +107,22 @@ class RayExecutor(SchedulerExecutor):
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise FewbenchError(f"--address {address}: cannot connect to Ray: {exc}") from None
-        store = ResultsStore.open_run(command.run_dir)
         try:
-            labels = {row["id"]: row["label"] for row in store.cells()}
+            labels = {row.id: row.label for row in run.cells()}
             remote = ray.remote(ray_cell_task)
-            settings = self.task_settings(command.settings)
+            settings = self.task_settings(run)
             tasks = {}
-            for cell_id in self.cells_to_submit(store):
-                store.queue(cell_id, "ray task")  # before the task can start and report
+            for cell_id in run.to_submit():
+                run.queue([cell_id], "ray task")  # before the task can start and report
                 ref = remote.options(**self.task_options(labels[cell_id])).remote(
-                    str(command.run_dir), cell_id, settings
+                    str(run.path), cell_id, settings
                 )
                 tasks[ref] = cell_id
             resources = ray.cluster_resources()
             print(
                 f"fewbench: {len(tasks)} cells submitted to Ray "
                 f"({address or 'a local instance'}: {resources.get('CPU', 0):g} CPUs, "
-                f"{resources.get('GPU', 0):g} GPUs); fewbench status {command.run_dir} shows every cell",
+                f"{resources.get('GPU', 0):g} GPUs); fewbench status {run.path} shows every cell",
                 file=log,
                 flush=True,
             )
@@ -140,22 +137,40 @@ class RayExecutor(SchedulerExecutor):
                         ray.get(ref)
                     except Exception as exc:  # retries spent: the worker or node kept dying
                         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                        store.mark(cell_id, "failed", error=f"Ray: {type(exc).__name__}: {reason}")
-                last = self.report_progress(command.run_dir, store, log, last)
+                        run.fail(cell_id, f"Ray: {type(exc).__name__}: {reason}")
+                last = self.report_progress(run, log, last)
         except KeyboardInterrupt:
             print(
                 f"fewbench: stopped; the cells' checkpoints hold. Resume with: "
-                f"fewbench run {command.run_dir}",
+                f"fewbench run {run.path}",
                 file=log,
                 flush=True,
             )
             return 130
         finally:
-            store.close()
             ray.shutdown()
-        return self.exit_code(command.run_dir)
+        return run.exit_code()
 
 
 @hookimpl
 def fewbench_register_executors(register):
     register(RayExecutor)
+
+
+@hookimpl
+def fewbench_add_executor_options(add_option):
+    add_option(
+        ExecutorOption("--address", "address", "ray: cluster address (default: start Ray here)")
+    )
+    add_option(
+        ExecutorOption(
+            "--gpus-per-cell",
+            "gpus_per_cell",
+            "ray, slurm: GPUs per cell (ray: may be 0.25)",
+            float,
+        )
+    )
+    add_option(
+        ExecutorOption("--cpus-per-cell", "cpus_per_cell", "ray, slurm: CPUs per cell", float)
+    )
+    add_option(ExecutorOption("--max-retries", "max_retries", "ray: retries of a lost cell", int))

@@ -19,14 +19,19 @@ as processes on this machine: for trying a suite before sending it, and for test
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 from fewbench.errors import FewbenchError
-from fewbench.executor import SchedulerExecutor, WorkerCommand
+from fewbench.executor import (
+    ExecutorOption,
+    RunDir,
+    SchedulerExecutor,
+    mark_task_interrupted,
+    run_cell_task,
+)
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
 
@@ -55,23 +60,20 @@ class SlurmCellJob:
     from its checkpoint."""
 
     def __call__(self, run_dir: str, cell_id: str, settings: dict) -> dict:
-        from fewbench.celltask import run_cell_task
-
-        return run_cell_task(run_dir, cell_id, settings, job_details())
+        details = job_details()
+        job = details.get("slurm_job") or details.get("local_job")
+        if job:
+            details["note"] = f"slurm job {job}" if "slurm_job" in details else f"local job {job}"
+        return run_cell_task(run_dir, cell_id, settings, details)
 
     def checkpoint(self, run_dir: str, cell_id: str, settings: dict):
         from submitit.helpers import DelayedSubmission
 
-        from fewbench.journal import CellJournal
-        from fewbench.runner import default_worker_name
-
-        journal = CellJournal(Path(run_dir), cell_id, default_worker_name())
-        journal.mark(cell_id, "interrupted", error="preempted or out of time; requeued")
+        mark_task_interrupted(run_dir, cell_id, "preempted or out of time; requeued")
         return DelayedSubmission(self, run_dir, cell_id, settings)
 
 
 class SlurmExecutor(SchedulerExecutor):
-    _live: frozenset[str] = frozenset()  # cells whose earlier job SLURM still holds (set in run)
     name = "slurm"
     description = "One SLURM array task per cell, through submitit; requeued on preemption"
     params = {
@@ -158,23 +160,12 @@ class SlurmExecutor(SchedulerExecutor):
 
     # --- the job ids of each cell, kept in the run directory for a later driver ---
 
-    @staticmethod
-    def _jobs_file(run_dir: Path) -> Path:
-        return run_dir / "slurm" / "jobs.json"
+    JOBS_FILE = "slurm/jobs.json"
 
-    def _load_jobs(self, run_dir: Path) -> dict[str, str]:
-        try:
-            return json.loads(self._jobs_file(run_dir).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def in_flight(self, row) -> bool:
-        return row["id"] in self._live
-
-    def live_cells(self, store, known_jobs: dict[str, str], folder: Path, log) -> set[str]:
+    def live_cells(self, run: RunDir, known_jobs: dict[str, str], folder: Path, log) -> set[str]:
         """Cells queued by an earlier driver whose job SLURM still holds (asked of sacct,
         through submitit, in one call): they are left alone, not submitted again."""
-        queued = [row["id"] for row in store.cells() if row["status"] == "queued"]
+        queued = [row.id for row in run.cells() if row.status == "queued"]
         if self.config["cluster"] != "slurm" or not queued:
             return set()
         import submitit
@@ -199,97 +190,107 @@ class SlurmExecutor(SchedulerExecutor):
                 )
         return live
 
-    def run(self, command: WorkerCommand, log) -> int:
-        from fewbench.journal import write_json
-        from fewbench.store import ResultsStore
-
-        run_dir = command.run_dir
-        store = ResultsStore.open_run(run_dir)
-        try:
-            suite_name = store.meta("suite_name") or "suite"
-            executor = self.make_executor(run_dir, suite_name)
-            known_jobs = self._load_jobs(run_dir)
-            self._live = self.live_cells(store, known_jobs, run_dir / "slurm" / "%j", log)
-            todo = self.cells_to_submit(store)
-            jobs = []
-            if todo:
-                for cell_id in todo:
-                    store.queue(cell_id, "slurm (submitting)")
-                count = len(todo)
-                try:
-                    jobs = executor.map_array(
-                        SlurmCellJob(), [str(run_dir)] * count, todo,
-                        [self.task_settings(command.settings)] * count,
-                    )  # fmt: skip
-                except Exception as exc:  # sbatch refused: say why, leave the cells pending
-                    store.unqueue(todo)
-                    message = str(exc).strip().splitlines()
-                    raise FewbenchError(
-                        f"submitting to SLURM failed: {message[-1] if message else type(exc).__name__}"
-                    ) from None
-                for cell_id, job in zip(todo, jobs, strict=True):
-                    store.queue(cell_id, f"slurm job {job.job_id}", refresh_time=False)
-                    known_jobs[cell_id] = job.job_id
-                write_json(self._jobs_file(run_dir), known_jobs)
-            where = "as local processes" if self.config["cluster"] == "local" else "to SLURM"
+    def run(self, run: RunDir, log) -> int:
+        run_dir = run.path
+        executor = self.make_executor(run_dir, run.suite_name)
+        known_jobs = run.load_json(self.JOBS_FILE) or {}
+        live = self.live_cells(run, known_jobs, run_dir / "slurm" / "%j", log)
+        todo = run.to_submit(in_flight=lambda row: row.id in live)
+        jobs = []
+        if todo:
+            run.queue(todo, "slurm (submitting)")
+            count = len(todo)
+            try:
+                jobs = executor.map_array(
+                    SlurmCellJob(), [str(run_dir)] * count, todo,
+                    [self.task_settings(run)] * count,
+                )  # fmt: skip
+            except Exception as exc:  # sbatch refused: say why, leave the cells pending
+                run.unqueue(todo)
+                message = str(exc).strip().splitlines()
+                raise FewbenchError(
+                    f"submitting to SLURM failed: {message[-1] if message else type(exc).__name__}"
+                ) from None
+            for cell_id, job in zip(todo, jobs, strict=True):
+                run.note_job(cell_id, f"slurm job {job.job_id}")
+                known_jobs[cell_id] = job.job_id
+            run.save_json(self.JOBS_FILE, known_jobs)
+        where = "as local processes" if self.config["cluster"] == "local" else "to SLURM"
+        print(
+            f"fewbench: {len(todo)} cells submitted {where}"
+            + (f" (array job {jobs[0].job_id.split('_')[0]})" if jobs else "")
+            + f"; logs in {run_dir / 'slurm'}; fewbench status {run_dir} shows every cell",
+            file=log,
+            flush=True,
+        )
+        if not (self.config["wait"] or self.config["cluster"] == "local"):
             print(
-                f"fewbench: {len(todo)} cells submitted {where}"
-                + (f" (array job {jobs[0].job_id.split('_')[0]})" if jobs else "")
-                + f"; logs in {run_dir / 'slurm'}; fewbench status {run_dir} shows every cell",
+                f"fewbench: not waiting. Later: fewbench collect {run_dir} (results into the "
+                f"store), or fewbench run {run_dir} (collect, and submit what was lost)",
                 file=log,
                 flush=True,
             )
-            if not (self.config["wait"] or self.config["cluster"] == "local"):
-                print(
-                    f"fewbench: not waiting. Later: fewbench collect {run_dir} (results into the "
-                    f"store), or fewbench run {run_dir} (collect, and submit what was lost)",
-                    file=log,
-                    flush=True,
-                )
-                return 0
-            return self.wait(run_dir, store, dict(zip(todo, jobs, strict=True)), log)
-        finally:
-            store.close()
+            return 0
+        return self.wait(run, dict(zip(todo, jobs, strict=True)), log)
 
-    def wait(self, run_dir: Path, store, jobs: dict, log) -> int:
+    def wait(self, run: RunDir, jobs: dict, log) -> int:
         """Show progress and collect until every cell ended. Cells report through their
         folders; SLURM is asked (sacct, at most once a minute) only about cells that have not,
         and a job that ended without a result fails its cell with the job's reason."""
-        from fewbench.journal import collect
-
         waiting, last, asked = dict(jobs), "", 0.0
         every = 0.0 if self.config["cluster"] == "local" else 60.0
         try:
             while waiting:
                 time.sleep(self.config["progress_every"])
-                last = self.report_progress(run_dir, store, log, last)
-                for cell_id in [c for c in waiting if store.status(c) in ("done", "failed")]:
+                last = self.report_progress(run, log, last)
+                for cell_id in [c for c in waiting if run.status(c) in ("done", "failed")]:
                     del waiting[cell_id]
                 if not waiting or time.monotonic() - asked < every:
                     continue
                 asked = time.monotonic()
                 ended = {c: job for c, job in waiting.items() if job.done(force_check=True)}
-                collect(run_dir, store)  # a result written just before its job ended
+                run.collect()  # a result written just before its job ended
                 for cell_id, job in ended.items():
                     del waiting[cell_id]
-                    if store.status(cell_id) not in ("done", "failed"):
-                        store.mark(
+                    if run.status(cell_id) not in ("done", "failed"):
+                        run.fail(
                             cell_id,
-                            "failed",
-                            error=f"SLURM job {job.job_id} ended ({job.state}) without a result; "
+                            f"SLURM job {job.job_id} ended ({job.state}) without a result; "
                             f"its log: {job.paths.stderr}",
                         )
         except KeyboardInterrupt:
             print(
-                f"fewbench: stopped waiting; the jobs go on. fewbench status {run_dir}",
+                f"fewbench: stopped waiting; the jobs go on. fewbench status {run.path}",
                 file=log,
                 flush=True,
             )
             return 130
-        self.report_progress(run_dir, store, log, "")
-        return self.exit_code(run_dir)
+        self.report_progress(run, log, "")
+        return run.exit_code()
 
 
 @hookimpl
 def fewbench_register_executors(register):
     register(SlurmExecutor)
+
+
+@hookimpl
+def fewbench_add_executor_options(add_option):
+    for flag, param, text, convert in (
+        ("--partition", "partition", "slurm: partition", None),
+        ("--account", "account", "slurm: account", None),
+        ("--time-min", "time_min", "slurm: time limit per cell, minutes", int),
+        ("--mem-gb", "mem_gb", "slurm: memory per cell, GB", float),
+        ("--array-parallelism", "array_parallelism", "slurm: array tasks at once", int),
+        ("--gpus-per-cell", "gpus_per_cell", "ray, slurm: GPUs per cell (ray: may be 0.25)", float),
+        ("--cpus-per-cell", "cpus_per_cell", "ray, slurm: CPUs per cell", float),
+    ):
+        add_option(ExecutorOption(flag, param, text, convert))
+    add_option(
+        ExecutorOption(
+            "--wait",
+            "wait",
+            "slurm: stay until every cell ends (default: submit and exit)",
+            flag_only=True,
+        )
+    )

@@ -80,7 +80,7 @@ class FineTune(Learner):
             )
 
     def _new_head(self, classes: int) -> nn.Module:
-        if self.config["head"] == "cosine" and self.ctx.task_type == "regression":
+        if self.config["head"] == "cosine" and not self.ctx.task_type.predicts_classes:
             raise ValueError("head: cosine is a classifier; use head: linear for regression")
         if self.config["head"] == "cosine":
             return CosineHead(self.width, classes)
@@ -117,7 +117,7 @@ class FineTune(Learner):
         self.network.eval()
         support, query = self._episode_features(episodes)  # [T, NK, D], [T, NQ, D]
         tasks, ways = len(episodes), episodes.ways
-        regression = self.ctx.task_type == "regression"
+        regression = not self.ctx.task_type.predicts_classes
         if regression:
             ways = episodes.support_y.shape[-1]  # outputs per point
         bias = torch.zeros(tasks, ways, device=support.device, requires_grad=True)
@@ -158,7 +158,7 @@ class FineTune(Learner):
             return self._head_logits(query, weight, bias, ways)
 
     def _head_logits(self, features: Tensor, weight: Tensor, bias: Tensor, ways: int) -> Tensor:
-        if self.config["head"] == "cosine" and self.ctx.task_type != "regression":
+        if self.config["head"] == "cosine" and self.ctx.task_type.predicts_classes:
             normed = nn.functional.normalize(features, dim=-1)
             return (
                 cosine_scale(ways)

@@ -26,6 +26,7 @@ from fewbench_plugins.learners.maml_engines import ENGINES
 
 class MAML(Learner):
     name = "maml"
+    out_of_memory_hint = "lower meta_batch_size or use first_order: true"
     description = "Model-agnostic meta-learning, second order (Finn et al. 2017)"
     params = {
         "inner_lr": Param(0.4, minimum=0.0, help="inner-loop step size (alpha)"),

@@ -71,6 +71,7 @@ class Diverging(ProtoNet):
 class Crashing(ProtoNet):
     name = "crashing_demo"
     description = "Raises an exception from its third step on"
+    out_of_memory_hint = "lower meta_batch_size"
     params = {
         "meta_batch_size": Param(2, minimum=1),
         "lr": Param(0.001),

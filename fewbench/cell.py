@@ -1,0 +1,204 @@
+"""A cell: one training run of a suite's grid, as a typed value.
+
+This is the bottom layer that the suite expansion, the results store, the
+workers and the reports share. A cell's configuration is written once, by the
+driver that expands the suite, and read back by id wherever the cell runs; it is
+never rebuilt from the suite file there.
+
+The sections of a cell (``tasks``, ``train``, ``eval``) are dataclasses whose
+fields carry the suite format's schema (:func:`schema`), so a setting is declared
+once: its name, type, default and help.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fewbench.params import Param
+
+AUGMENTATIONS = ("flip", "crop", "rotate90")  # implemented in fewbench.augment
+
+
+def _setting(default: Any, **param: Any) -> Any:
+    """A section field whose metadata holds the suite's :class:`Param` for it."""
+    spec = Param(default, **param)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"param": spec})
+    return field(default=default, metadata={"param": spec})
+
+
+def schema(section: type) -> dict[str, Param]:
+    """The suite schema of a section dataclass: ``{key: Param}``, in field order."""
+    return {f.name: f.metadata["param"] for f in fields(section)}
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """Which episodes a cell trains on. In a suite, ``ways`` and ``shots`` may be lists
+    (grid axes); in a cell they are single values."""
+
+    ways: int = _setting(5, type=(int, list), help="classes per episode (an integer or a list)")
+    shots: int = _setting(
+        1, type=(int, list), help="support examples per class (an integer or a list)"
+    )
+    query: int = _setting(1, minimum=1, help="query examples per class in training episodes")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    iterations: int = _setting(1000, minimum=1, help="training steps (meta-iterations)")
+    validate_every: int = _setting(500, minimum=1, help="validate every this many iterations")
+    val_episodes: int = _setting(
+        100, minimum=0, help="fixed validation episodes (0: keep the last state)"
+    )
+    log_every: int = _setting(
+        50, minimum=1, help="record the training loss every this many iterations"
+    )
+    checkpoint_every: int = _setting(
+        1000, minimum=1, help="write a checkpoint every this many iterations"
+    )
+    checkpoint_minutes: float = _setting(
+        5.0, minimum=0.0, help="and at least this often, in minutes"
+    )
+    keep_checkpoints: str = _setting(
+        "best",
+        choices=("best", "none", "all"),
+        help="what to keep of a finished cell: its best state, nothing, or everything",
+    )
+    augment: list[str] = _setting(
+        [],
+        item_type=str,
+        choices=AUGMENTATIONS,
+        help="augmentations of training images, batched on the device: flip, crop, rotate90",
+    )
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    episodes: int = _setting(600, minimum=1, help="fixed test episodes")
+    query: int = _setting(
+        15, minimum=1, help="query examples per class in validation and test episodes"
+    )
+    seed: int = _setting(0, help="seed of the fixed validation and test episodes")
+    chunk: int = _setting(50, minimum=1, help="episodes adapted per call to the learner")
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    """A dataset, backbone or learner of a cell: the plugin's name, every parameter
+    (defaults filled in) and the label tables show."""
+
+    name: str
+    params: dict[str, Any]
+    label: str
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+
+# Settings that change how a cell is run but not its results: left out of its id, so
+# changing them does not make finished cells run again.
+NOT_IN_ID = {
+    "train": ("checkpoint_every", "checkpoint_minutes", "keep_checkpoints"),
+    "eval": ("chunk",),
+}
+
+
+def cell_id(config: dict[str, Any]) -> str:
+    """A stable hash of everything in ``config`` that determines the cell's results."""
+    relevant = {
+        section: {k: v for k, v in value.items() if k not in NOT_IN_ID[section]}
+        if section in NOT_IN_ID and isinstance(value, dict)
+        else value
+        for section, value in config.items()
+    }
+    canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run: everything that determines its result, and its identity.
+
+    ``id`` is a hash of :attr:`config` (less the settings in :data:`NOT_IN_ID`),
+    stable across runs and machines, so an unchanged cell keeps its id.
+    """
+
+    id: str
+    label: str
+    seed: int
+    dataset: PluginChoice
+    backbone: PluginChoice
+    learner: PluginChoice
+    tasks: Tasks
+    train: TrainSettings
+    eval: EvalSettings
+
+    @property
+    def ways(self) -> int:
+        return self.tasks.ways
+
+    @property
+    def shots(self) -> int:
+        return self.tasks.shots
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Dataset, backbone and learner as tables show them."""
+        return {
+            "dataset": self.dataset.label,
+            "backbone": self.backbone.label,
+            "learner": self.learner.label,
+        }
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The plain nested form, as stored in the run directory and hashed into the id."""
+        return {
+            "dataset": self.dataset.config(),
+            "backbone": self.backbone.config(),
+            "learner": self.learner.config(),
+            "tasks": asdict(self.tasks),
+            "train": asdict(self.train),
+            "eval": asdict(self.eval),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        label: str,
+        labels: dict[str, str] | None = None,
+        id: str | None = None,
+    ) -> Cell:
+        """A cell from its plain form; ``id`` defaults to the hash of ``config``."""
+        labels = labels or {}
+
+        def choice(section: str) -> PluginChoice:
+            params = {k: v for k, v in config[section].items() if k != "name"}
+            name = config[section]["name"]
+            return PluginChoice(name, params, labels.get(section, name))
+
+        return cls(
+            id=id or cell_id(config),
+            label=label,
+            seed=config["seed"],
+            dataset=choice("dataset"),
+            backbone=choice("backbone"),
+            learner=choice("learner"),
+            tasks=Tasks(**config["tasks"]),
+            train=TrainSettings(**config["train"]),
+            eval=EvalSettings(**config["eval"]),
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready record of the cell (for a worker that cannot read the store)."""
+        return {"id": self.id, "label": self.label, "labels": self.labels, "config": self.config}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Cell:
+        return cls.from_config(record["config"], record["label"], record["labels"], record["id"])

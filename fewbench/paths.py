@@ -1,0 +1,23 @@
+"""Where fewbench keeps things by default: the data root, the decoded-data cache and the
+results folder. Environment variables override the per-user folders."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import platformdirs
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("FEWBENCH_DATA") or platformdirs.user_data_dir("fewbench"))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEWBENCH_CACHE") or platformdirs.user_cache_dir("fewbench"))
+
+
+def default_run_dir(suite_name: str) -> Path:
+    """``results/<suite name>/<timestamp>`` under the current directory."""
+    return Path("results") / suite_name / time.strftime("%Y%m%d-%H%M%S")

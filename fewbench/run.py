@@ -1,0 +1,244 @@
+"""``fewbench run``: from a suite file (or a run directory) to stored results.
+
+The driver's steps, each once: read and check the suite, expand its grid, fetch
+missing data, check the data against every cell, write the run directory (the
+resolved suite, the environment, every cell's configuration in the results
+store), then hand the cells to workers: this process
+(:func:`fewbench.worker.work_through`), torchrun's ranks, or an executor plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+from fewbench import environment
+from fewbench.atomic import write_text_atomically
+from fewbench.datacheck import check_data, download_missing
+from fewbench.errors import FewbenchError
+from fewbench.execution import EXECUTION_FILE, ExecutorRequest, build_executor
+from fewbench.executor import RunDir
+from fewbench.grid import Suite, expand_grid
+from fewbench.interrupts import first_interrupt_stops
+from fewbench.journal import collect
+from fewbench.paths import default_run_dir
+from fewbench.registry import Registry
+from fewbench.report import render
+from fewbench.store import ResultsStore
+from fewbench.suite import check_suite, load_suite_file
+from fewbench.worker import WorkerSettings, follow, resolve_device, work_through
+
+EXIT_FAILED_CELLS = 1
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything ``fewbench run`` was asked to do."""
+
+    suite: Path  # a suite file, or a run directory to resume
+    data_root: Path
+    cache_dir: Path | None = None  # None: each worker's default ($FEWBENCH_CACHE)
+    sets: tuple[str, ...] = ()
+    out: Path | None = None
+    device: str = "auto"
+    dry_run: bool = False
+    progress: bool = True
+    download: bool = True
+    retry_failed: bool = False
+    worker: str | None = None
+    stale_after: float = 120.0
+    threads: int | None = None
+    executor: ExecutorRequest = field(default_factory=ExecutorRequest)
+
+
+def load(request: RunRequest, registry: Registry) -> tuple[Suite, Path | None]:
+    """The expanded suite, and the run directory when ``request.suite`` is one."""
+    suite_path, resuming = Path(request.suite), None
+    if suite_path.is_dir():  # a run directory: resume it with the suite it was run with
+        if not (suite_path / "suite.yaml").is_file():
+            raise FewbenchError(
+                f"{suite_path}: a directory without suite.yaml is not a fewbench run directory"
+            )
+        if request.out is not None and request.out.resolve() != suite_path.resolve():
+            raise FewbenchError(
+                f"--out {request.out}: resuming {suite_path} writes into that directory"
+            )
+        resuming, suite_path = suite_path, suite_path / "suite.yaml"
+    source = load_suite_file(suite_path, list(request.sets))
+    return expand_grid(check_suite(source, registry)), resuming
+
+
+def suite_text_of(suite: Suite) -> str:
+    """The suite as resolved (after --set), for the run directory."""
+    return yaml.safe_dump(suite.data, sort_keys=False)
+
+
+def prepare_run_dir(run_dir: Path, suite: Suite, registry: Registry, device) -> None:
+    """Write the run directory: the suite, the environment and every cell, stored once.
+
+    Workers take their cells from here by id; cells already known (same id) keep
+    their state, so a rerun resumes.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    suite_text = suite_text_of(suite)
+    write_text_atomically(run_dir / "suite.yaml", suite_text)
+    env = environment.collect(device, registry)
+    write_text_atomically(
+        run_dir / "environment.json", json.dumps(env, indent=2, sort_keys=True) + "\n"
+    )
+    store = ResultsStore.open_run(run_dir)
+    try:
+        store.set_meta("suite", suite_text)
+        store.set_meta("suite_name", suite.name)
+        store.set_meta("environment", env)
+        store.add_suite_version(suite_text)  # every version of the suite run into this directory
+        store.add_cells(suite.cells)
+        store.set_current_cells([cell.id for cell in suite.cells])
+        collect(run_dir, store)  # what cluster workers finished since the last driver looked
+    finally:
+        store.close()
+
+
+def run(request: RunRequest, registry: Registry, log: TextIO = sys.stderr) -> int:
+    """``fewbench run``; returns the exit code."""
+    suite, resuming = load(request, registry)
+    if not request.dry_run and request.download:
+        # The whole suite was checked first, so a typo is reported before any download.
+        names = {cell.dataset.name for cell in suite.cells}
+        download_missing(names, registry, request.data_root, request.progress, log)
+    warnings = check_data(suite, registry, request.data_root, require_data=not request.dry_run)
+    for warning in warnings:
+        print(f"warning: {warning}", file=log)
+    if request.dry_run:
+        for cell in suite.cells:
+            print(f"{cell.id}  {cell.label}")
+        print(f"{len(suite.cells)} cells")
+        return 0
+    if request.threads:
+        import torch
+
+        torch.set_num_threads(request.threads)  # before environment.json records it
+    device = resolve_device(request.device)
+    run_dir = resuming or request.out or default_run_dir(suite.name)
+    executor, execution = build_executor(request.executor, registry, suite.execution, run_dir)
+    settings = WorkerSettings(
+        data_root=str(Path(request.data_root).resolve()),
+        cache_dir=str(Path(request.cache_dir).resolve()) if request.cache_dir else None,
+        device=request.device,
+        threads=request.threads,
+        stale_after=request.stale_after,
+        progress=request.progress,
+    )
+    from fewbench.ranks import from_environment, leave
+
+    ranks = from_environment(device)
+    if ranks is not None and not executor.in_process():
+        raise FewbenchError(
+            "under torchrun each rank is part of one worker: run the cells in this process (drop the executor options)"
+        )
+    if not executor.in_process():
+        return run_with_executor(
+            executor, execution, request, suite, registry, run_dir, settings, device, log
+        )
+    if ranks is not None:
+        device = ranks.device
+        run_dir = Path(ranks.share(str(run_dir)))  # rank 0's: the default name has a timestamp
+        if not ranks.leader:
+            follow(ranks.share, run_dir, settings, device, log, ranks.rank)
+            leave()
+            return 0
+    where = f"{ranks.world} ranks ({device.type})" if ranks else str(device)
+    print(f"fewbench: {len(suite.cells)} cells on {where}, results in {run_dir}", file=log)
+    stop = threading.Event()
+    with first_interrupt_stops(stop):
+        try:
+            created = not run_dir.exists()
+            try:
+                prepare_run_dir(run_dir, suite, registry, device)
+            except BaseException:
+                if created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            report_skipped(run_dir, request.retry_failed, log)
+            summary = work_through(
+                run_dir,
+                settings,
+                log=log,
+                worker=request.worker,
+                stop=stop,
+                announce=ranks.share if ranks else None,
+                registry=registry,
+                device=device,
+            )
+            if ranks:
+                leave()
+            table = render(run_dir, "table")
+        except KeyboardInterrupt:
+            print(
+                f"fewbench: stopped at once; the last checkpoint holds. Resume with: fewbench run {run_dir}",
+                file=log,
+            )
+            return EXIT_INTERRUPTED
+    print(table)
+    if summary.interrupted:
+        print(
+            f"fewbench: interrupted {summary.interrupted} (checkpoint written). "
+            f"Resume with: fewbench run {run_dir}",
+            file=log,
+        )
+        return EXIT_INTERRUPTED
+    if summary.failed:
+        print(
+            f"{len(summary.failed)} of {len(suite.cells)} cells failed (rerun them with: "
+            f"fewbench run --retry-failed {run_dir}):",
+            file=log,
+        )
+        for label, reason in summary.failed:
+            print(f"  {label}: {reason}", file=log)
+        return EXIT_FAILED_CELLS
+    return 0
+
+
+def report_skipped(run_dir: Path, retry_failed: bool, log: TextIO) -> None:
+    """Put failed cells back (``--retry-failed``) and say which cells an earlier run did."""
+    store = ResultsStore.open_run(run_dir, must_exist=True)
+    try:
+        if retry_failed:
+            store.retry_failed()
+        order = store.current_cells()
+        for number, cell_id in enumerate(order, start=1):
+            if store.status(cell_id) == "done":
+                label = store.cell(cell_id).label
+                print(
+                    f"[{number}/{len(order)}] {label} ({cell_id}): done in an earlier run, skipped",
+                    file=log,
+                    flush=True,
+                )
+    finally:
+        store.close()
+
+
+def run_with_executor(
+    executor, execution, request, suite, registry, run_dir: Path, settings, device, log
+) -> int:
+    run_dir = run_dir.resolve()  # workers elsewhere find it by this path (shared file system)
+    prepare_run_dir(run_dir, suite, registry, device)
+    if request.retry_failed:
+        store = ResultsStore.open_run(run_dir, must_exist=True)
+        try:
+            store.retry_failed()
+        finally:
+            store.close()
+    write_text_atomically(run_dir / EXECUTION_FILE, json.dumps(execution, indent=2) + "\n")
+    with RunDir(run_dir, settings.replace(progress=False)) as run_directory:
+        code = executor.run(run_directory, log)
+    print(render(run_dir, "table"))
+    return code

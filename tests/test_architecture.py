@@ -1,0 +1,253 @@
+"""The architecture's promises: one worker path from a stored cell to a stored result,
+a sealed plugin boundary, typed cells and task types."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import REPO, run_cli
+
+from fewbench.cell import EvalSettings, Tasks, TrainSettings, cell_id
+from fewbench.grid import expand_grid
+from fewbench.registry import Registry
+from fewbench.suite import EVAL, TASKS, TRAIN, check_suite, parse_yaml
+from fewbench.task_types import CLASSIFICATION, REGRESSION, by_metric, task_type_of
+
+HERE = Path(__file__).resolve().parent
+
+# What a plugin may import from the core (README, "Writing a plugin").
+PUBLIC_MODULES = {
+    "fewbench.hookspecs", "fewbench.learner", "fewbench.data", "fewbench.backbone",
+    "fewbench.executor", "fewbench.params", "fewbench.errors", "fewbench.task_types",
+    "fewbench.cell", "fewbench.download", "fewbench.cache",
+}  # fmt: skip
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports in functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_plugins_import_only_the_public_core_modules():
+    plugin_files = sorted((REPO / "plugins").rglob("*.py")) + [
+        HERE / "thirdparty" / "fewbench_demo_plugin.py",
+        HERE / "thirdparty" / "fewbench_counting_plugin.py",
+    ]
+    assert len(plugin_files) > 15
+    for path in plugin_files:
+        core = {
+            name for name in imported_modules(path)
+            if name.startswith("fewbench.") and name.count(".") == 1
+        }  # fmt: skip
+        # `from fewbench.data import ClassPool` adds "fewbench.data.ClassPool": depth 2, ignored
+        assert core <= PUBLIC_MODULES, f"{path}: imports {sorted(core - PUBLIC_MODULES)}"
+
+
+def code_without_docstrings(path: Path) -> str:
+    """A module's code as Python reads it: no comments, no docstrings (examples in prose
+    may name a plugin's parameters)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
+            body[0] = ast.Pass()
+    return ast.unparse(tree)
+
+
+def test_the_core_names_no_executor_or_learner_parameter():
+    """The core's parser, status and failure messages know no plugin's parameters."""
+    for path in (REPO / "fewbench").glob("*.py"):
+        assert "fewbench_plugins" not in path.read_text(), path
+        text = code_without_docstrings(path)
+        for word in ("--partition", "--gpus-per-cell", "slurm_job", "ray_node", "meta_batch_size"):
+            assert word not in text, f"{path} names {word}"
+
+
+def test_plugin_folders_show_their_kinds():
+    kinds = {p.name for p in (REPO / "plugins").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert kinds == {"datasets", "backbones", "learners", "executors"}
+    entry_points = (REPO / "pyproject.toml").read_text()
+    for kind in kinds:
+        for module in (REPO / "plugins" / kind).glob("*.py"):
+            text = module.read_text()
+            if "@hookimpl" in text:
+                assert f'"fewbench_plugins.{kind}.{module.stem}"' in entry_points, module
+
+
+def test_cell_sections_are_the_suite_schema_and_cells_round_trip(registry):
+    assert list(TASKS) == list(Tasks.__dataclass_fields__)
+    assert list(TRAIN) == list(TrainSettings.__dataclass_fields__)
+    assert list(EVAL) == list(EvalSettings.__dataclass_fields__)
+    source = parse_yaml(
+        "name: t\ndatasets: [sinusoid]\ntasks: {ways: 1, shots: [5, 10]}\n"
+        "backbones: [{name: mlp, hidden: [8]}]\nlearners: [maml, finetune]\n",
+        "t.yaml",
+    )
+    cells = expand_grid(check_suite(source, registry)).cells
+    assert len(cells) == 4
+    for cell in cells:
+        again = type(cell).from_record(json.loads(json.dumps(cell.to_record())))
+        assert again == cell and again.id == cell.id == cell_id(cell.config)
+        assert isinstance(cell.train, TrainSettings) and cell.tasks.shots in (5, 10)
+        assert cell.learner.label == cell.labels["learner"]
+
+
+def test_task_types_decide_loss_metric_direction_and_format():
+    import torch
+
+    assert (
+        task_type_of("regression") is REGRESSION and task_type_of(CLASSIFICATION) is CLASSIFICATION
+    )
+    assert CLASSIFICATION.better(0.9, 0.8) and not REGRESSION.better(0.9, 0.8)
+    assert by_metric("mse") is REGRESSION and by_metric(None) is CLASSIFICATION
+    assert CLASSIFICATION.format(0.96634) == "96.63%" and REGRESSION.format(0.13251) == "0.1325"
+    assert CLASSIFICATION.describe(0.5, 0.01) == "50.00 ± 1.00% accuracy"
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]])  # one episode, 3 queries
+    labels = torch.tensor([[0, 1, 1]])
+    assert CLASSIFICATION.episode_metric(logits, labels).tolist() == pytest.approx([2 / 3])
+    values = torch.tensor([[[1.0], [3.0]]])
+    assert REGRESSION.episode_metric(values, torch.zeros(1, 2, 1)).tolist() == [5.0]
+    assert REGRESSION.loss(values, torch.zeros(1, 2, 1)).item() == 5.0
+    with pytest.raises(Exception, match="unknown task type 'reinforcement'"):
+        task_type_of("reinforcement")
+
+
+SINUSOID = """\
+name: worker-path
+datasets: [sinusoid]
+tasks: {ways: 1, shots: 5, query: 5}
+backbones: [{name: mlp, hidden: [8]}]
+learners:
+  - {name: maml, inner_lr: 0.01, meta_batch_size: 2}
+  - {name: finetune, batch_size: 20}
+train: {iterations: 6, validate_every: 3, val_episodes: 2, log_every: 2}
+eval: {episodes: 4, query: 5}
+"""
+
+
+def stored_cells(run_dir: Path) -> list[tuple[str, str, int]]:
+    db = sqlite3.connect(run_dir / "results.sqlite")
+    rows = db.execute("SELECT id, status, completions FROM cells ORDER BY rowid").fetchall()
+    db.close()
+    return rows
+
+
+def test_a_worker_runs_stored_cells_by_id_without_the_suite_file(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(SINUSOID)
+    out = tmp_path / "run"
+    # The driver's steps up to the hand-off: expand once, store every cell.
+    from fewbench.registry import Registry
+    from fewbench.run import RunRequest, load, prepare_run_dir
+
+    registry = Registry()
+    grid, _ = load(RunRequest(suite=suite, data_root=tmp_path, cache_dir=tmp_path), registry)
+    import torch
+
+    prepare_run_dir(out, grid, registry, torch.device("cpu"))
+    suite.unlink()
+    (out / "suite.yaml").unlink()  # no suite anywhere: the worker reads the stored cells
+    settings = {"data_root": str(tmp_path), "cache_dir": str(tmp_path / "cache"),
+                "device": "cpu", "threads": 1}  # fmt: skip
+    first, second = [cell.id for cell in grid.cells]
+
+    # A cluster task: the driver wrote the cell to its folder when it queued it.
+    from fewbench.executor import RunDir, run_cell_task
+    from fewbench.worker import WorkerSettings
+
+    with RunDir(out, WorkerSettings.from_dict(settings)) as run:
+        run.queue([second], "test task")
+    assert run_cell_task(str(out), second, settings)["status"] == "done"
+    assert json.loads((out / "cells" / second / "result.json").read_text())["metric"] == "mse"
+
+    # A local worker process: claims what is left in the store.
+    worker = subprocess.run(
+        [sys.executable, "-m", "fewbench.worker", str(out), json.dumps(settings)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr
+    assert "sinusoid/1w5s/mlp/maml/seed0" in worker.stderr and "MSE" in worker.stderr
+    rows = dict((i, (s, c)) for i, s, c in stored_cells(out))
+    assert rows[first] == ("done", 1)
+    assert rows[second][0] == "queued"  # the task reported to its folder, not the store
+    assert "collected 1 finished" in run_cli("collect", str(out)).stdout
+    assert dict((i, s) for i, s, _ in stored_cells(out)) == {first: "done", second: "done"}
+
+
+def install_counting_plugin(site: Path) -> Path:
+    site.mkdir(parents=True, exist_ok=True)
+    shutil.copy(HERE / "thirdparty" / "fewbench_counting_plugin.py", site)
+    info = site / "fewbench_counting_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: counting\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fewbench]\ncounting = fewbench_counting_plugin\n")
+    return site
+
+
+def test_local_executor_workers_do_not_expand_the_grid(tmp_path):
+    """The driver checks the data once per dataset configuration; each worker process only
+    loads the data of the cells it runs, and none of them checks or expands the suite."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: counted\ndatasets: [{name: counted, variant: [0, 1]}]\n"
+        "tasks: {ways: 2, shots: 1, query: 1}\nbackbones: [{name: mlp, hidden: [4]}]\n"
+        "learners: [{name: finetune, batch_size: 8}]\nseeds: [0, 1]\n"
+        "train: {iterations: 2, validate_every: 2, val_episodes: 1}\neval: {episodes: 2, query: 1}\n"
+    )
+    counts = tmp_path / "counts.txt"
+    env = {
+        "PYTHONPATH": str(install_counting_plugin(tmp_path / "site")),
+        "FEWBENCH_COUNT_FILE": str(counts),
+        "FEWBENCH_CACHE": str(tmp_path / "cache"),
+    }
+    result = run_cli(
+        "run", str(suite), "--out", str(tmp_path / "run"), "--data-root", str(tmp_path),
+        "--workers", "2", "--no-progress", "--device", "cpu", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [s for _, s, _ in stored_cells(tmp_path / "run")] == ["done"] * 4
+    events = [line.split() for line in counts.read_text().splitlines()]
+    checks = Counter(pid for pid, event in events if event == "split_sizes")
+    loads = Counter(pid for pid, event in events if event == "load")
+    assert len(checks) == 1 and sum(checks.values()) == 2  # the driver: once per variant
+    (driver,) = checks
+    assert driver not in loads  # the driver trains nothing
+    assert 1 <= len(loads) <= 2  # the worker processes
+    assert all(n <= 2 for n in loads.values())  # at most one load per variant per worker
+
+
+def test_registry_collects_executor_options_and_refuses_a_conflict():
+    from fewbench.executor import ExecutorOption
+    from fewbench.hookspecs import hookimpl
+
+    registry = Registry()
+    assert registry.executor_options["--gpus-per-cell"].param == "gpus_per_cell"
+    assert {"--workers", "--partition", "--address", "--wait"} <= set(registry.executor_options)
+
+    class Clash:
+        @hookimpl
+        def fewbench_add_executor_options(self, add_option):
+            add_option(ExecutorOption("--workers", "processes"))
+
+    with pytest.raises(Exception, match="--workers for the executor parameter 'processes'"):
+        Registry([Clash()])
