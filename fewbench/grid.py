@@ -59,6 +59,7 @@ def expand_grid(checked: CheckedSuite) -> Suite:
     entries = checked.entries
     cells: list[Cell] = []
     seen: dict[str, str] = {}
+    matched = [False] * len(checked.overrides)
     for dataset, ways, shots, backbone, learner, seed in itertools.product(
         entries["datasets"],
         checked.ways,
@@ -93,8 +94,9 @@ def expand_grid(checked: CheckedSuite) -> Suite:
             "backbone": backbone.plugin,
             "learner": learner.plugin,
         }
-        for override in checked.overrides:
+        for index, override in enumerate(checked.overrides):
             if _matches(override["when"], coords):
+                matched[index] = True
                 _apply_override(source, override, config, plugins, label)
         identifier = cell_id(config)
         if identifier in seen:
@@ -104,7 +106,13 @@ def expand_grid(checked: CheckedSuite) -> Suite:
         seen[identifier] = label
         labels = {"dataset": dataset.label, "backbone": backbone.label, "learner": learner.label}
         cells.append(Cell.from_config(config, label, labels, identifier))
-    return Suite(checked.name, source.data, cells, [], checked.execution, source)
+    warnings = [
+        f"{source.file}:{source.line_of(override['path']) or '?'}: {override['path']}: its "
+        f"'when' matches no cell ({override['when']}); it changes nothing"
+        for override, used in zip(checked.overrides, matched, strict=True)
+        if not used
+    ]
+    return Suite(checked.name, source.data, cells, warnings, checked.execution, source)
 
 
 def expand(
@@ -118,7 +126,7 @@ def expand(
     from fewbench.datacheck import check_data
 
     suite = expand_grid(check_suite(source, registry))
-    warnings = check_data(suite, registry, data_root, require_data=require_data)
+    warnings = suite.warnings + check_data(suite, registry, data_root, require_data=require_data)
     return Suite(suite.name, suite.data, suite.cells, warnings, suite.execution, source)
 
 
@@ -157,6 +165,13 @@ def _apply_override(
                     path, f"unknown key '{name}'{closest(name, list(SET_SECTIONS[section]))}"
                 )
         checked, problem = check_value(param, value)
+        if (
+            not problem
+            and section == "tasks"
+            and name in ("ways", "shots")
+            and not (isinstance(checked, int) and not isinstance(checked, bool) and checked >= 1)
+        ):
+            problem = f"an override sets one positive integer (lists of {name} are grid axes), got {value!r}"
         if problem:
             raise source.error(path, problem)
         config[section][name] = copy.deepcopy(checked)

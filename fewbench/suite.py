@@ -71,42 +71,124 @@ class SuiteSource:
         while path:
             if path in self.lines:
                 return self.lines[path]
-            path = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
+            shorter = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", path)
+            if shorter == path:  # a bare name not in the file (a --set key, say)
+                return None
+            path = shorter
         return None
 
 
-def _record_lines(node: yaml.Node, path: str, lines: dict[str, int]) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            child = f"{path}.{key_node.value}" if path else str(key_node.value)
-            lines[child] = key_node.start_mark.line + 1
-            _record_lines(value_node, child, lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _record_lines(item, f"{path}[{i}]", lines)
+# Bounds on the work a suite file may ask for: aliases can make a few hundred bytes stand
+# for billions of nodes ("billion laughs"), and an alias may refer to its own ancestor.
+MAX_NODES = 100_000  # visited, aliases expanded
+MAX_DEPTH = 50
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
-def parse_yaml(text: str, file: str) -> SuiteSource:
-    """Parse YAML text, keeping the line of every key path."""
-    loader = yaml.SafeLoader(text)
+def _record_lines(root: yaml.Node, file: str) -> dict[str, int]:
+    """The line of every key path, walking the node graph within :data:`MAX_NODES` and
+    :data:`MAX_DEPTH`; refuses keys that YAML does not read as strings and repeated keys."""
+    lines: dict[str, int] = {}
+    stack: list[tuple[yaml.Node, str, int]] = [(root, "", 0)]
+    visited = 0
+    while stack:
+        node, path, depth = stack.pop()
+        visited += 1
+        line = node.start_mark.line + 1
+        if visited > MAX_NODES:
+            raise SuiteError(
+                f"the suite expands to more than {MAX_NODES:,} values (through aliases?); refused",
+                file=file,
+                line=line,
+            )
+        if depth > MAX_DEPTH:
+            raise SuiteError(
+                f"nested more than {MAX_DEPTH} levels deep (a recursive alias?); refused",
+                file=file,
+                line=line,
+            )
+        lines.setdefault(path, line)
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key_line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
+                    shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                    raise SuiteError(
+                        f"key {shown!r} is not read as text by YAML ({key_node.tag.rsplit(':', 1)[-1]}); "
+                        "quote it",
+                        file=file,
+                        line=key_line,
+                    )
+                if key_node.value in seen and key_node.value != "<<":
+                    raise SuiteError(
+                        f"key {key_node.value!r} appears twice in one mapping "
+                        f"(lines {seen[key_node.value]} and {key_line})",
+                        file=file,
+                        line=key_line,
+                    )
+                seen[key_node.value] = key_line
+                child = f"{path}.{key_node.value}" if path else key_node.value
+                lines[child] = key_line
+                stack.append((value_node, child, depth + 1))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                stack.append((item, f"{path}[{i}]", depth + 1))
+    return lines
+
+
+def _check_nesting(text: str, file: str) -> None:
+    """Refuse collections nested deeper than :data:`MAX_DEPTH`, reading events (no recursion)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SuiteError(
+                    f"nested more than {MAX_DEPTH} levels deep; refused",
+                    file=file,
+                    line=event.start_mark.line + 1,
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _load_bounded(text: str, file: str) -> tuple[Any, dict[str, int]]:
+    """YAML text as Python values and the line of every key path, with bounded work."""
+    loader = None
+    lines: dict[str, int] = {}
     try:
+        _check_nesting(text, file)  # before the composer, which recurses
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
+        if node is None:
+            data = None
+        else:
+            lines = _record_lines(node, file)  # bounded, before anything is built
+            data = loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
         raise SuiteError(
             f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None
         ) from None
+    except RecursionError:
+        raise SuiteError("invalid YAML: nested too deeply", file=file) from None
+    except ValueError as exc:  # an integer of thousands of digits, and the like
+        raise SuiteError(f"invalid value: {exc}", file=file) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+    return data, lines
+
+
+def parse_yaml(text: str, file: str) -> SuiteSource:
+    """Parse a suite's YAML text, keeping the line of every key path."""
+    data, lines = _load_bounded(text, file)
     if not isinstance(data, dict):
         raise SuiteError(
             "a suite must be a YAML mapping of sections (name, datasets, tasks, ...)", file=file
         )
-    lines: dict[str, int] = {}
-    _record_lines(node, "", lines)
     return SuiteSource(data, file, lines)
 
 
@@ -151,12 +233,18 @@ def apply_set(source: SuiteSource, assignment: str) -> None:
     if not sep or not key.strip():
         raise SuiteError(f"--set expects KEY=VALUE, got {assignment!r}", file="--set")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value, _ = _load_bounded(text, "--set")
+    except SuiteError as exc:
+        shown = text if len(text) <= 40 else text[:40] + "..."
         raise SuiteError(
-            f"--set {key}: the value {text!r} is not valid YAML", file="--set"
+            f"--set {key}: the value {shown!r} is not a valid YAML value ({exc.reason})",
+            file="--set",
         ) from None
     parts = split_key_path(key.strip())
+    if not parts:
+        raise SuiteError(
+            f"--set expects KEY=VALUE with a dotted key, got {assignment!r}", file="--set"
+        )
     targets: list[Any] = [source.data]
     for depth, part in enumerate(parts[:-1]):
         next_targets = []
@@ -273,8 +361,13 @@ def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
         if key not in data:
             raise source.error("", f"missing required section '{key}'")
     name = data["name"]
-    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
-        raise source.error("name", f"expected a folder-safe name like 'omniglot', got {name!r}")
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name.strip()):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:60] + "..."
+        raise source.error(
+            "name",
+            "expected a folder-safe name (letters, digits, '.', '_', '-', not starting with "
+            f"'.', at most 100 characters) like 'omniglot', got {shown}",
+        )
     seeds = _int_list(source, "seeds", data.get("seeds", [0]), minimum=0)
     tasks = check_mapping(source, "tasks", data["tasks"], TASKS)
     return CheckedSuite(
@@ -292,6 +385,10 @@ def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
     )
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+MAX_INTEGER = 2**63 - 1  # what the results store's INTEGER columns hold
+
+
 def _int_list(source: SuiteSource, path: str, value: Any, minimum: int) -> list[int]:
     values = value if isinstance(value, list) else [value]
     if not values:
@@ -304,6 +401,8 @@ def _int_list(source: SuiteSource, path: str, value: Any, minimum: int) -> list[
             )
         if item < minimum:
             raise source.error(path, f"must be at least {minimum}, got {item}")
+        if item > MAX_INTEGER:
+            raise source.error(path, f"must be at most {MAX_INTEGER} (2**63 - 1), got {item}")
     if len(set(values)) != len(values):
         raise source.error(path, f"repeated values in {values}")
     return values
