@@ -192,6 +192,10 @@ def run_request(args: argparse.Namespace, executor_options: list[ExecutorOption]
     from fewbench.paths import default_data_root
     from fewbench.run import RunRequest
 
+    if args.threads is not None and args.threads < 1:
+        raise FewbenchError(f"--threads {args.threads}: must be at least 1")
+    if not args.stale_after >= 1:  # 0 would let every worker take every cell
+        raise FewbenchError(f"--stale-after {args.stale_after}: must be at least 1 second")
     flags = {
         option.flag: getattr(args, _dest(option.flag))
         for option in executor_options

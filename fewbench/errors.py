@@ -41,3 +41,7 @@ class PluginError(FewbenchError):
 def one_line(text: str) -> str:
     """Escape line breaks and other control characters (a suite may hold any unicode)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class DiskFull(FewbenchError):
+    """No space left where fewbench had to write: the run stops (nothing written is lost)."""

@@ -111,6 +111,8 @@ class ParamSet:
     @classmethod
     def of(cls, plugin: type) -> ParamSet:
         raw = getattr(plugin, "params", {}) or {}
+        if not isinstance(raw, dict) or not all(isinstance(key, str) for key in raw):
+            raise TypeError(f"params must be a mapping of names, got {type(raw).__name__}")
         return cls({key: as_param(spec) for key, spec in raw.items()})
 
     def defaults(self) -> dict[str, Any]:

@@ -48,9 +48,7 @@ class Registry:
             try:
                 self.manager.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
             except Exception as exc:  # a broken third-party plugin must say who it is
-                raise PluginError(
-                    f"could not load a '{hookspecs.PROJECT_NAME}' entry point: {exc}"
-                ) from exc
+                raise PluginError(_failing_entry_point(exc)) from exc
         for plugin in extra_plugins or []:
             self.manager.register(plugin)
         self._items: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
@@ -61,10 +59,17 @@ class Registry:
             hook = getattr(self.manager.hook, hook_name)
             for impl in hook.get_hookimpls():
                 provider = providers.get(id(impl.plugin)) or impl.plugin_name
-                impl.function(register=self._registrar(kind, provider, impl.plugin_name))
+                register = self._registrar(kind, provider, impl.plugin_name)
+                _call_hook(impl, hook_name, provider, register=register)
         self.executor_options: dict[str, Any] = {}  # flag -> ExecutorOption
         for impl in self.manager.hook.fewbench_add_executor_options.get_hookimpls():
-            impl.function(add_option=self._add_option(impl.plugin_name))
+            provider = providers.get(id(impl.plugin)) or impl.plugin_name
+            _call_hook(
+                impl,
+                "fewbench_add_executor_options",
+                provider,
+                add_option=self._add_option(impl.plugin_name),
+            )
 
     def _add_option(self, module: str):
         def add_option(option: Any) -> None:
@@ -95,9 +100,15 @@ class Registry:
             description = (
                 getattr(cls, "description", "") or (cls.__doc__ or "").strip().split("\n")[0]
             )
-            self._items[kind][name] = Registered(
-                kind, name, cls, description, ParamSet.of(cls), provider
-            )
+            try:
+                params = ParamSet.of(cls)
+            except (AttributeError, TypeError, ValueError):
+                raise PluginError(
+                    f"{provider} ({module}): {kind} '{name}' declares params "
+                    f"{getattr(cls, 'params', None)!r:.80}; expected a mapping of parameter "
+                    "names to defaults or Param"
+                ) from None
+            self._items[kind][name] = Registered(kind, name, cls, description, params, provider)
 
         return register
 
@@ -118,3 +129,32 @@ class Registry:
 
     def has(self, kind: str, name: str) -> bool:
         return name in self._items[kind]
+
+
+def _call_hook(impl: Any, hook_name: str, provider: str, **arguments: Any) -> None:
+    """Call one plugin's hook; its failure becomes one line naming the plugin."""
+    try:
+        impl.function(**arguments)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"the plugin {impl.plugin_name} ({provider}) failed in {hook_name}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _failing_entry_point(error: Exception) -> str:
+    """Which entry point of the group failed to load, and why (pluggy's error names none)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=hookspecs.PROJECT_NAME):
+        try:
+            entry.load()
+        except Exception as exc:
+            where = entry.dist.name if entry.dist is not None else "an unknown distribution"
+            return (
+                f"could not load the fewbench plugin '{entry.name}' ({entry.value}, from "
+                f"{where}): {type(exc).__name__}: {exc}"
+            )
+    return f"could not load a '{hookspecs.PROJECT_NAME}' entry point: {error}"

@@ -22,7 +22,7 @@ import yaml
 from fewbench import environment
 from fewbench.atomic import write_text_atomically
 from fewbench.datacheck import check_data, download_missing
-from fewbench.errors import FewbenchError
+from fewbench.errors import FewbenchError, SuiteError
 from fewbench.execution import EXECUTION_FILE, ExecutorRequest, build_executor
 from fewbench.executor import RunDir
 from fewbench.grid import Suite, expand_grid
@@ -31,8 +31,8 @@ from fewbench.journal import collect
 from fewbench.paths import default_run_dir
 from fewbench.registry import Registry
 from fewbench.report import render
-from fewbench.store import ResultsStore
-from fewbench.suite import check_suite, load_suite_file
+from fewbench.store import DB_NAME, ResultsStore
+from fewbench.suite import SuiteSource, apply_set, check_suite, load_suite_file, parse_yaml
 from fewbench.worker import WorkerSettings, follow, resolve_device, work_through
 
 EXIT_FAILED_CELLS = 1
@@ -59,8 +59,11 @@ class RunRequest:
     executor: ExecutorRequest = field(default_factory=ExecutorRequest)
 
 
-def load(request: RunRequest, registry: Registry) -> tuple[Suite, Path | None]:
+def load(
+    request: RunRequest, registry: Registry, log: TextIO | None = None
+) -> tuple[Suite, Path | None]:
     """The expanded suite, and the run directory when ``request.suite`` is one."""
+    log = log or sys.stderr
     suite_path, resuming = Path(request.suite), None
     if suite_path.is_dir():  # a run directory: resume it with the suite it was run with
         if not (suite_path / "suite.yaml").is_file():
@@ -72,8 +75,36 @@ def load(request: RunRequest, registry: Registry) -> tuple[Suite, Path | None]:
                 f"--out {request.out}: resuming {suite_path} writes into that directory"
             )
         resuming, suite_path = suite_path, suite_path / "suite.yaml"
-    source = load_suite_file(suite_path, list(request.sets))
+    try:
+        source = load_suite_file(suite_path, list(request.sets))
+    except SuiteError as exc:
+        if resuming is None or exc.file == "--set":
+            raise
+        source = stored_suite(resuming, list(request.sets), exc, log)
     return expand_grid(check_suite(source, registry)), resuming
+
+
+def stored_suite(run_dir: Path, sets: list[str], problem: SuiteError, log: TextIO) -> SuiteSource:
+    """The suite a run directory's store keeps, for a ``suite.yaml`` cut short or emptied
+    (by a kill or a full disk while it was written); rewritten when the run goes on."""
+    store_file = run_dir / DB_NAME
+    text = None
+    if store_file.is_file():
+        store = ResultsStore.open_run(run_dir, must_exist=True)
+        try:
+            text = store.meta("suite")
+        finally:
+            store.close()
+    if not text:
+        raise problem
+    print(
+        f"warning: {problem}; using the suite kept in {store_file} (suite.yaml is rewritten)",
+        file=log,
+    )
+    source = parse_yaml(text, f"{store_file} (the stored suite)")
+    for assignment in sets:
+        apply_set(source, assignment)
+    return source
 
 
 def suite_text_of(suite: Suite) -> str:
@@ -107,14 +138,17 @@ def prepare_run_dir(run_dir: Path, suite: Suite, registry: Registry, device) -> 
         store.close()
 
 
-def run(request: RunRequest, registry: Registry, log: TextIO = sys.stderr) -> int:
+def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> int:
     """``fewbench run``; returns the exit code."""
-    suite, resuming = load(request, registry)
+    log = log or sys.stderr
+    suite, resuming = load(request, registry, log)
     if not request.dry_run and request.download:
         # The whole suite was checked first, so a typo is reported before any download.
         names = {cell.dataset.name for cell in suite.cells}
         download_missing(names, registry, request.data_root, request.progress, log)
-    warnings = check_data(suite, registry, request.data_root, require_data=not request.dry_run)
+    warnings = suite.warnings + check_data(
+        suite, registry, request.data_root, require_data=not request.dry_run
+    )
     for warning in warnings:
         print(f"warning: {warning}", file=log)
     if request.dry_run:
@@ -128,6 +162,7 @@ def run(request: RunRequest, registry: Registry, log: TextIO = sys.stderr) -> in
         torch.set_num_threads(request.threads)  # before environment.json records it
     device = resolve_device(request.device)
     run_dir = resuming or request.out or default_run_dir(suite.name)
+    check_run_dir(run_dir, "--out" if request.out else "the run directory")
     executor, execution = build_executor(request.executor, registry, suite.execution, run_dir)
     settings = WorkerSettings(
         data_root=str(Path(request.data_root).resolve()),
@@ -205,6 +240,19 @@ def run(request: RunRequest, registry: Registry, log: TextIO = sys.stderr) -> in
             print(f"  {label}: {reason}", file=log)
         return EXIT_FAILED_CELLS
     return 0
+
+
+def check_run_dir(run_dir: Path, what: str) -> None:
+    """A run directory must be a directory, or not exist yet: not a file, a device, a
+    dangling symlink or a symlink loop."""
+    try:
+        run_dir.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # a symlink loop
+        raise FewbenchError(f"{what} {run_dir}: cannot be resolved ({exc})") from None
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise FewbenchError(f"{what} {run_dir}: a symbolic link to nothing (or a link loop)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FewbenchError(f"{what} {run_dir}: exists and is not a directory")
 
 
 def report_skipped(run_dir: Path, retry_failed: bool, log: TextIO) -> None:

@@ -61,18 +61,30 @@ class Interrupted(FewbenchError):
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """A checkpoint, or None when it cannot be read (then training starts over)."""
+    """A checkpoint, or None when it cannot be read (then training starts over).
+
+    Read with ``weights_only=True``: a checkpoint holds only tensors and plain values, so a
+    crafted file in a run directory received from someone else cannot run code here."""
     try:
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)
     except Exception:
         return None
 
 
 def rng_state() -> dict[str, Any]:
+    """Every random generator's state as tensors and plain values (see :func:`load_checkpoint`)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -81,8 +93,18 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

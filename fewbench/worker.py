@@ -18,6 +18,7 @@ A local worker process is ``python -m fewbench.worker RUN_DIR SETTINGS_JSON``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -25,17 +26,18 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from fewbench.atomic import write_json_atomically
 from fewbench.cache import save_atomically
 from fewbench.cell import Cell
 from fewbench.data import EpisodeSource, derive_seed
-from fewbench.errors import FewbenchError
+from fewbench.errors import DiskFull, FewbenchError
 from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
 from fewbench.faults import crash_point
 from fewbench.heartbeat import interval_for
@@ -76,16 +78,30 @@ class WorkerSettings:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device to train on; refused before anything trains when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise FewbenchError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise FewbenchError(
             f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})"
         )
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FewbenchError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise FewbenchError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FewbenchError(f"--device {name}: MPS (Apple GPU) is not available on this machine")
+    return device
 
 
 def default_worker_name() -> str:
@@ -241,6 +257,10 @@ class CellRunner:
         except (KeyboardInterrupt, Interrupted) as exc:
             sink.interrupted(str(exc) or "interrupted")
             raise
+        except DiskFull as exc:  # stops the run: every other cell would fail the same way
+            with contextlib.suppress(Exception):  # the store may be on the full disk too
+                sink.interrupted(str(exc))
+            raise
         except Exception as exc:  # a bug in a plugin must not take the other cells down
             if isinstance(exc, TrainingFailed):
                 sink.save_curve(exc.curve)  # the partial curve of a cell that failed in training
@@ -258,10 +278,23 @@ class CellRunner:
         stop: threading.Event | None,
         follower: bool,
     ) -> CellResult | None:
+        checkpoint_dir = run_dir / "checkpoints" / cell.id
+        if follower:
+            return self._train_and_evaluate(cell, sink, checkpoint_dir, stop, follower)
+        with pinned_threads(checkpoint_dir):
+            return self._train_and_evaluate(cell, sink, checkpoint_dir, stop, follower)
+
+    def _train_and_evaluate(
+        self,
+        cell: Cell,
+        sink: ResultSink,
+        checkpoint_dir: Path,
+        stop: threading.Event | None,
+        follower: bool,
+    ) -> CellResult | None:
         setup = self.set_up(cell)
         learner = setup.learner
         sink.started(learner.describe_engine())
-        checkpoint_dir = run_dir / "checkpoints" / cell.id
         outcome = train(
             learner,
             setup.sources,
@@ -315,6 +348,32 @@ class CellRunner:
         elif keep == "best":
             (checkpoint_dir / "last.pt").unlink(missing_ok=True)
         return result
+
+
+NUMERICS_FILE = "numerics.json"
+
+
+@contextlib.contextmanager
+def pinned_threads(checkpoint_dir: Path) -> Iterator[int]:
+    """Run a cell with the CPU thread count of its first attempt.
+
+    How many threads compute a cell changes its floating-point sums (MAML's shares of a
+    meta-batch, the kernels' reductions), so a cell keeps the count it started with,
+    recorded beside its checkpoints: resumed by another worker, another executor or
+    another machine, it goes on exactly as it began instead of mixing numerics.
+    """
+    record = checkpoint_dir / NUMERICS_FILE
+    saved = torch.get_num_threads()
+    try:
+        threads = int(json.loads(record.read_text())["threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        threads = saved
+        write_json_atomically(record, {"threads": threads})
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(saved)
 
 
 @dataclass

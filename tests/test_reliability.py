@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -312,3 +313,41 @@ def test_second_ctrl_c_stops_at_once(tmp_path, data_root, cache_dir):
     assert "Resume with: fewbench run" in stderr and "Traceback" not in stderr
     for last in out.glob("checkpoints/*/last.pt"):
         assert torch.load(last, weights_only=False)["loop"]["iteration"] > 0
+
+
+def test_a_cell_resumed_under_another_layout_keeps_its_thread_count(
+    suite_file, baseline, tmp_path, data_root, cache_dir
+):
+    """Killed while running sequentially (all cores), resumed by two one-thread workers: each
+    cell goes on with the thread count it started with, so the results are the uninterrupted
+    run's, and the count is recorded beside the cell's checkpoints."""
+    out = tmp_path / "run"
+    first = start(suite_file, out, data_root, cache_dir, crash="checkpoint-write:2")
+    first.communicate(timeout=600)
+    assert first.returncode == -signal.SIGKILL
+    (started,) = [p.parent.name for p in out.glob("checkpoints/*/last.pt")]
+    recorded = json.loads((out / "checkpoints" / started / "numerics.json").read_text())
+    assert recorded["threads"] == torch.get_num_threads()
+    resumed = run_cli(
+        "run", str(out), "--data-root", str(data_root), "--workers", "2", "--no-progress",
+        env={"FEWBENCH_CACHE": str(cache_dir)},
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert_every_cell_done_once(out)
+    # The other cells started under the workers (one thread each): only the resumed one is
+    # held to the sequential run's numbers.
+    assert episodes_by_cell(out)[started] == baseline[started]
+    assert json.loads((out / "checkpoints" / started / "numerics.json").read_text()) == recorded
+
+
+def test_pinned_threads_keep_the_first_attempts_count(tmp_path):
+    from fewbench.worker import pinned_threads
+
+    saved = torch.get_num_threads()
+    with pinned_threads(tmp_path / "a") as threads:
+        assert threads == saved == torch.get_num_threads()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "numerics.json").write_text('{"threads": 1}')
+    with pinned_threads(tmp_path / "b") as threads:
+        assert threads == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == saved

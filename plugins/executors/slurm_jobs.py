@@ -132,6 +132,15 @@ class SlurmExecutor(SchedulerExecutor):
                 "the slurm executor needs submitit: pip install 'fewbench[slurm]' "
                 "(or pip install submitit)"
             ) from None
+        if self.config["cluster"] == "local" and self.config["gpus_per_cell"] > 0:
+            import torch
+
+            if torch.cuda.device_count() < self.config["gpus_per_cell"]:
+                raise FewbenchError(
+                    f"--executor-set cluster=local runs the jobs on this machine, which has "
+                    f"{torch.cuda.device_count()} GPUs, but each cell asks for "
+                    f"{self.config['gpus_per_cell']:g}: add --gpus-per-cell 0"
+                )
         missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
         if self.config["cluster"] == "slurm" and missing:
             raise FewbenchError(
