@@ -4,7 +4,9 @@ A file is written to ``<name>.part`` and renamed only after every check passed:
 the server must not answer with an HTML page (the usual face of a dead link or a
 quota page), the size must be the published one when it is known, and the MD5
 must be the published one. A download cut short is resumed with an HTTP Range
-request; a server that ignores ranges is read again from the start.
+request; a server that ignores ranges is read again from the start. A server that
+sends more than the declared size is cut off and its ``.part`` deleted, so an
+endless response cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Resource:
 
     ``into`` is where it goes inside the dataset's folder: an archive (``.zip``,
     ``.tar``, ``.tar.gz``, ``.tgz``) is unpacked there, any other file is copied there.
+    ``unpacked_size`` bounds what an archive may unpack to (bytes); without it the
+    bound is a multiple of the archive's size (see :mod:`fewbench.datastore`).
     """
 
     url: str
@@ -37,6 +41,7 @@ class Resource:
     md5: str
     size: int | None = None
     into: str = ""
+    unpacked_size: int | None = None
 
     @property
     def is_archive(self) -> bool:
@@ -92,6 +97,22 @@ def fetch(
             final.unlink()
     part = directory / f"{resource.filename}.part"
     have = part.stat().st_size if part.is_file() else 0
+    if resource.size is not None and have > resource.size:  # cannot be the file: start over
+        part.unlink()
+        have = 0
+    if resource.size is None or have < resource.size:  # a complete .part needs only the checks
+        _download(resource, part, have, progress=progress, timeout=timeout)
+    try:
+        check_file(part, resource)
+    except DownloadError:
+        part.unlink(missing_ok=True)  # a wrong file is never resumed or kept
+        raise
+    part.rename(final)
+    return final
+
+
+def _download(resource: Resource, part: Path, have: int, *, progress: bool, timeout: float) -> None:
+    """Fetch the rest of ``resource`` into ``part`` (``have`` bytes already there)."""
     request = urllib.request.Request(resource.url, headers={"User-Agent": "fewbench"})
     if have:
         request.add_header("Range", f"bytes={have}-")
@@ -106,19 +127,11 @@ def fetch(
                 )
             if have and response.status != 206:  # the server ignored the range: start over
                 have = 0
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length is not None else resource.size
-            with (
-                open(part, "ab" if have else "wb") as out,
-                tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, file=sys.stderr,
-                    desc=resource.filename, disable=not progress, leave=False,
-                ) as bar,
-            ):  # fmt: skip
-                while block := response.read(CHUNK):
-                    out.write(block)
-                    bar.update(len(block))
-            if length is not None and part.stat().st_size < total:
+            length = getattr(response, "length", None)  # None when absent or malformed
+            total = have + length if length is not None else None
+            known = [n for n in (resource.size, total) if n is not None]
+            _receive(response, part, have, min(known) if known else None, resource, progress)
+            if total is not None and part.stat().st_size < total:
                 raise DownloadError(
                     f"{resource.filename}: the connection closed after {part.stat().st_size:,} of "
                     f"{total:,} bytes; run the same command again to resume"
@@ -128,18 +141,42 @@ def fetch(
             f"{resource.filename}: {resource.url} answered {exc.code} {exc.reason}"
         ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        if isinstance(exc, DownloadError):
-            raise
         reason = getattr(exc, "reason", exc)
         kept = part.stat().st_size if part.is_file() else 0
         raise DownloadError(
             f"{resource.filename}: download from {resource.url} failed ({reason}) after "
             f"{kept:,} bytes; run the same command again to resume"
         ) from None
-    try:
-        check_file(part, resource)
-    except DownloadError:
-        part.unlink(missing_ok=True)  # a wrong file is never resumed or kept
-        raise
-    part.rename(final)
-    return final
+
+
+def _receive(
+    response: http.client.HTTPResponse,
+    part: Path,
+    have: int,
+    limit: int | None,
+    resource: Resource,
+    progress: bool,
+) -> None:
+    """Append the body to ``part``, never past ``limit`` bytes in all: a server that sends
+    more than it declared (an endless stream) is cut off and its ``.part`` deleted, since
+    it cannot be the file and would otherwise fill the disk."""
+    written = have
+    with (
+        open(part, "ab" if have else "wb") as out,
+        tqdm(
+            total=limit, initial=have, unit="B", unit_scale=True, file=sys.stderr,
+            desc=resource.filename, disable=not progress, leave=False,
+        ) as bar,
+    ):  # fmt: skip
+        while block := response.read(CHUNK if limit is None else min(CHUNK, limit - written + 1)):
+            written += len(block)
+            if limit is not None and written > limit:
+                break
+            out.write(block)
+            bar.update(len(block))
+    if limit is not None and written > limit:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{resource.filename}: {resource.url} sent more than the declared {limit:,} bytes "
+            f"(not the published file); nothing was kept"
+        )

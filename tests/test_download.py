@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import sys
@@ -40,6 +41,7 @@ def flip_a_byte(data: bytes) -> bytes:
 ARCHIVE = toy_zip()
 LABELS = b"class0\nclass1\nclass2\n"
 HTML = b"<!DOCTYPE html><html><body>Quota exceeded</body></html>"
+ENDLESS = 50 << 20  # what the "endless" server sends at most
 
 
 class Server:
@@ -48,6 +50,7 @@ class Server:
     def __init__(self):
         self.routes: dict[str, tuple[str, bytes]] = {}
         self.ranges: list[str | None] = []
+        self.sent = 0  # bytes of endless bodies written before the client hung up
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +62,9 @@ class Server:
                 server.ranges.append(self.headers.get("Range"))
                 if mode == "missing":
                     self.send_error(404, "Not Found")
+                    return
+                if mode.startswith("endless"):
+                    self.send_endless(declared=mode == "endless-declared")
                     return
                 start = 0
                 if self.headers.get("Range") and mode != "drop-once":
@@ -77,6 +83,19 @@ class Server:
                     self.connection.shutdown(2)
                     return
                 self.wfile.write(body[start:])
+
+            def send_endless(self, *, declared: bool) -> None:
+                """Zeros until the client hangs up (at most ENDLESS bytes, to bound the test)."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if declared:
+                    self.send_header("Content-Length", str(ENDLESS))
+                self.end_headers()
+                block = bytes(1 << 16)
+                with contextlib.suppress(OSError):
+                    while server.sent < ENDLESS:
+                        self.wfile.write(block)
+                        server.sent += len(block)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -188,6 +207,29 @@ def test_an_html_page_served_as_a_binary_is_caught_by_its_content(server, tmp_pa
     with pytest.raises(DownloadError, match="got an HTML page instead of the file"):
         datastore.download(dataset, tmp_path, progress=False)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", ["endless", "endless-declared"])
+def test_an_endless_response_is_cut_off_at_the_declared_size_and_not_kept(server, tmp_path, mode):
+    server.routes["/toy.zip"] = (mode, b"")
+    dataset = toy_dataset(server)
+    with pytest.raises(DownloadError) as error:
+        datastore.download(dataset, tmp_path, progress=False)
+    message = str(error.value)
+    assert f"sent more than the declared {len(ARCHIVE):,} bytes" in message and "\n" not in message
+    assert leftovers(tmp_path) == []  # no .part: it cannot be the file
+    assert server.sent < ENDLESS  # the client hung up; it did not read the whole stream
+
+
+def test_a_part_longer_than_the_file_is_discarded(server, tmp_path):
+    server.routes["/toy.zip"] = ("ok", ARCHIVE)
+    part = tmp_path / ".downloads" / "toyzip" / "toy.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(bytes(len(ARCHIVE) + 1))
+    dataset = toy_dataset(server)
+    datastore.download(dataset, tmp_path, progress=False)
+    assert server.ranges[0] is None  # started over instead of asking for a range past the end
+    assert datastore.status(dataset, tmp_path).state == "verified" and not part.exists()
 
 
 def test_a_dead_link_names_the_status(server, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +13,11 @@ import torch
 from helpers import run_cli
 from PIL import Image
 
+from fewbench import datastore
 from fewbench.data import ClassPool
 from fewbench.errors import DataError
 from fewbench_plugins.datasets.imaging import channel_statistics
-from fewbench_plugins.datasets.miniimagenet import MiniImageNet
+from fewbench_plugins.datasets.miniimagenet import MiniImageNet, read_cache
 
 CLASSES = {"train": 6, "val": 3, "test": 4}
 PER_CLASS = 7
@@ -137,7 +140,137 @@ def test_verify_counts_classes_and_files(layouts):
     base, _ = layouts
     problems = MiniImageNet.verify(base / "folder" / "miniimagenet")
     assert "train.csv lists 6 classes, expected 64" in problems
-    assert MiniImageNet.verify(base / "pickles" / "miniimagenet") == []
+    assert MiniImageNet.verify(base / "pickles" / "miniimagenet") == [
+        f"mini-imagenet-cache-{split}.pkl holds {count} classes, expected {expected}"
+        for (split, count), expected in zip(CLASSES.items(), (64, 16, 20), strict=True)
+    ]
+
+
+# -- received pickles: read without running anything, checked on import and on loading ---------
+class Touch:
+    """Unpickled by ``pickle.load``, this creates a file: what a hostile pickle could do."""
+
+    def __init__(self, path: Path, how: str):
+        self.path, self.how = path, how
+
+    def __reduce__(self):
+        if self.how == "open":
+            return (open, (str(self.path), "w"))
+        return (Path.touch, (self.path,))
+
+
+def standard_pickles(folder: Path, image_data=None, class_dict=None, *, protocol=4) -> Path:
+    """The three pickles with the standard 64/16/20 classes, one tiny-valued image each;
+    ``image_data`` / ``class_dict`` replace the training split's."""
+    folder.mkdir(parents=True)
+    for split, count in {"train": 64, "val": 16, "test": 20}.items():
+        data = {
+            "image_data": np.full((count, SIZE, SIZE, 3), 7, dtype=np.uint8),
+            "class_dict": {f"n{split}{c:04d}": [c] for c in range(count)},
+        }
+        if split == "train":
+            data["image_data"] = data["image_data"] if image_data is None else image_data
+            data["class_dict"] = data["class_dict"] if class_dict is None else class_dict
+        blob = pickle.dumps(data, protocol=protocol)
+        (folder / f"mini-imagenet-cache-{split}.pkl").write_bytes(blob)
+    return folder
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("fewbench: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("how", ["open", "touch"])
+def test_a_pickle_that_would_run_code_is_refused_at_import_and_at_load(tmp_path, how):
+    marker = tmp_path / "pwned"
+    hostile = {"image_data": Touch(marker, how), "class_dict": {"a": [0]}}
+    pickle.loads(pickle.dumps(hostile))  # the plain unpickler does run it: a real threat
+    assert marker.exists()
+    marker.unlink()
+    source = standard_pickles(tmp_path / "received", image_data=Touch(marker, how))
+    root = tmp_path / "root"
+    line = one_error_line(
+        run_cli("data", "import", "miniimagenet", str(source), "--data-root", str(root))
+    )
+    assert "mini-imagenet-cache-train.pkl: refused to load the global" in line
+    assert not marker.exists()
+    assert not (root / "miniimagenet").exists() and not list(root.glob(".incoming-*"))
+    shutil.copytree(source, root / "miniimagenet")  # put there by hand: loading refuses it too
+    with pytest.raises(DataError, match="refused to load the global (io.open|pathlib.Path.touch)"):
+        load(root, tmp_path / "cache")
+    assert not marker.exists()
+
+
+def test_a_valid_pickle_set_imports_and_loads(tmp_path):
+    source = standard_pickles(tmp_path / "received", protocol=2)
+    root = tmp_path / "root"
+    result = run_cli("data", "import", "miniimagenet", str(source), "--data-root", str(root))
+    assert result.returncode == 0 and "installed and verified" in result.stdout, result.stderr
+    sources = load(root, tmp_path / "cache")
+    assert sources["train"].images.shape == (64, 1, 3, SIZE, SIZE)
+    assert sources["test"].images.shape == (20, 1, 3, SIZE, SIZE)
+
+
+def test_pickles_written_with_numpy_1_load(tmp_path):
+    """numpy 1 names ``numpy.core.multiarray``; numpy 2 ``numpy._core.multiarray``."""
+    images = np.arange(2 * SIZE * SIZE * 3, dtype=np.uint64).astype(np.uint8)
+    images = images.reshape(2, SIZE, SIZE, 3)
+    path = tmp_path / "mini-imagenet-cache-train.pkl"
+    blob = pickle.dumps({"image_data": images, "class_dict": {"a": [1], "b": [0]}}, protocol=2)
+    path.write_bytes(blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    loaded, classes = read_cache(path)
+    assert np.array_equal(loaded, images) and classes == {"a": [1], "b": [0]}
+
+
+@pytest.mark.parametrize(
+    ("image_data", "class_dict", "message"),
+    [
+        (
+            np.zeros((64, SIZE, SIZE, 3), np.float32),
+            None,
+            "must be a uint8 numpy array, not float32",
+        ),
+        (np.zeros((64, 32, 32, 3), np.uint8), None, r"has shape \(64, 32, 32, 3\), expected"),
+        ([1, 2, 3], None, "must be a uint8 numpy array, not list"),
+        (None, {"a": list(range(63)), "b": [64]}, "holds an index outside the 64 images"),
+        (None, {"a": list(range(63))}, "image 63 \\(of 64\\) is in no class"),
+        (None, {"a": ["0"]}, r"class_dict\['a'\] holds a str, not an image index"),
+        (None, {"a": [True]}, "holds a bool, not an image index"),
+    ],
+    ids=[
+        "float",
+        "small-images",
+        "not-an-array",
+        "index-past-end",
+        "uncovered",
+        "str-index",
+        "bool",
+    ],
+)
+def test_a_malformed_pickle_is_refused_at_import_in_one_line(
+    tmp_path, image_data, class_dict, message
+):
+    source = standard_pickles(tmp_path / "received", image_data, class_dict)
+    with pytest.raises(DataError, match=message) as error:
+        datastore.import_path(MiniImageNet, tmp_path / "root", source)
+    assert "mini-imagenet-cache-train.pkl" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "root" / "miniimagenet").exists()
+
+
+def test_a_truncated_or_foreign_pickle_is_one_line(tmp_path):
+    folder = standard_pickles(tmp_path / "received")
+    train = folder / "mini-imagenet-cache-train.pkl"
+    train.write_bytes(train.read_bytes()[:5000])
+    with pytest.raises(
+        DataError, match="mini-imagenet-cache-train.pkl: not a mini-ImageNet pickle"
+    ):
+        read_cache(train)
+    train.write_bytes(pickle.dumps(["not", "a", "dict"]))
+    with pytest.raises(DataError, match="expected a dict with 'image_data' and 'class_dict'"):
+        read_cache(train)
 
 
 def test_suite_validates(tmp_path):

@@ -10,7 +10,10 @@ Under the data root, ``miniimagenet/`` holds one of:
 There is no download: the images derive from ImageNet, whose terms forbid
 redistribution. Each split is decoded once into a uint8 ``.npy`` cache that is
 memory-mapped at run time (episodes read only the images they draw, and a second
-run starts in seconds). Classes are ordered by label in both forms, so the
+run starts in seconds). The pickles are received files: they are read with an
+unpickler that builds only dicts, lists and numpy arrays (a pickle naming any
+other callable is refused, so it cannot run code), and checked (keys, dtype,
+shape, class indices) on import and on loading. Classes are ordered by label in both forms, so the
 fixed episodes are the same whichever form was installed. Images are normalised
 with the per-channel mean and standard deviation of the training classes.
 """
@@ -20,7 +23,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -45,6 +50,127 @@ HOW_TO_GET = (
 
 def _pickle_path(folder: Path, split: str) -> Path:
     return folder / f"mini-imagenet-cache-{split}.pkl"
+
+
+# -- reading the pickles without running what they name -------------------------------------
+try:  # numpy 2
+    from numpy._core.multiarray import _reconstruct, scalar
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct, scalar
+    from numpy.core.numeric import _frombuffer
+
+
+class _Global:
+    """A callable a pickle may use, which the pickle cannot modify (no ``__dict__``; the
+    BUILD opcode, which would set attributes on it, is refused)."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[..., Any]):
+        self._function = function
+
+    def __call__(self, *args: Any) -> Any:
+        return self._function(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("a pickle tried to modify an allowed numpy function")
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it, for latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+# Exactly the globals numpy's own pickling names (protocols 2 to 5, numpy 1 and 2).
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _Global(_latin1),
+    **{
+        (f"numpy.{core}.{module}", name): _Global(function)
+        for core in ("core", "_core")
+        for module, name, function in (
+            ("multiarray", "_reconstruct", _reconstruct),
+            ("multiarray", "scalar", scalar),
+            ("numeric", "_frombuffer", _frombuffer),
+        )
+    },
+}
+
+
+class _CacheUnpickler(pickle.Unpickler):
+    """Builds only what the official files hold: dicts, lists, ints, strings, numpy arrays."""
+
+    def __init__(self, file: BinaryIO, path: Path):
+        super().__init__(file, encoding="latin1")  # latin1: pickles written by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"{self.path}: refused to load the global {module}.{name} (a mini-ImageNet "
+                f"pickle holds only numpy arrays, lists and dicts; this one could run code)"
+            ) from None
+
+
+def read_cache(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """The images and classes of one ``mini-imagenet-cache-*.pkl``, read safely and checked."""
+    try:
+        with open(path, "rb") as f:
+            data = _CacheUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as exc:  # anything else a malformed pickle raises; nothing can run
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        raise DataError(f"{path}: not a mini-ImageNet pickle ({reason})") from None
+    return _check_cache(path, data)
+
+
+def _check_cache(path: Path, data: Any) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Keys, dtype and shape of the images, and class indices covering every image."""
+    if not isinstance(data, dict) or not {"image_data", "class_dict"} <= set(data):
+        raise DataError(f"{path}: expected a dict with 'image_data' and 'class_dict'")
+    images, class_dict = data["image_data"], data["class_dict"]
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        kind = getattr(images, "dtype", type(images).__name__)
+        raise DataError(f"{path}: 'image_data' must be a uint8 numpy array, not {kind}")
+    if images.ndim != 4 or images.shape[1:] != (84, 84, 3) or not len(images):
+        raise DataError(f"{path}: 'image_data' has shape {images.shape}, expected [N, 84, 84, 3]")
+    if not isinstance(class_dict, dict) or not class_dict:
+        raise DataError(f"{path}: 'class_dict' must be a non-empty dict of label -> indices")
+    return images, _check_classes(path, class_dict, len(images))
+
+
+def _check_classes(path: Path, class_dict: dict, count: int) -> dict[str, list[int]]:
+    """label -> indices, each an int naming one of the ``count`` images, every image in a class.
+    Messages show types rather than values: a hostile value may be huge."""
+    seen = np.zeros(count, dtype=bool)
+    classes = {}
+    for label, indices in class_dict.items():
+        if not isinstance(label, str):
+            raise DataError(f"{path}: class_dict has a {type(label).__name__} label, not a string")
+        where = f"{path}: class_dict[{label[:60]!r}]"
+        if isinstance(indices, np.ndarray) and indices.ndim == 1 and indices.dtype.kind in "iu":
+            indices = indices.tolist()
+        if not isinstance(indices, (list, tuple)) or not indices:
+            raise DataError(f"{where} must be a non-empty list of image indices")
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise DataError(f"{where} holds a {type(i).__name__}, not an image index")
+            if not 0 <= i < count:
+                raise DataError(f"{where} holds an index outside the {count} images")
+        seen[indices] = True
+        classes[label] = [int(i) for i in indices]
+    if not seen.all():
+        raise DataError(
+            f"{path}: image {int(np.argmin(seen))} (of {count}) is in no class of class_dict"
+        )
+    return classes
 
 
 def _csv_path(folder: Path, split: str) -> Path:
@@ -100,7 +226,7 @@ class MiniImageNet(Dataset):
         except DataError as exc:
             return [str(exc).split(";")[0]]
         if form == "pickle":
-            return []  # counted when loaded; reading 1.3 GB of pickles to check is too slow
+            return cls._verify_pickles(folder)
         problems = []
         for split, expected in STANDARD.items():
             classes = read_split(_csv_path(folder, split))
@@ -118,6 +244,23 @@ class MiniImageNet(Dataset):
             if missing:
                 problems.append(
                     f"{folder / 'images' / missing} is listed in {split}.csv but missing"
+                )
+        return problems
+
+    @staticmethod
+    def _verify_pickles(folder: Path) -> list[str]:
+        """Read every pickle (safely: it is received data) and count its classes."""
+        problems = []
+        for split, expected in STANDARD.items():
+            try:
+                _, classes = read_cache(_pickle_path(folder, split))
+            except DataError as exc:
+                problems.append(str(exc))
+                continue
+            if len(classes) != expected:
+                problems.append(
+                    f"{_pickle_path(folder, split).name} holds {len(classes)} classes, "
+                    f"expected {expected}"
                 )
         return problems
 
@@ -142,9 +285,7 @@ class MiniImageNet(Dataset):
     def _decode_split(self, folder: Path, form: str, split: str) -> np.ndarray:
         size = self.config["image_size"]
         if form == "pickle":
-            with open(_pickle_path(folder, split), "rb") as f:
-                data = pickle.load(f)
-            images, class_dict = np.asarray(data["image_data"]), data["class_dict"]
+            images, class_dict = read_cache(_pickle_path(folder, split))
             labels = sorted(class_dict)
             per_class = min(len(class_dict[c]) for c in labels)
             picked = images[[i for c in labels for i in list(class_dict[c])[:per_class]]]
