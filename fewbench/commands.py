@@ -4,11 +4,17 @@ status and collect. Each reads what it needs and prints; none trains."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from fewbench.errors import FewbenchError
 from fewbench.paths import default_data_root
 from fewbench.registry import KINDS, Registry
+
+if TYPE_CHECKING:
+    from fewbench.results import Results
 
 
 def human_size(count: int) -> str:
@@ -39,6 +45,11 @@ def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
                     else item.cls.how_to_get or "see the plugin's documentation"
                 )
                 print(f"      get it: {hint}")
+        for left in datastore.incoming(root):  # temporary folders of installs, maybe killed
+            size = human_size(datastore.folder_size(left.path))
+            state = "stale" if left.stale else ""
+            print(f"  {'(temporary)':<14} {state:<9} {size:>9}  {left.path}")
+            print(f"      {left.describe()}")
         return 0
     dataset = registry.get("dataset", args.name).cls
     if not dataset.needs_files:
@@ -53,12 +64,44 @@ def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def write_output(text: str, out: Path | None) -> None:
+    """``text`` to ``out``, or to standard output; a write that fails (a full disk, a
+    folder that cannot be made) is one line naming the file."""
     if out is None:
-        sys.stdout.write(text)
+        write_stdout(text)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise FewbenchError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"fewbench: wrote {out}", file=sys.stderr)
+
+
+def write_stdout(text: str) -> None:
+    """Write and flush now, so that a full disk is one line here, not a traceback at exit."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        # What is left in the buffer goes nowhere, instead of failing again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise FewbenchError(f"cannot write the standard output: {exc.strerror or exc}") from None
+
+
+MAX_DECIMALS = 10
+
+
+def check_decimals(decimals: int) -> None:
+    if not 0 <= decimals <= MAX_DECIMALS:
+        raise FewbenchError(f"--decimals {decimals}: give a whole number from 0 to {MAX_DECIMALS}")
+
+
+def check_figure_folder(out: Path) -> None:
+    """``plot --out`` names a folder: refuse a file before any figure is drawn."""
+    if out.exists() and not out.is_dir():
+        raise FewbenchError(f"--out {out}: is a file; plot writes a folder of figures")
 
 
 def cmd_reports(args: argparse.Namespace) -> int:
@@ -67,6 +110,8 @@ def cmd_reports(args: argparse.Namespace) -> int:
     from fewbench.report import Options, render
     from fewbench.results import load_runs
 
+    if args.command in ("report", "compare"):
+        check_decimals(args.decimals)
     if args.command == "report":
         options = Options(
             rows=tuple(d for d in args.rows.split(",") if d),
@@ -79,14 +124,24 @@ def cmd_reports(args: argparse.Namespace) -> int:
         )
         write_output(render(args.run_dirs, args.format, options), args.out)
         return 0
+    if args.command == "plot":
+        check_figure_folder(args.out)
     results = load_runs(args.run_dirs)
     if args.command == "compare":
         records = compare_to_baseline(results, args.baseline)
         write_output(render_comparison(records, args.format, args.decimals), args.out)
         return 0
+    return cmd_plot(results, args.out)
+
+
+def cmd_plot(results: Results, out: Path) -> int:
     from fewbench.plots import plot_all
 
-    paths = plot_all(results, args.out)
+    try:
+        paths = plot_all(results, out)
+    except OSError as exc:
+        where = exc.filename or out
+        raise FewbenchError(f"cannot write figures into {where}: {exc.strerror or exc}") from None
     for path in paths:
         print(path)
     if not paths:
@@ -110,7 +165,7 @@ def cmd_plugins(registry: Registry) -> int:
 def cmd_status(run_dir: Path) -> int:
     from fewbench.status import render_status
 
-    sys.stdout.write(render_status(run_dir))
+    write_stdout(render_status(run_dir))
     return 0
 
 

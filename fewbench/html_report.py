@@ -16,7 +16,7 @@ from pathlib import Path
 from fewbench import __version__
 from fewbench.plots import plot_all
 from fewbench.report_formats import Entry, ReferenceEntry, ReportTable
-from fewbench.results import Results
+from fewbench.results import Results, printable_path
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -82,12 +82,13 @@ def to_html(table: ReportTable, results: Results) -> str:
     runs = []
     for run in results.runs:
         runs.append(
-            f"<h3>{html.escape(str(run.path))}</h3>"
+            f"<h3>{html.escape(printable_path(run.path))}</h3>"
             f"<details><summary>Suite</summary><pre>{html.escape(run.suite_text)}</pre></details>"
             "<details><summary>Environment</summary><pre>"
             f"{html.escape(json.dumps(run.environment, indent=2, sort_keys=True))}</pre></details>"
         )
-    names = ", ".join(html.escape(run.path.name) for run in results.runs)
+    # A run directory's name may hold any bytes: shown escaped, so the page stays UTF-8.
+    names = ", ".join(html.escape(printable_path(Path(run.path.name))) for run in results.runs)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

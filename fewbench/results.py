@@ -18,7 +18,7 @@ import pandas as pd
 
 from fewbench.errors import FewbenchError
 from fewbench.stats import mean_ci95
-from fewbench.store import ResultsStore
+from fewbench.store import ResultsStore, damage_reported
 
 # What a report can lay out as rows and columns; seeds are always merged.
 DIMENSIONS = ("dataset", "ways", "shots", "backbone", "learner")
@@ -91,28 +91,51 @@ def load_runs(run_dirs: list[Path]) -> Results:
     """Read every cell, curve and per-episode value of ``run_dirs``."""
     if not run_dirs:
         raise FewbenchError("give at least one run directory")
-    runs, rows, values, curves, seen = [], [], {}, {}, set()
+    runs, rows, values, curves = [], {}, {}, {}
     for run_dir in run_dirs:
-        store = ResultsStore.open_run(run_dir, must_exist=True)
+        store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
         try:
-            environment = json.loads(store.meta("environment") or "{}")
-            runs.append(RunInfo(Path(run_dir), store.meta("suite") or "", environment))
-            for cell in store.cells():
-                if cell["id"] in seen:
-                    continue
-                seen.add(cell["id"])
-                row = dict(cell)
-                row["run"] = str(run_dir)
-                rows.append(row)
-                if row["status"] == "done":
-                    values[row["id"]] = np.asarray(store.episode_values(row["id"]))
-                curve = store.curve(row["id"])
-                if curve:
-                    curves[row["id"]] = pd.DataFrame([dict(r) for r in curve])
+            with damage_reported(store.path):
+                runs.append(RunInfo(Path(run_dir), store.meta("suite") or "", _environment(store)))
+                _read_cells(store, Path(run_dir), rows, values, curves)
         finally:
             store.close()
-    cells = pd.DataFrame(rows)
+    cells = pd.DataFrame(list(rows.values()))
     return Results(runs, _settings(cells, values), curves, cells)
+
+
+def _read_cells(
+    store: ResultsStore,
+    run_dir: Path,
+    rows: dict[str, dict[str, Any]],
+    values: dict[str, np.ndarray],
+    curves: dict[str, pd.DataFrame],
+) -> None:
+    """Add one run's cells; a cell an earlier run holds (same id) counts once."""
+    for cell in store.cells():
+        if cell["id"] in rows:
+            continue
+        rows[cell["id"]] = {**dict(cell), "run": str(run_dir)}
+        if cell["status"] == "done":
+            values[cell["id"]] = np.asarray(store.episode_values(cell["id"]))
+        curve = store.curve(cell["id"])
+        if curve:
+            curves[cell["id"]] = pd.DataFrame([dict(r) for r in curve])
+
+
+def _environment(store: ResultsStore) -> dict[str, Any]:
+    """The stored environment; a damaged record is a note, not a lost report."""
+    try:
+        environment = json.loads(store.meta("environment") or "{}")
+    except ValueError:
+        return {"unreadable": "the stored environment is not valid JSON"}
+    return environment if isinstance(environment, dict) else {"environment": environment}
+
+
+def printable_path(path: Path) -> str:
+    """``path`` as text that encodes as UTF-8: bytes of a name that is not UTF-8 show as
+    ``\\xNN`` instead of failing when the report is written."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _settings(cells: pd.DataFrame, values: dict[str, np.ndarray]) -> list[Setting]:

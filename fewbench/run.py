@@ -119,14 +119,14 @@ def prepare_run_dir(run_dir: Path, suite: Suite, registry: Registry, device) -> 
     their state, so a rerun resumes.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    suite_text = suite_text_of(suite)
-    write_text_atomically(run_dir / "suite.yaml", suite_text)
-    env = environment.collect(device, registry)
-    write_text_atomically(
-        run_dir / "environment.json", json.dumps(env, indent=2, sort_keys=True) + "\n"
-    )
-    store = ResultsStore.open_run(run_dir)
+    store = ResultsStore.open_run(run_dir)  # first: a damaged store stops us before any write
     try:
+        suite_text = suite_text_of(suite)
+        write_text_atomically(run_dir / "suite.yaml", suite_text)
+        env = environment.collect(device, registry)
+        write_text_atomically(
+            run_dir / "environment.json", json.dumps(env, indent=2, sort_keys=True) + "\n"
+        )
         store.set_meta("suite", suite_text)
         store.set_meta("suite_name", suite.name)
         store.set_meta("environment", env)

@@ -8,13 +8,14 @@ finished ``result.json`` always means done, collected or not. Reading only.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from fewbench.journal import journal_states
-from fewbench.store import ResultsStore
+from fewbench.store import ResultsStore, damage_reported
 from fewbench.task_types import by_metric
 
 STATES = ("done", "running", "queued", "pending", "interrupted", "failed")
@@ -22,75 +23,89 @@ OPTIONAL_STATES = ("queued", "interrupted")  # shown in the summary only when so
 
 
 def cell_table(run_dir: Path) -> pd.DataFrame:
-    store = ResultsStore.open_run(run_dir, must_exist=True)
+    """One row per stored cell, with what its cell folder says where that is newer."""
+    store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
     views = journal_states(run_dir)
     try:
-        rows = []
-        now = time.time()
-        for cell in store.cells():
-            latest = store.db.execute(
-                "SELECT iteration, val_metric FROM curve WHERE cell_id = ? AND val_metric IS NOT NULL"
-                " ORDER BY iteration DESC LIMIT 1",
-                (cell["id"],),
-            ).fetchone()
-            if cell["status"] == "done":
-                elapsed = (cell["train_seconds"] or 0) + (cell["eval_seconds"] or 0)
-            elif cell["status"] == "running" and cell["updated_at"]:
-                elapsed = now - cell["updated_at"]
-            else:
-                elapsed = None
-            row = {
-                "id": cell["id"],
-                "cell": cell["label"],
-                "status": cell["status"],
-                "worker": cell["worker"] or "",
-                "elapsed_s": elapsed,
-                "latest_val": None if latest is None else latest["val_metric"],
-                "at_iteration": None if latest is None else latest["iteration"],
-                "metric": cell["metric"],
-                "mean": cell["mean"],
-                "note": "",
-            }
-            if cell["status"] != "done" and cell["id"] in views:
-                _overlay(row, views[cell["id"]], cell["updated_at"] or 0.0, now)
-            rows.append(row)
+        with damage_reported(store.path):
+            rows = [_row(store, cell, views.get(cell["id"]), time.time()) for cell in store.cells()]
         return pd.DataFrame(rows)
     finally:
         store.close()
 
 
+def _row(store: ResultsStore, cell: sqlite3.Row, view: dict | None, now: float) -> dict:
+    latest = store.db.execute(
+        "SELECT iteration, val_metric FROM curve WHERE cell_id = ? AND val_metric IS NOT NULL"
+        " ORDER BY iteration DESC LIMIT 1",
+        (cell["id"],),
+    ).fetchone()
+    if cell["status"] == "done":
+        elapsed = (cell["train_seconds"] or 0) + (cell["eval_seconds"] or 0)
+    elif cell["status"] == "running" and cell["updated_at"]:
+        elapsed = now - cell["updated_at"]
+    else:
+        elapsed = None
+    row = {
+        "id": cell["id"],
+        "cell": cell["label"],
+        "status": cell["status"],
+        "worker": cell["worker"] or "",
+        "elapsed_s": elapsed,
+        "latest_val": None if latest is None else latest["val_metric"],
+        "at_iteration": None if latest is None else latest["iteration"],
+        "metric": cell["metric"],
+        "mean": cell["mean"],
+        "note": "",
+    }
+    if cell["status"] != "done" and view is not None:
+        _overlay(row, view, cell["updated_at"] or 0.0, now)
+    return row
+
+
 def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
-    """Update ``row`` with what a cluster worker wrote in the cell's folder, where newer."""
+    """Update ``row`` with what a cluster worker wrote in the cell's folder, where newer;
+    a file there that cannot be used is named in the note instead."""
     result, state, curve = view["result"], view["state"] or {}, view["curve"]
+    notes = []
     if result is not None:
         row.update(
             status="done",
-            worker=result.get("worker", ""),
+            worker=result["worker"] or "",
             elapsed_s=result["train_seconds"] + result["eval_seconds"],
             metric=result["metric"],
             mean=result["mean"],
-            note="not yet collected",
         )
+        notes.append("not yet collected")
         curve = result["curve"]
-    elif state and state.get("updated_at", 0) > store_updated:
-        row.update(status=state["status"], worker=state.get("worker", ""))
-        notes = []
-        if state.get("attempts", 1) > 1:
-            notes.append(f"attempt {state['attempts']}")
-        if state.get("resumed_from"):
-            notes.append(f"resumed at iteration {state['resumed_from']}")
-        if state.get("note"):  # what the executor's task says of itself: its job, its node
-            notes.append(str(state["note"]))
-        if state["status"] == "running":
-            row["elapsed_s"] = now - state["started"]
-            silent = now - state.get("heartbeat", state["started"])
-            if silent > 300:
-                notes.append(f"no heartbeat for {silent / 60:.0f} min")
+    elif state and state["updated_at"] > store_updated:
+        row.update(status=state["status"], worker=state.get("worker") or "")
+        notes += _state_notes(row, state, now)
+    notes += [f"unreadable {name}" for name in view["errors"]]
+    if notes:
         row["note"] = ", ".join(notes)
     if curve:
         validated = [point for point in curve if point[2] is not None]
         if validated and (row["at_iteration"] is None or validated[-1][0] > row["at_iteration"]):
             row["at_iteration"], row["latest_val"] = validated[-1][0], validated[-1][2]
+
+
+def _state_notes(row: dict, state: dict, now: float) -> list[str]:
+    """What a running or stopped cell's state.json adds: attempts, resumption, heartbeat."""
+    notes = []
+    if state.get("attempts", 1) > 1:
+        notes.append(f"attempt {state['attempts']}")
+    if state.get("resumed_from"):
+        notes.append(f"resumed at iteration {state['resumed_from']}")
+    if state.get("note"):  # what the executor's task says of itself: its job, its node
+        notes.append(str(state["note"]))
+    if state["status"] == "running":
+        started = state.get("started", state["updated_at"])
+        row["elapsed_s"] = now - started
+        silent = now - state.get("heartbeat", started)
+        if silent > 300:
+            notes.append(f"no heartbeat for {silent / 60:.0f} min")
+    return notes
 
 
 def summary(table: pd.DataFrame, workers: int | None = None) -> str:
@@ -132,7 +147,7 @@ def render_status(run_dir: Path) -> str:
     if not table["note"].astype(bool).any():
         shown = shown.drop(columns="note")
     text = shown.to_string(index=False) + "\n\n" + summary(table) + "\n"
-    uncollected = int((table["note"] == "not yet collected").sum())
+    uncollected = int(table["note"].str.startswith("not yet collected").sum())
     if uncollected:
         text += (
             f"{uncollected} finished cells are not yet in the results store (reports read it): "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fewbench.cell import Cell
+from fewbench.errors import FewbenchError
 from fewbench.faults import crash_point
 from fewbench.heartbeat import Heartbeat
 from fewbench.sink import CellResult, CurvePoint, ResultSink
@@ -81,34 +83,143 @@ CREATE TABLE IF NOT EXISTS curve (
 DB_NAME = "results.sqlite"
 
 
+READ_TABLES = ("meta", "cells", "episodes", "curve")  # what readers need of a store
+SQLITE_READONLY, SQLITE_CANTOPEN = 8, 14  # primary result codes (sqlite3 names them from 3.11)
+
+
+def damaged(path: Path, reason: str) -> FewbenchError:
+    """The one-line error for a store SQLite cannot read, saying what survives it."""
+    run_dir = Path(path).parent
+    return FewbenchError(
+        f"{path} is damaged ({reason}); what can be recovered: the checkpoints under "
+        f"{run_dir}/checkpoints and, for cluster runs, {run_dir}/cells/*/result.json"
+    )
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """Corruption (SQLITE_CORRUPT, SQLITE_NOTADB) is a bare DatabaseError; locks, missing
+    files and permissions are OperationalErrors."""
+    return type(exc) is sqlite3.DatabaseError
+
+
+@contextlib.contextmanager
+def damage_reported(path: Path) -> Iterator[None]:
+    """Turn corruption found while reading (past the pages that opening reads) into
+    :func:`damaged`."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if not _is_damage(exc):
+            raise
+        raise damaged(path, str(exc)) from None
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that never writes the store.
+
+    Where the folder is writable, a ``query_only`` connection: a plain WAL reader that
+    removes the ``-wal``/``-shm`` files it made when it closes (``mode=ro`` leaves them).
+    Elsewhere ``mode=ro``, and ``immutable=1`` when SQLite cannot make the ``-shm`` file
+    beside a WAL store (nobody can write such a folder, so nothing changes under us).
+    """
+    uri = path.resolve().as_uri()  # percent-encodes any byte of the name
+    if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
+        db = sqlite3.connect(f"{uri}?mode=rw", uri=True, timeout=60, isolation_level=None)
+        db.execute("PRAGMA query_only=ON")
+        return db
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+
+def _refuse_empty(path: Path, readonly: bool) -> None:
+    """An empty store in a run directory (one with suite.yaml) lost its contents: opening
+    it as new would make ``run`` train every cell again."""
+    empty = path.is_file() and path.stat().st_size == 0
+    if empty and (readonly or (path.parent / "suite.yaml").is_file()):
+        raise damaged(path, "the file is empty")
+
+
+def _open_error(path: Path, exc: sqlite3.Error, readonly: bool) -> FewbenchError | None:
+    """The one-line error for a store that cannot be opened; None: not the user's to fix."""
+    if _is_damage(exc):
+        return damaged(path, str(exc))
+    if readonly:
+        return FewbenchError(f"cannot read {path}: {exc}")
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # Python 3.11+
+    if code in (SQLITE_READONLY, SQLITE_CANTOPEN):
+        return FewbenchError(f"cannot write {path}: {exc}")
+    return None
+
+
 class ResultsStore:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+    def __init__(self, path: Path, *, readonly: bool = False):
+        """``readonly``: for readers (reports, status), which must work on a run directory
+        they cannot write and must not change it."""
+        self.path, self.readonly = Path(path), readonly
+        _refuse_empty(self.path, readonly)
+        try:
+            self.db = self._connect()
+        except sqlite3.Error as exc:
+            raise (_open_error(self.path, exc, readonly) or exc) from None
+
+    def _connect(self) -> sqlite3.Connection:
+        """Connect and read the schema: the cheap query that finds a damaged file."""
+        if self.readonly:
+            db = _connect_readonly(self.path)
+        else:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            if self.readonly:
+                missing = [name for name in READ_TABLES if name not in tables]
+                if missing:
+                    raise sqlite3.DatabaseError(f"no table {missing[0]}: not a results store")
+            else:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction; IMMEDIATE takes the write lock up front, so two
         workers never both read a cell as free and then both claim it."""
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc):
+                raise
+            from fewbench.errors import DiskFull
+
+            raise DiskFull(
+                f"no space left for {self.path} ({exc}); free some space and run the same "
+                "command again: what was stored before is kept"
+            ) from None
 
     @classmethod
-    def open_run(cls, run_dir: Path, *, must_exist: bool = False) -> ResultsStore:
+    def open_run(
+        cls, run_dir: Path, *, must_exist: bool = False, readonly: bool = False
+    ) -> ResultsStore:
+        """The store of ``run_dir``; ``readonly`` implies ``must_exist``."""
         path = Path(run_dir) / DB_NAME
-        if must_exist and not path.is_file():
-            from fewbench.errors import FewbenchError
-
+        if (must_exist or readonly) and not path.is_file():
             raise FewbenchError(f"{run_dir}: no {DB_NAME} here; is this a fewbench run directory?")
-        return cls(path)
+        return cls(path, readonly=readonly)
 
     def close(self) -> None:
         self.db.close()
