@@ -13,7 +13,8 @@ class Backbone:
     A subclass implements :meth:`build_features`, returning a feature extractor and
     the size of its output; the core appends the linear layer. Learners that
     replace the head (pretrain + fine-tune, prototypical networks) use the
-    feature extractor alone.
+    feature extractor alone. Learners that compare spatial maps (relation networks)
+    use :meth:`build_feature_map`, which a convolutional backbone implements.
     """
 
     name: ClassVar[str] = ""
@@ -25,6 +26,15 @@ class Backbone:
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         raise NotImplementedError
+
+    def build_feature_map(
+        self, input_shape: tuple[int, ...]
+    ) -> tuple[nn.Module, tuple[int, int, int]]:
+        """The network up to its last spatial feature map (before any global pooling or
+        flattening), and that map's shape ``(channels, height, width)``."""
+        raise NotImplementedError(
+            f"the {self.name} backbone gives no spatial feature map; use a convolutional one"
+        )
 
     def build(self, input_shape: tuple[int, ...], num_outputs: int) -> nn.Sequential:
         features, width = self.build_features(input_shape)

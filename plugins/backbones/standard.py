@@ -30,6 +30,16 @@ class Conv4(Backbone):
     }
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+        blocks, _ = self.build_feature_map(input_shape)
+        pooled = GlobalAverage() if self.config["pool"] == "stride" else nn.Flatten()
+        features = nn.Sequential(*blocks, pooled)
+        with torch.no_grad():
+            width = features(torch.zeros(2, *input_shape)).shape[-1]
+        return features, width
+
+    def build_feature_map(
+        self, input_shape: tuple[int, ...]
+    ) -> tuple[nn.Module, tuple[int, int, int]]:
         if len(input_shape) != 3:
             raise ValueError(
                 f"conv4 needs images shaped (channels, height, width), got {input_shape}"
@@ -48,11 +58,10 @@ class Conv4(Backbone):
             if pool == "max":
                 layers.append(nn.MaxPool2d(2))
             channels = hidden
-        layers.append(GlobalAverage() if pool == "stride" else nn.Flatten())
-        features = nn.Sequential(*layers)
+        blocks = nn.Sequential(*layers)
         with torch.no_grad():
-            width = features(torch.zeros(2, *input_shape)).shape[-1]
-        return features, width
+            shape = tuple(blocks(torch.zeros(2, *input_shape)).shape[1:])
+        return blocks, shape
 
 
 class MLP(Backbone):
