@@ -167,13 +167,52 @@ def caption(table: ReportTable) -> str:
         + f"; {CORRECTIONS[o.correction]} correction over the column's comparisons; "
         f"level {o.alpha:g}).",
     ]
-    sources = {row.reference.citation for row in table.rows if row.reference is not None}
-    if sources:
-        parts.append(
-            "Published rows: the papers' own numbers (Δ: measured minus published; whether the "
-            "two 95% intervals overlap); " + "; ".join(sorted(sources)) + "."
-        )
+    published = [
+        e.reference
+        for row in table.rows
+        if row.reference is not None
+        for e in row.entries.values()
+        if isinstance(e, ReferenceEntry)
+    ]
+    if published:
+        parts.append(_published_caption(published))
     return " ".join(parts)
+
+
+def _published_caption(published: list[refs.Reference]) -> str:
+    """What the published rows show: each kind of ± present said in words (a standard
+    deviation is never called a confidence interval), how they are compared, sources."""
+    kinds = {r.pm_means for r in published}
+    pm = []
+    if "ci95" in kinds:
+        pm.append("± with no mark: the paper's 95% confidence interval")
+    if "std" in kinds:
+        pm.append(
+            "± marked std: a standard deviation over the paper's seeds or runs, "
+            "not a confidence interval"
+        )
+    if "sem" in kinds:
+        pm.append("± marked SEM: a standard error of the mean")
+    if "none" in kinds:
+        pm.append("no ±: none published or none confirmed")
+    compare = ["Δ: measured minus published"]
+    if any(r.ci95 is not None for r in published):
+        compare.append("CIs overlap / no overlap: whether the two 95% intervals overlap")
+    if any(r.ci95 is None for r in published):
+        compare.append(
+            "inside / outside our CI: where the paper gives no 95% interval, whether its "
+            "mean lies in ours"
+        )
+    if not all(r.verified for r in published):
+        compare.append("unverified: not confirmed in the paper itself, only where others quote it")
+    sources = sorted({r.citation for r in published})
+    return (
+        "Published rows: the papers' own numbers ("
+        + "; ".join(pm + compare)
+        + "); "
+        + "; ".join(sources)
+        + "."
+    )
 
 
 def render(run_dirs: list[Path] | Path, fmt: str = "table", options: Options | None = None) -> str:

@@ -53,20 +53,34 @@ class Entry:
         return text if self.setting.status == "done" else f"{text} ({self.setting.status})"
 
 
+# How a reference cell marks its ±: a 95% CI is the default and goes unmarked.
+PM_MARKS = {"ci95": "", "std": " std", "sem": " SEM", "none": ""}
+
+
 @dataclass
 class ReferenceEntry:
     reference: refs.Reference
     measured: Entry
 
     def text(self, decimals: int, pm: str = "±", delta: str = "Δ") -> str:
+        """``mean ± pm`` as published, the ± named unless it is a 95% CI (``std``, ``SEM``;
+        no ± when the paper gives none), then: unverified, measured minus published, and
+        either whether the two 95% intervals overlap or, where the paper gives no 95%
+        interval, whether its mean lies inside ours. A std is never called a CI."""
         r = self.reference
-        text = f"{r.mean:.{decimals}f} {pm} {r.ci95:.{decimals}f}"
-        if self.measured.mean is None:
-            return text
-        overlap = (
-            "CIs overlap" if r.overlaps(self.measured.mean, self.measured.ci95) else "no overlap"
-        )
-        return f"{text} ({delta} {self.measured.mean - r.mean:+.{decimals}f}, {overlap})"
+        text = f"{r.mean:.{decimals}f}"
+        if r.pm is not None:
+            text += f" {pm} {r.pm:.{decimals}f}{PM_MARKS[r.pm_means]}"
+        notes = [] if r.verified else ["unverified"]
+        m = self.measured
+        if m.mean is not None:
+            notes.append(f"{delta} {m.mean - r.mean:+.{decimals}f}")
+            overlap = r.overlaps(m.mean, m.ci95)
+            if overlap is not None:
+                notes.append("CIs overlap" if overlap else "no overlap")
+            else:
+                notes.append("inside our CI" if r.inside(m.mean, m.ci95) else "outside our CI")
+        return f"{text} ({', '.join(notes)})" if notes else text
 
 
 @dataclass
@@ -208,10 +222,14 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
                 matched = refs.matching(
                     s.dataset_config["name"], s.keys["ways"], s.keys["shots"], s.learner_config
                 )
+                measured = entry.mean is not None
                 record["published"] = [
-                    {"source": r.source, "method": r.method, "mean": r.mean, "ci95": r.ci95,
-                     "difference": None if entry.mean is None else entry.mean - r.mean,
-                     "overlap": None if entry.mean is None else r.overlaps(entry.mean, entry.ci95)}
+                    {"source": r.source, "method": r.method, "mean": r.mean, "pm": r.pm,
+                     "pm_means": r.pm_means, "ci95": r.ci95, "episodes": r.episodes,
+                     "verified": r.verified,
+                     "difference": entry.mean - r.mean if measured else None,
+                     "overlap": r.overlaps(entry.mean, entry.ci95) if measured else None,
+                     "inside_ci": r.inside(entry.mean, entry.ci95) if measured else None}
                     for r in matched
                 ]  # fmt: skip
             out.append(record)
