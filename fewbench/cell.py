@@ -45,6 +45,38 @@ class Tasks:
         1, type=(int, list), help="support examples per class (an integer or a list)"
     )
     query: int = _setting(1, minimum=1, help="query examples per class in training episodes")
+    # Training episodes may differ from test episodes (Snell et al. train Omniglot 60-way and
+    # test 5- and 20-way). Unset, they are the test episodes' ways and shots and ``query``.
+    train_ways: int | None = _setting(
+        None,
+        type=int,
+        nullable=True,
+        minimum=1,
+        help="classes per training episode (default: ways)",
+    )
+    train_shots: int | None = _setting(
+        None,
+        type=int,
+        nullable=True,
+        minimum=1,
+        help="support examples per class in training episodes (default: shots)",
+    )
+    train_query: int | None = _setting(
+        None,
+        type=int,
+        nullable=True,
+        minimum=1,
+        help="query examples per class in training episodes (default: query)",
+    )
+
+    @property
+    def training(self) -> tuple[int, int, int]:
+        """Ways, shots and query of the training episodes."""
+        return (
+            self.train_ways or self.ways,
+            self.train_shots or self.shots,
+            self.train_query or self.query,
+        )
 
 
 @dataclass(frozen=True)
@@ -161,7 +193,9 @@ class Cell:
             "dataset": self.dataset.config(),
             "backbone": self.backbone.config(),
             "learner": self.learner.config(),
-            "tasks": asdict(self.tasks),
+            # Unset training-episode settings stay out, so cells from before they existed
+            # keep their ids.
+            "tasks": {k: v for k, v in asdict(self.tasks).items() if v is not None},
             "train": asdict(self.train),
             "eval": asdict(self.eval),
             "seed": self.seed,

@@ -57,18 +57,23 @@ def _split_sizes(
 
 def _check_episodes(suite: Suite, cell: Cell, sizes: dict[str, SplitSize]) -> None:
     source, label, name = suite.source, cell.label, cell.dataset.name
-    ways, shots = cell.ways, cell.shots
-    for split, query, path in (
-        ("train", cell.tasks.query, "tasks.query"),
-        ("val", cell.eval.query, "eval.query"),
-        ("test", cell.eval.query, "eval.query"),
+    tasks = cell.tasks
+    for split, ways, shots, query, path, ways_path in (
+        (
+            "train",
+            *tasks.training,
+            "tasks.train_query" if tasks.train_query else "tasks.query",
+            "tasks.train_ways" if tasks.train_ways else "tasks.ways",
+        ),
+        ("val", cell.ways, cell.shots, cell.eval.query, "eval.query", "tasks.ways"),
+        ("test", cell.ways, cell.shots, cell.eval.query, "eval.query", "tasks.ways"),
     ):
         if split not in sizes or (split == "val" and cell.train.val_episodes == 0):
             continue
         size = sizes[split]
         if ways > size.classes:
             raise source.error(
-                "tasks.ways",
+                ways_path,
                 f"cell {label}: {ways}-way episodes need {ways} classes, but the "
                 f"'{split}' split of {name} has {size.classes}",
             )

@@ -73,7 +73,7 @@ def expand_grid(checked: CheckedSuite) -> Suite:
             "dataset": dataset.config(),
             "backbone": backbone.config(),
             "learner": learner.config(),
-            "tasks": {"ways": ways, "shots": shots, "query": checked.query},
+            "tasks": {"ways": ways, "shots": shots, "query": checked.query, **checked.train_tasks},
             "train": dict(checked.train),
             "eval": dict(checked.eval),
             "seed": seed,
@@ -174,4 +174,7 @@ def _apply_override(
             problem = f"an override sets one positive integer (lists of {name} are grid axes), got {value!r}"
         if problem:
             raise source.error(path, problem)
-        config[section][name] = copy.deepcopy(checked)
+        if checked is None and section == "tasks":
+            config[section].pop(name, None)  # back to the test episodes' value
+        else:
+            config[section][name] = copy.deepcopy(checked)

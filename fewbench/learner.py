@@ -6,7 +6,8 @@ test episodes. A learner supplies only
 
 * what kind of training batch it wants (:attr:`Learner.batch_kind`:
   ``"episodes"`` for a meta-batch of episodes, ``"examples"`` for labelled
-  examples from all training classes) and how many per step (:meth:`batch_size`);
+  examples from all training classes; a learner with stages may change it per
+  iteration, :meth:`Learner.batch_kind_at`) and how many per step (:meth:`batch_size`);
 * one training step on such a batch (:meth:`train_step`), returning the loss;
 * how it adapts to a batch of episodes and predicts their query sets (:meth:`predict`);
 * its state, for keeping the best parameters and for checkpoints.
@@ -40,6 +41,19 @@ class LearnerContext:
     num_train_classes: int
     device: torch.device
     task_type: TaskType = CLASSIFICATION
+    # Training episodes (``tasks.train_ways`` ...); the test episodes' values when unset.
+    train_ways: int | None = None
+    train_shots: int | None = None
+    train_query: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("train_ways", self.ways),
+            ("train_shots", self.shots),
+            ("train_query", self.query),
+        ):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The training loss of the task type (over all tasks of the batch)."""
@@ -63,6 +77,14 @@ class Learner:
     def setup(self, ctx: LearnerContext) -> None:
         """Build networks and optimizers (the core has seeded torch's global generator)."""
         self.ctx = ctx
+
+    def batch_kind_at(self, iteration: int) -> str:
+        """The kind of training batch for ``iteration`` (from 1); :attr:`batch_kind` by default.
+
+        A learner with stages (pretraining on examples, then episodes) overrides it. The
+        core asks once per iteration, right before :meth:`batch_size`, so such a learner's
+        ``batch_size`` may answer for the kind it last returned."""
+        return self.batch_kind
 
     def batch_size(self) -> int:
         """Episodes per meta-batch (``episodes``) or examples per batch (``examples``)."""

@@ -338,6 +338,7 @@ class CheckedSuite:
     ways: list[int]
     shots: list[int]
     query: int
+    train_tasks: dict[str, int]  # train_ways, train_shots, train_query where given
     train: dict[str, Any]
     eval: dict[str, Any]
     entries: dict[str, list[PluginEntry]]  # datasets, backbones, learners
@@ -377,6 +378,7 @@ def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
         ways=_int_list(source, "tasks.ways", tasks["ways"], minimum=1),
         shots=_int_list(source, "tasks.shots", tasks["shots"], minimum=1),
         query=tasks["query"],
+        train_tasks={k: v for k, v in tasks.items() if k.startswith("train_") and v is not None},
         train=check_mapping(source, "train", data.get("train"), TRAIN),
         eval=check_mapping(source, "eval", data.get("eval"), EVAL),
         entries={key: _expand_entries(source, registry, key) for key in PLUGIN_LISTS},

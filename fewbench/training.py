@@ -136,7 +136,7 @@ def train(
     """
     settings = cell.train
     total = learner.iterations(settings.iterations)
-    ways, shots, query = cell.ways, cell.shots, cell.tasks.query
+    ways, shots, query = cell.tasks.training  # the training episodes (tasks.train_*)
     started = time.perf_counter()
     checkpoint = checkpoint_dir / "last.pt" if checkpoint_dir else None
 
@@ -198,7 +198,7 @@ def train(
     try:
         for iteration in range(state["iteration"] + 1, total + 1):
             generator = seeded_generator("train", cell.seed, iteration)
-            if learner.batch_kind == "episodes":
+            if learner.batch_kind_at(iteration) == "episodes":
                 batch = sources["train"].sample_episodes(
                     learner.batch_size(), ways, shots, query, generator
                 )

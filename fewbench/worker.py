@@ -230,6 +230,9 @@ class CellRunner:
                 num_train_classes=sources["train"].num_classes,
                 device=self.device,
                 task_type=task_type,
+                train_ways=cell.tasks.training[0],
+                train_shots=cell.tasks.training[1],
+                train_query=cell.tasks.training[2],
             )
         )
         return CellSetup(learner, sources, task_type, identity)

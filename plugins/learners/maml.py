@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fewbench.data import EpisodeBatch
+from fewbench.errors import FewbenchError
 from fewbench.hookspecs import hookimpl
 from fewbench.learner import Learner, LearnerContext
 from fewbench.params import Param
@@ -59,6 +60,11 @@ class MAML(Learner):
 
     def setup(self, ctx: LearnerContext) -> None:
         super().setup(ctx)
+        if ctx.train_ways != ctx.ways:
+            raise FewbenchError(
+                f"{self.name} adapts one {ctx.ways}-way head to every episode: training "
+                f"episodes must be {ctx.ways}-way too (tasks.train_ways is {ctx.train_ways})"
+            )
         self.model = ctx.backbone.build(ctx.input_shape, ctx.ways).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config["meta_lr"])
         self.replicas = maml_engines.Replicas(self.model)
