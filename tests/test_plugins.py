@@ -34,8 +34,13 @@ def test_builtins_come_through_the_entry_point_group(registry):
     assert registry.names("dataset") == [
         "cifar_fs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid",
     ]  # fmt: skip
-    assert registry.names("backbone") == ["conv4", "mlp"]
-    assert set(registry.names("learner")) >= {"maml", "fomaml", "finetune"}
+    assert registry.names("backbone") == [
+        "conv4", "mlp", "resnet10", "resnet12", "resnet18", "wrn28_10",
+    ]  # fmt: skip
+    assert set(registry.names("learner")) >= {
+        "maml", "fomaml", "finetune", "protonet", "matchingnet", "relationnet", "r2d2", "rfs",
+        "meta_baseline",
+    }  # fmt: skip
     for kind in ("dataset", "backbone", "learner"):
         for item in registry.items(kind):
             assert item.provider == "fewbench"
