@@ -66,8 +66,12 @@ class LocalExecutor(Executor):
             for _ in range(self.config["cells_per_gpu"])
         ]
 
-    def worker_env(self, slot: dict[str, str], workers: int) -> tuple[dict[str, str], int]:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+    def worker_env(
+        self, slot: dict[str, str], workers: int, requested: int | None = None
+    ) -> tuple[dict[str, str], int]:
+        """A worker's environment and threads: ``--threads`` when given (so that a suite's
+        numerics match a sequential run with the same count), else its share of the cores."""
+        threads = requested or max(1, (os.cpu_count() or 1) // workers)
         env = {**os.environ, **slot}
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[variable] = str(threads)
@@ -79,7 +83,7 @@ class LocalExecutor(Executor):
         logs.mkdir(parents=True, exist_ok=True)
         processes = []
         for index, slot in enumerate(slots):
-            env, threads = self.worker_env(slot, len(slots))
+            env, threads = self.worker_env(slot, len(slots), run.settings.threads)
             changes = {"threads": threads, "progress": False}
             if slot:  # the worker sees only its own GPU
                 changes["device"] = "cuda"
