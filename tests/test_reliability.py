@@ -327,7 +327,11 @@ def test_a_cell_resumed_under_another_layout_keeps_its_thread_count(
     assert first.returncode == -signal.SIGKILL
     (started,) = [p.parent.name for p in out.glob("checkpoints/*/last.pt")]
     recorded = json.loads((out / "checkpoints" / started / "numerics.json").read_text())
-    assert recorded["threads"] == torch.get_num_threads()
+    fresh = subprocess.run(  # what a fresh process uses (this one's may have been changed)
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert recorded["threads"] == int(fresh.stdout)
     resumed = run_cli(
         "run", str(out), "--data-root", str(data_root), "--workers", "2", "--no-progress",
         env={"FEWBENCH_CACHE": str(cache_dir)},

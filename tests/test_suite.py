@@ -217,7 +217,10 @@ def test_missing_data_is_an_error_that_says_where_and_how(registry, tmp_path):
     assert len(suite.cells) == 12 and suite.warnings
 
 
-@pytest.mark.parametrize("name", ["omniglot.yaml", "omniglot-cpu.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["omniglot.yaml", "omniglot-cpu.yaml", "omniglot-metric.yaml", "omniglot-metric-cpu.yaml"],
+)
 def test_shipped_suites_validate(registry, data_root, name):
     suite = expand(load_suite_file(REPO / "suites" / name), registry, data_root)
     assert suite.cells
