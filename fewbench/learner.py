@@ -69,6 +69,9 @@ class Learner:
     batch_kind: ClassVar[str] = "episodes"
     # Added to a cell's failure when it ran out of memory: which of its parameters to lower.
     out_of_memory_hint: ClassVar[str] = ""
+    # The attributes (modules, optimizers) whose state_dict is the learner's state, saved in
+    # checkpoints under these names; a learner with other state overrides state_dict.
+    state_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
         self.config = params
@@ -102,10 +105,17 @@ class Learner:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The state of :attr:`state_attributes` (tensors and plain values only: checkpoints
+        are read with ``weights_only=True``)."""
+        if not self.state_attributes:
+            raise NotImplementedError(f"{type(self).__name__}: declare state_attributes")
+        return {name: getattr(self, name).state_dict() for name in self.state_attributes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        if not self.state_attributes:
+            raise NotImplementedError(f"{type(self).__name__}: declare state_attributes")
+        for name in self.state_attributes:
+            getattr(self, name).load_state_dict(state[name])
 
     def describe_engine(self) -> str:
         """A short word recorded with results so a number can be traced to its code path."""

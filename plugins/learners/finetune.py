@@ -42,6 +42,7 @@ class CosineHead(nn.Module):
 
 class FineTune(Learner):
     name = "finetune"
+    state_attributes = ("network", "optimizer")
     description = "Pretrain on all training classes, fit a new head per episode (Chen et al. 2019)"
     batch_kind = "examples"
     params = {
@@ -166,13 +167,6 @@ class FineTune(Learner):
                 @ nn.functional.normalize(weight, dim=-1).transpose(1, 2)
             )
         return features @ weight.transpose(1, 2) + bias[:, None, :]
-
-    def state_dict(self) -> dict:
-        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 @hookimpl

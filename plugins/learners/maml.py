@@ -27,6 +27,7 @@ from fewbench_plugins.learners.maml_engines import ENGINES
 
 class MAML(Learner):
     name = "maml"
+    state_attributes = ("model", "optimizer")
     out_of_memory_hint = "lower meta_batch_size or use first_order: true"
     description = "Model-agnostic meta-learning, second order (Finn et al. 2017)"
     params = {
@@ -135,13 +136,6 @@ class MAML(Learner):
             steps=self.config["eval_inner_steps"],
             tasks_per_call=self.config["tasks_per_call"],
         )
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class FirstOrderMAML(MAML):

@@ -38,8 +38,6 @@ Choices and deviations:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -98,6 +96,7 @@ class FullContextEmbeddings(nn.Module):
 
 class MatchingNet(Learner):
     name = "matchingnet"
+    state_attributes = ("network", "optimizer")
     description = "Matching networks: cosine attention over the support set (Vinyals et al. 2016)"
     out_of_memory_hint = "lower meta_batch_size, or the ways and query of the training episodes"
     params = {
@@ -167,13 +166,6 @@ class MatchingNet(Learner):
     def predict(self, episodes: EpisodeBatch) -> Tensor:
         self.network.eval()
         return self.log_probabilities(episodes)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 @hookimpl

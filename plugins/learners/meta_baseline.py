@@ -63,6 +63,7 @@ def cosine_prototype_logits(
 
 class MetaBaseline(Learner):
     name = "meta_baseline"
+    state_attributes = ("model", "pretrain_optimizer", "meta_optimizer")
     description = (
         "Classifier-Baseline pretraining, then meta-training of cosine prototypes "
         "(Chen et al. 2021)"
@@ -206,18 +207,6 @@ class MetaBaseline(Learner):
     def predict(self, episodes: EpisodeBatch) -> Tensor:
         self.model.eval()
         return self._logits(episodes)
-
-    def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "pretrain_optimizer": self.pretrain_optimizer.state_dict(),
-            "meta_optimizer": self.meta_optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.pretrain_optimizer.load_state_dict(state["pretrain_optimizer"])
-        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
 
 
 @hookimpl

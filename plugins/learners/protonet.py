@@ -32,8 +32,6 @@ Choices and deviations:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +40,7 @@ from fewbench.errors import FewbenchError
 from fewbench.hookspecs import hookimpl
 from fewbench.learner import Learner, LearnerContext
 from fewbench.params import Param
+from fewbench_plugins.learners.schedules import halved_every
 
 
 def refuse_non_classification(name: str, ctx: LearnerContext) -> None:
@@ -92,6 +91,7 @@ def cosine_similarities(query: Tensor, keys: Tensor) -> Tensor:
 
 class ProtoNet(Learner):
     name = "protonet"
+    state_attributes = ("network", "optimizer")
     description = "Prototypical networks: distances to class-mean embeddings (Snell et al. 2017)"
     out_of_memory_hint = "lower meta_batch_size, or the ways and query of the training episodes"
     params = {
@@ -133,11 +133,9 @@ class ProtoNet(Learner):
 
     def learning_rate(self, iteration: int) -> float:
         """The paper's step decay, from the number of episodes trained before this step."""
-        every = self.config["lr_halve_every"]
-        if not every:
-            return self.config["lr"]
-        episodes_before = (iteration - 1) * self.batch_size()
-        return self.config["lr"] * 0.5 ** (episodes_before // every)
+        return halved_every(
+            self.config["lr"], self.config["lr_halve_every"], iteration, self.batch_size()
+        )
 
     def logits(self, episodes: EpisodeBatch) -> Tensor:
         """Query class scores ``[T, N*Q, ways]`` (Eq. 2, or the scaled cosine)."""
@@ -162,13 +160,6 @@ class ProtoNet(Learner):
     def predict(self, episodes: EpisodeBatch) -> Tensor:
         self.network.eval()
         return self.logits(episodes)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 @hookimpl

@@ -101,6 +101,7 @@ class RidgeHead(nn.Module):
 
 class R2D2(Learner):
     name = "r2d2"
+    state_attributes = ("model", "optimizer")
     description = "Ridge regression head solved in closed form per episode (Bertinetto et al. 2019)"
     out_of_memory_hint = "lower meta_batch_size"
     params = {
@@ -169,13 +170,6 @@ class R2D2(Learner):
     def predict(self, episodes: EpisodeBatch) -> Tensor:
         self.model.eval()
         return self._logits(episodes)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 @hookimpl

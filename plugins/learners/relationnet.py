@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +58,7 @@ from fewbench.errors import FewbenchError
 from fewbench.hookspecs import hookimpl
 from fewbench.learner import Learner, LearnerContext
 from fewbench.params import Param
+from fewbench_plugins.learners.schedules import halved_every
 
 
 def relation_padding(size: int, mode: str) -> int:
@@ -157,6 +157,7 @@ def one_hot_targets(query_y: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
 
 class RelationNet(Learner):
     name = "relationnet"
+    state_attributes = ("embedding", "relation", "optimizer")
     description = (
         "Relation networks: a learnt relation module scores query-class pairs (Sung et al. 2018)"
     )
@@ -228,11 +229,9 @@ class RelationNet(Learner):
 
     def learning_rate(self, iteration: int) -> float:
         """The paper's step decay, from the number of episodes trained before this step."""
-        every = self.config["lr_halve_every"]
-        if not every:
-            return self.config["lr"]
-        episodes_before = (iteration - 1) * self.batch_size()
-        return self.config["lr"] * 0.5 ** (episodes_before // every)
+        return halved_every(
+            self.config["lr"], self.config["lr_halve_every"], iteration, self.batch_size()
+        )
 
     def relation_scores(self, episodes: EpisodeBatch) -> Tensor:
         """Relation scores ``[T, N*Q, ways]`` of every query with every class."""
@@ -273,18 +272,6 @@ class RelationNet(Learner):
         self.embedding.eval()
         self.relation.eval()
         return self.relation_scores(episodes)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "embedding": self.embedding.state_dict(),
-            "relation": self.relation.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.embedding.load_state_dict(state["embedding"])
-        self.relation.load_state_dict(state["relation"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 @hookimpl

@@ -67,6 +67,7 @@ def normalize(features: Tensor) -> Tensor:
 
 class RFS(Learner):
     name = "rfs"
+    state_attributes = ("network", "optimizer")
     description = "Supervised embedding + per-episode logistic regression (Tian et al. 2020)"
     batch_kind = "examples"
     params = {
@@ -174,13 +175,6 @@ class RFS(Learner):
             # Columns follow regression.classes_; every label of an episode has support.
             outputs[t][:, regression.classes_] = regression.predict_log_proba(query_np[t])
         return torch.from_numpy(outputs).to(device=query.device, dtype=torch.float32)
-
-    def state_dict(self) -> dict:
-        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 @hookimpl
