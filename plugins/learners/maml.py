@@ -7,8 +7,11 @@ makes ``d theta' / d theta`` the identity and applies the query gradient at
 ``theta'`` directly to ``theta``. The meta-loss is the mean of the tasks' query
 losses, as in Finn et al.'s code; the meta-optimizer is Adam with ``meta_lr``.
 
-How the tasks of a meta-batch are computed (all tasks at once, or one at a time)
-is the ``engine`` parameter; see :mod:`fewbench_plugins.learners.maml_engines`.
+The inner loop is the core's :class:`fewbench.adaptation.Adapter` (every
+parameter adapts, one fixed scalar step size); how the tasks of a meta-batch are
+computed (all at once, or one at a time) is its ``engine``. ``engine: higher`` runs
+the ``higher`` library instead, the reference the engines are tested against
+(:mod:`fewbench_plugins.learners.maml_engines`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fewbench.adaptation import Adapter, EngineChoice
 from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
 from fewbench.hookspecs import hookimpl
@@ -68,33 +72,37 @@ class MAML(Learner):
             )
         self.model = ctx.backbone.build(ctx.input_shape, ctx.ways).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config["meta_lr"])
-        self.replicas = maml_engines.Replicas(self.model)
-        self.engines: dict[str, maml_engines.EngineChoice] = {}  # train | predict
+        engine = self.config["engine"]
+        self.adapter = Adapter(
+            self.model,
+            ctx.loss,
+            adapt="all",
+            step_size=self.config["inner_lr"],
+            first_order=self.config["first_order"],
+            engine="loop" if engine == "higher" else engine,  # higher is a training reference
+            threads=self.config["threads"],
+            tasks_per_call=self.config["tasks_per_call"],
+        )
+
+    @property
+    def engines(self) -> dict[str, EngineChoice]:
+        """The engine chosen for each phase (train | predict), from its first batch."""
+        return self.adapter.engines
 
     def batch_size(self) -> int:
         return self.config["meta_batch_size"]
 
-    def engine_for(self, phase: str, batch: EpisodeBatch) -> maml_engines.EngineChoice:
+    def engine_for(self, phase: str, batch: EpisodeBatch) -> EngineChoice:
         """The engine for ``phase`` (train | predict), chosen once, from its first batch."""
-        if phase not in self.engines:
-            requested = self.config["engine"]
-            if phase == "predict" and requested == "higher":
-                requested = "loop"  # higher is a training reference only
-            self.engines[phase] = maml_engines.choose_engine(
-                requested,
-                self.config["threads"],
-                self.ctx.device,
-                batch,
-                vmap_safe=maml_engines.can_batch(self.model),
-            )
-        return self.engines[phase]
+        if phase == "train" and self.config["engine"] == "higher":
+            return self.engines.setdefault(phase, EngineChoice("higher", 1, "set in the suite"))
+        return self.adapter.engine_for(phase, batch)
 
     def describe_engine(self) -> str:
         order = "first-order" if self.config["first_order"] else "second-order"
         if not self.engines:
             return f"{self.config['engine']} ({order}; chosen at the first batch)"
-        chosen = "; ".join(f"{phase}: {e.describe()}" for phase, e in self.engines.items())
-        return f"{order}; {chosen}"
+        return f"{order}; {self.adapter.describe()}"
 
     def meta_gradient_step(self, batch: EpisodeBatch) -> float:
         """Add the meta-gradient of the mean query loss to ``.grad``; return that loss.
@@ -103,16 +111,16 @@ class MAML(Learner):
         tasks and the shares are combined (:mod:`fewbench_plugins.learners.data_parallel`)."""
 
         def local(tasks: EpisodeBatch) -> float:
-            return maml_engines.meta_gradient(
-                self.engine_for("train", tasks),
-                self.replicas,
-                self.ctx.loss,
-                tasks,
-                lr=self.config["inner_lr"],
-                steps=self.config["inner_steps"],
-                second_order=not self.config["first_order"],
-                tasks_per_call=self.config["tasks_per_call"],
-            )
+            if self.engine_for("train", tasks).engine == "higher":
+                return maml_engines.higher_meta_gradient(
+                    self.model,
+                    self.ctx.loss,
+                    tasks,
+                    lr=self.config["inner_lr"],
+                    steps=self.config["inner_steps"],
+                    second_order=not self.config["first_order"],
+                )
+            return self.adapter.meta_gradient(tasks, steps=self.config["inner_steps"])
 
         if data_parallel.active():
             return data_parallel.meta_gradient(self.model, batch, local)
@@ -127,15 +135,7 @@ class MAML(Learner):
         return loss
 
     def predict(self, episodes: EpisodeBatch) -> Tensor:
-        return maml_engines.adapt_and_predict(
-            self.engine_for("predict", episodes),
-            self.replicas,
-            self.ctx.loss,
-            episodes,
-            lr=self.config["inner_lr"],
-            steps=self.config["eval_inner_steps"],
-            tasks_per_call=self.config["tasks_per_call"],
-        )
+        return self.adapter.predict(episodes, steps=self.config["eval_inner_steps"])
 
 
 class FirstOrderMAML(MAML):
