@@ -70,7 +70,9 @@ CPU_BATCHED_MAX_VALUES_PER_TASK = 20_000
 # -- which parameters adapt -----------------------------------------------------------
 def head_names(model: nn.Module) -> tuple[str, ...]:
     """The parameters of the model's last module that has any (the appended linear layer)."""
-    children = [(name, m) for name, m in model.named_children() if any(m.parameters())]
+    children = [
+        (name, m) for name, m in model.named_children() if next(m.parameters(), None) is not None
+    ]
     if not children:
         raise ValueError("the model has no module with parameters to call its head")
     last, module = children[-1]
@@ -464,9 +466,15 @@ class InnerLoop:
     def step_autograd(
         self, params: Params, x: Tensor, y: Tensor, step: int, create_graph: bool, state: dict
     ) -> Params:
-        loss = self.task_loss(params, x, y, step)
+        if not create_graph:
+            # First order: the inner gradient is a constant, taken at detached copies so
+            # that this backward never touches (and frees) the graph that leads to params.
+            params_at = {n: p.detach().requires_grad_(n in self.adapted) for n, p in params.items()}
+        else:
+            params_at = params
+        loss = self.task_loss(params_at, x, y, step)
         grads = torch.autograd.grad(
-            loss, [params[n] for n in self.adapted], create_graph=create_graph
+            loss, [params_at[n] for n in self.adapted], create_graph=create_graph
         )
         return self._update(params, dict(zip(self.adapted, grads, strict=True)), step, state)
 

@@ -16,10 +16,19 @@ the ``higher`` library instead, the reference the engines are tested against
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from fewbench.adaptation import Adapter, EngineChoice
+from fewbench.adaptation import (
+    Adapter,
+    EngineChoice,
+    PerStepBatchNorm,
+    StepSizes,
+    TaskInit,
+    Which,
+)
 from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
 from fewbench.hookspecs import hookimpl
@@ -71,18 +80,39 @@ class MAML(Learner):
                 f"episodes must be {ctx.ways}-way too (tasks.train_ways is {ctx.train_ways})"
             )
         self.model = ctx.backbone.build(ctx.input_shape, ctx.ways).to(ctx.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config["meta_lr"])
+        self.adapter = self.build_adapter(ctx).to(ctx.device)
+        learnt = [p for p in self.adapter.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(learnt, lr=self.config["meta_lr"])
+
+    def build_adapter(self, ctx: LearnerContext) -> Adapter:
+        """The inner loop; a learner of the family overrides this (or the pieces below)."""
         engine = self.config["engine"]
-        self.adapter = Adapter(
+        return Adapter(
             self.model,
             ctx.loss,
-            adapt="all",
-            step_size=self.config["inner_lr"],
+            adapt=self.adapted(),
+            step_size=self.step_size(),
             first_order=self.config["first_order"],
             engine="loop" if engine == "higher" else engine,  # higher is a training reference
             threads=self.config["threads"],
             tasks_per_call=self.config["tasks_per_call"],
+            per_step_batch_norm=self.per_step_batch_norm(),
+            task_init=self.task_init(),
         )
+
+    def adapted(self) -> Which:
+        """Which parameters the inner loop adapts: every one (MAML)."""
+        return "all"
+
+    def step_size(self) -> float | StepSizes:
+        """The inner step size: one fixed scalar (MAML)."""
+        return self.config["inner_lr"]
+
+    def per_step_batch_norm(self) -> PerStepBatchNorm | None:
+        return None
+
+    def task_init(self) -> TaskInit | None:
+        return None
 
     @property
     def engines(self) -> dict[str, EngineChoice]:
@@ -104,7 +134,7 @@ class MAML(Learner):
             return f"{self.config['engine']} ({order}; chosen at the first batch)"
         return f"{order}; {self.adapter.describe()}"
 
-    def meta_gradient_step(self, batch: EpisodeBatch) -> float:
+    def meta_gradient_step(self, batch: EpisodeBatch, **options: Any) -> float:
         """Add the meta-gradient of the mean query loss to ``.grad``; return that loss.
 
         Under ``torch.distributed`` (several ranks), each rank adapts its share of the
@@ -120,10 +150,10 @@ class MAML(Learner):
                     steps=self.config["inner_steps"],
                     second_order=not self.config["first_order"],
                 )
-            return self.adapter.meta_gradient(tasks, steps=self.config["inner_steps"])
+            return self.adapter.meta_gradient(tasks, steps=self.config["inner_steps"], **options)
 
         if data_parallel.active():
-            return data_parallel.meta_gradient(self.model, batch, local)
+            return data_parallel.meta_gradient(self.adapter, batch, local)
         return local(batch)
 
     # -- the learner contract ------------------------------------------------------------
