@@ -415,7 +415,15 @@ class InnerLoop:
         return self.loss(self.forward(params, x, step), y)
 
     def initial(self, theta: Params, sx: Tensor, sy: Tensor) -> Params:
-        return dict(theta) if self.task_init is None else self.task_init(self, dict(theta), sx, sy)
+        """The task's starting point: ``theta``, or what ``task_init`` makes of it.
+
+        After a task init every tensor becomes a node of its own (``view_as``), so that
+        the inner gradient is the partial derivative in each, as ``torch.func.grad``
+        gives it: a head computed from the body must not send the support loss's
+        gradient back into the body's inner step through ``torch.autograd.grad``."""
+        if self.task_init is None:
+            return dict(theta)
+        return {n: p.view_as(p) for n, p in self.task_init(self, dict(theta), sx, sy).items()}
 
     def _update(self, params: Params, grads: Params, step: int, state: dict) -> Params:
         """One step of the inner optimizer on the adapted parameters."""
