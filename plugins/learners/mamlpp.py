@@ -34,8 +34,16 @@ from __future__ import annotations
 
 import math
 
-from fewbench.adaptation import PerStepBatchNorm, StepSizes, Which, batch_norms, cosine
+from fewbench.adaptation import (
+    PerStepBatchNorm,
+    StepSizes,
+    Which,
+    batch_norms,
+    cosine,
+    parameter_names,
+)
 from fewbench.data import EpisodeBatch
+from fewbench.errors import FewbenchError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
 from fewbench_plugins.learners.maml import MAML
@@ -98,8 +106,6 @@ class MAMLPlusPlus(MAML):
     def step_size(self) -> float | StepSizes:
         if not self.config["lslr"]:
             return self.config["inner_lr"]
-        from fewbench.adaptation import parameter_names
-
         names = parameter_names(self.model, self.adapted())
         steps = max(self.config["inner_steps"], self.config["eval_inner_steps"])
         return StepSizes(self.model, names, self.config["inner_lr"], per="tensor", steps=steps)
@@ -107,6 +113,11 @@ class MAMLPlusPlus(MAML):
     def per_step_batch_norm(self) -> PerStepBatchNorm | None:
         if not self.config["per_step_bn"]:
             return None
+        if not self._bn_names():
+            raise FewbenchError(
+                f"mamlpp: the {self.ctx.backbone.name} backbone has no batch norm with weights "
+                "for per-step batch norm; set per_step_bn: false"
+            )
         steps = max(self.config["inner_steps"], self.config["eval_inner_steps"])
         return PerStepBatchNorm(self.model, steps)
 
@@ -145,7 +156,13 @@ class MAMLPlusPlus(MAML):
         return loss
 
     def describe_engine(self) -> str:
-        return super().describe_engine().replace("second-order", "order annealed", 1)
+        described = super().describe_engine()
+        if self.config["derivative_order_annealing"] and not self.config["first_order"]:
+            epochs = self.config["first_order_epochs"]
+            described = described.replace(
+                "second-order", f"first-order {epochs} epochs, then second", 1
+            )
+        return described
 
 
 @hookimpl
