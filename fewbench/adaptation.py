@@ -240,6 +240,26 @@ def vmap_safe_batch_norm(model: nn.Module) -> Iterator[None]:
             del module.forward
 
 
+@contextmanager
+def inductive_batch_norm(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Eval mode for the batch norms that keep running statistics, for the duration.
+
+    A test episode is then adapted and predicted with the running averages gathered
+    while meta-training (the inductive mode: no query example affects another's
+    prediction, and testing leaves the statistics as they were). Batch norms without
+    running statistics normalise with the batch at hand in either mode (Finn et al.'s
+    transductive mode)."""
+    saved = [(m, m.training) for model in models for m in batch_norms(model)]
+    for module, _ in saved:
+        if module.running_mean is not None:
+            module.eval()
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.train(training)
+
+
 # -- choosing an engine -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineChoice:
@@ -682,7 +702,8 @@ class Adapter(nn.Module):
                         return _batched_predict(loop, theta, episodes, part, steps, self)
                 return _loop_predict(loop, theta, episodes, part, steps)
 
-        return torch.cat(in_parallel(share, parts))
+        with inductive_batch_norm(self.replicas.get(len(parts))):
+            return torch.cat(in_parallel(share, parts))
 
     def adapt(self, x: Tensor, y: Tensor, *, steps: int, batch_size: int = 0) -> Params:
         """The adapted parameters of each task, ``[T, *shape]`` per name, detached.

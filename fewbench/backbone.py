@@ -6,6 +6,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from fewbench.params import ParamSet
+
 
 class Backbone:
     """Base class of backbone plugins.
@@ -22,7 +24,8 @@ class Backbone:
     params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any):
-        self.config = params
+        # Defaults first: a parameter a stored cell does not record still has its value.
+        self.config = {**ParamSet.of(type(self)).defaults(), **params}
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         raise NotImplementedError

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fewbench.backbone import Backbone
 from fewbench.data import EpisodeBatch, LabelledBatch
+from fewbench.params import ParamSet
 from fewbench.task_types import CLASSIFICATION, TaskType
 
 
@@ -74,7 +75,8 @@ class Learner:
     state_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
-        self.config = params
+        # Defaults first: a parameter a stored cell does not record still has its value.
+        self.config = {**ParamSet.of(type(self)).defaults(), **params}
         self.ctx: LearnerContext | None = None
 
     def setup(self, ctx: LearnerContext) -> None:

@@ -27,6 +27,10 @@ class Param:
     item_type: type | None = (
         None  # for list parameters: the type of each item (minimum applies to items)
     )
+    # A parameter added to a plugin after cells were stored: left out of a cell's
+    # configuration (and so of its id) while it holds its default, so those cells keep
+    # their ids and finished ones are not run again. The plugin still sees the default.
+    added_later: bool = False
 
     @property
     def value_type(self) -> type | None:
@@ -117,3 +121,7 @@ class ParamSet:
 
     def defaults(self) -> dict[str, Any]:
         return {key: param.default for key, param in self.params.items()}
+
+    def defaults_in_cells(self) -> dict[str, Any]:
+        """The defaults a cell's configuration records (see :attr:`Param.added_later`)."""
+        return {key: p.default for key, p in self.params.items() if not p.added_later}

@@ -461,7 +461,11 @@ def _expand_entries(source: SuiteSource, registry: Registry, key: str) -> list[P
             choices.append(checked)
         for combination in itertools.product(*choices):
             given = dict(combination)
-            entries.append(PluginEntry(plugin, {**plugin.params.defaults(), **given}, given))
+            params = {**plugin.params.defaults_in_cells(), **given}
+            for name, param in plugin.params.params.items():
+                if param.added_later and params.get(name, param.default) == param.default:
+                    params.pop(name, None)  # at its default: out of the id (Param.added_later)
+            entries.append(PluginEntry(plugin, params, given))
     _label_entries(entries)
     return entries
 

@@ -314,3 +314,78 @@ def test_every_gradient_learner_trains_and_resumes_exactly_on_omniglot(
         kills += 1
     assert attempt.returncode == 0 and kills >= 5
     assert results(killed) == baseline
+
+
+# -- batch norm policies ---------------------------------------------------------------------
+def test_running_statistics_give_an_inductive_test_mode():
+    """conv4 ``batch_norm: running``: test episodes are adapted and predicted with the running
+    averages (eval mode), so a query example's prediction does not depend on the others, and
+    testing leaves the statistics as they were."""
+    from fewbench_plugins.backbones.standard import Conv4
+    from fewbench_plugins.learners.maml import MAML
+
+    torch.manual_seed(0)
+    learner = MAML(**{**ParamSet.of(MAML).defaults(), "engine": "loop", "threads": 1})
+    learner.setup(
+        LearnerContext(
+            backbone=Conv4(hidden=4, pool="stride", batch_norm="running"),
+            input_shape=(1, 8, 8),
+            ways=WAYS,
+            shots=1,
+            query=2,
+            num_train_classes=10,
+            device=torch.device("cpu"),
+        )
+    )
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(WAYS)
+
+    def batch(query: int) -> EpisodeBatch:
+        return EpisodeBatch(
+            torch.randn(2, WAYS, 1, 8, 8, generator=g),
+            labels.expand(2, -1),
+            torch.randn(2, WAYS * query, 1, 8, 8, generator=g),
+            labels.repeat_interleave(query).expand(2, -1),
+            WAYS,
+        )
+
+    learner.train_step(batch(2), 1)
+    norm = learner.model[0][1]
+    assert norm.running_mean is not None and norm.running_mean.abs().sum() > 0
+    saved = norm.running_mean.clone()
+    episodes_ = batch(2)
+    together = learner.predict(episodes_)
+    alone = learner.predict(
+        EpisodeBatch(
+            episodes_.support_x,
+            episodes_.support_y,
+            episodes_.query_x[:, :1],
+            episodes_.query_y[:, :1],
+            WAYS,
+        )  # fmt: skip
+    )
+    torch.testing.assert_close(alone[:, 0], together[:, 0])
+    assert torch.equal(norm.running_mean, saved) and learner.model.training
+
+
+def test_a_parameter_added_later_keeps_old_cell_ids(registry, data_root):
+    """conv4's ``batch_norm`` came after cells were stored: at its default it stays out of the
+    cell's configuration (so ids are unchanged); set, it is in, and the id changes."""
+    from fewbench.grid import expand
+    from fewbench.suite import parse_yaml
+    from fewbench_plugins.backbones.standard import Conv4
+
+    def cell(backbone: str):
+        text = (
+            "name: t\ndatasets: [{name: omniglot}]\ntasks: {ways: 5, shots: 1, query: 1}\n"
+            f"backbones: [{backbone}]\nlearners: [{{name: maml}}]\n"
+        )
+        (only,) = expand(parse_yaml(text, "t.yaml"), registry, data_root, require_data=False).cells
+        return only
+
+    default = cell("{name: conv4}")
+    explicit = cell("{name: conv4, batch_norm: batch}")
+    running = cell("{name: conv4, batch_norm: running}")
+    assert "batch_norm" not in default.backbone.config() and default.id == explicit.id
+    assert running.backbone.params["batch_norm"] == "running" and running.id != default.id
+    assert Conv4().config["batch_norm"] == "batch"  # the plugin still sees its default

@@ -27,6 +27,14 @@ class Conv4(Backbone):
         "pool": Param(
             "stride", choices=("stride", "max"), help="stride-2 convs (Omniglot) or 2x2 max-pool"
         ),
+        "batch_norm": Param(
+            "batch",
+            choices=("batch", "running"),
+            help="batch: statistics of the batch at hand, no running averages (Finn et al.'s "
+            "transductive mode; every MAML engine); running: running averages, used in eval "
+            "mode at test time (the inductive mode; MAML's loop engine)",
+            added_later=True,
+        ),
     }
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
@@ -51,8 +59,8 @@ class Conv4(Backbone):
             stride = 2 if pool == "stride" else 1
             layers += [
                 nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
-                # Batch statistics of the batch at hand, as the original MAML (transductive).
-                nn.BatchNorm2d(hidden, track_running_stats=False),
+                # batch: statistics of the batch at hand, as the original MAML (transductive).
+                nn.BatchNorm2d(hidden, track_running_stats=self.config["batch_norm"] == "running"),
                 nn.ReLU(),
             ]
             if pool == "max":
