@@ -7,7 +7,8 @@ in the inner loop.
   with the inner update restricted to the head's parameters).
 * BOIL, "Body Only update in Inner Loop" (Oh, Yoo, Kim & Yun, ICLR 2021, section 3):
   the mirror image: the inner loop adapts only the body and the head keeps its
-  meta-learnt weights (their head inner learning rate of zero).
+  meta-learnt weights (their head inner learning rate of zero; the authors' code runs
+  ``--extractor-step-size=0.5 --classifier-step-size=0.0``, one inner step, meta-batch 4).
 
 Both are :class:`~fewbench_plugins.learners.maml.MAML` with another ``adapt`` for the
 core's :class:`fewbench.adaptation.Adapter`; parameters, engines and defaults are

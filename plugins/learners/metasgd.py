@@ -5,9 +5,11 @@ where ``alpha`` has the shape of ``theta`` (one learning rate per parameter elem
 ``o`` the element-wise product) and is meta-learnt with ``theta`` by the outer loop
 (their Algorithm 1, line 9: both updated with the gradient of the query losses,
 second order). ``alpha`` is the core's :class:`fewbench.adaptation.StepSizes` with
-``per="element"``; its values start uniform in ``[alpha_low, alpha_high]`` (see the
-parameters). Training and test adapt with the same learnt ``alpha`` and, by default,
-one step, as in the paper. Batched engine: yes.
+``per="element"``; its values start uniform in ``[alpha_low, alpha_high]``. How the
+paper initialises ``alpha`` could not be read here (only its first page was
+available, and no official code was found): that range is fewbench's choice, a
+deliberate one to state beside any number. Training and test adapt with the same
+learnt ``alpha`` and, by default, one step, as in the paper. Batched engine: yes.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ support examples, the row of class ``k`` is ``W_k = 2 c_k`` and its bias
 network's negative squared distances up to a term constant across classes (Snell et
 al.'s equivalence). The inner loop then adapts every parameter from there; the
 gradient of the query loss flows through the prototypes into the embedding. First
-order by default (``fo-Proto-MAML``, the variant Triantafillou et al. evaluate).
+order by default (``fo-Proto-MAML``, the variant Triantafillou et al. evaluate; their
+code, google-research/meta-dataset, sets ``fc_weights = 2 * prototypes`` and
+``fc_bias = -||prototypes||^2`` with no stop-gradient, and its base configuration
+takes 5 inner steps of 0.01; fewbench's defaults are MAML's, set them in the suite).
 The model's own head parameters are therefore never used. Batched engine: yes.
 """
 

@@ -18,6 +18,12 @@ query set is predicted either all at once (``transductive: true``: batch norm se
 every query example, as MAML's evaluation) or one query example at a time together
 with the support set (``transductive: false``, their default evaluation).
 
+Defaults are the authors' Omniglot 5-way command (openai/supervised-reptile README,
+which the author says is the paper's Appendix A): inner batch 10, 5 inner steps of
+Adam at 0.001 with ``beta1 = 0``, meta-batch 5, outer step 1 annealed to 0, 50 test
+steps on batches of 5, train shots 10 (set ``tasks.train_shots``); their test
+episodes have one query example per class, and their count is 10,000.
+
 Deviation: the inner Adam's moments start at zero for every task; the authors'
 TensorFlow code keeps the Adam slot variables across tasks (they are not part of
 the model state it resets). Independent states are what lets the tasks of a
