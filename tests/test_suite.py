@@ -219,11 +219,41 @@ def test_missing_data_is_an_error_that_says_where_and_how(registry, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["omniglot.yaml", "omniglot-cpu.yaml", "omniglot-metric.yaml", "omniglot-metric-cpu.yaml"],
+    [
+        "omniglot.yaml",
+        "omniglot-cpu.yaml",
+        "omniglot-metric.yaml",
+        "omniglot-metric-cpu.yaml",
+        "omniglot-gradient.yaml",
+        "omniglot-gradient-cpu.yaml",
+    ],
 )
 def test_shipped_suites_validate(registry, data_root, name):
     suite = expand(load_suite_file(REPO / "suites" / name), registry, data_root)
     assert suite.cells
+
+
+@pytest.mark.parametrize("name", ["miniimagenet-metric.yaml", "miniimagenet-gradient.yaml"])
+def test_shipped_miniimagenet_suites_validate_without_the_images(registry, data_root, name):
+    suite = expand(load_suite_file(REPO / "suites" / name), registry, data_root, require_data=False)
+    assert suite.cells
+
+
+def test_gradient_suite_follows_each_papers_protocol(registry, data_root):
+    cells = {
+        c.label: c.config
+        for c in expand(
+            load_suite_file(REPO / "suites/omniglot-gradient.yaml"), registry, data_root
+        ).cells
+    }
+    assert len(cells) == 32
+    reptile = cells["omniglot/20w1s/conv4/reptile[transductive=False]/seed0"]
+    assert reptile["train"]["iterations"] == 200000
+    assert (reptile["learner"]["inner_batch"], reptile["learner"]["inner_lr"]) == (20, 0.0005)
+    assert reptile["tasks"]["train_shots"] + reptile["tasks"]["query"] == 10
+    anil = cells["omniglot/20w5s/conv4/anil/seed0"]["learner"]
+    assert (anil["inner_lr"], anil["inner_steps"], anil["meta_batch_size"]) == (0.1, 5, 16)
+    assert cells["omniglot/5w1s/conv4/mamlpp/seed0"]["train"]["iterations"] == 125000
 
 
 def test_finn_protocol_in_the_gpu_suite(registry, data_root):
