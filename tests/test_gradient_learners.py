@@ -389,3 +389,21 @@ def test_a_parameter_added_later_keeps_old_cell_ids(registry, data_root):
     assert "batch_norm" not in default.backbone.config() and default.id == explicit.id
     assert running.backbone.params["batch_norm"] == "running" and running.id != default.id
     assert Conv4().config["batch_norm"] == "batch"  # the plugin still sees its default
+
+
+def test_the_readmes_anil_plugin_equals_the_built_in_anil():
+    """The README's 'Writing a plugin' ANIL, run as written: same meta-gradient and predictions
+    as the built-in anil (so the example cannot rot)."""
+    import types
+
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("# my_anil.py\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 40
+    module = types.ModuleType("my_anil")
+    exec(compile(code, "README.md", "exec"), module.__dict__)  # noqa: S102
+    mine = make(module.ANIL)
+    builtin = make(ANIL, engine="auto")
+    for iteration in (1, 2):
+        batch = episodes(seed=iteration)
+        assert mine.train_step(batch, iteration) == builtin.train_step(batch, iteration)
+    torch.testing.assert_close(mine.predict(episodes()), builtin.predict(episodes()))
