@@ -1,4 +1,4 @@
-"""Meta-training throughput of the MAML engines, side by side, as a table.
+"""Meta-training throughput of the MAML engines and the gradient family, side by side, as a table.
 
 Each row is one configuration and one engine; each measurement runs in its own
 process, so peak memory belongs to that engine alone. A timed iteration is what
@@ -10,9 +10,12 @@ class counts; timing does not depend on pixel values.
     python benchmarks/throughput.py                 # CPU, and CUDA when present
     python benchmarks/throughput.py --device cpu --seconds 20 --configs 1a,1b
     python benchmarks/throughput.py --variants      # also bf16, channels-last, compile
+    python benchmarks/throughput.py --learners maml,anil,metasgd,mamlpp,reptile,protomaml
 
 Ratios are tasks per second relative to the reference: the per-task loop through
-``higher``, which is what higher's own MAML example does.
+``higher``, which is what higher's own MAML example does. A row of another learner
+of the gradient family (``--learners``) is that learner's meta-iteration with the
+same network, tasks and inner steps, beside MAML's reference.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ CONFIGS = {
 # per core on a CPU), no tasks per call means the whole meta-batch in one call.
 ENGINES = ("higher", "loop:1", "batched:1", "batched", "auto")
 VARIANTS = ("batched/8", "auto+bf16", "auto+channels_last", "auto+compile")
+LEARNERS = {
+    "maml": "fewbench_plugins.learners.maml:MAML",
+    "fomaml": "fewbench_plugins.learners.maml:FirstOrderMAML",
+    "anil": "fewbench_plugins.learners.head_body:ANIL",
+    "boil": "fewbench_plugins.learners.head_body:BOIL",
+    "metasgd": "fewbench_plugins.learners.metasgd:MetaSGD",
+    "mamlpp": "fewbench_plugins.learners.mamlpp:MAMLPlusPlus",
+    "reptile": "fewbench_plugins.learners.reptile:Reptile",
+    "protomaml": "fewbench_plugins.learners.protomaml:ProtoMAML",
+}
 
 
 @dataclass
@@ -53,6 +66,7 @@ class Measurement:
     peak_mb: float = 0.0
     error: str = ""
     machine: str = ""
+    learner: str = "maml"
 
 
 def current_rss_mb() -> float:
@@ -60,8 +74,17 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(config: str, engine: str, device_name: str, seconds: float) -> Measurement:
-    """One configuration and engine, in this process."""
+def learner_class(name: str) -> type:
+    import importlib
+
+    module, _, cls = LEARNERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def measure(
+    config: str, engine: str, device_name: str, seconds: float, learner_name: str = "maml"
+) -> Measurement:
+    """One configuration, engine and learner, in this process."""
     import torch
 
     from fewbench.data import ClassPool, seeded_generator
@@ -69,7 +92,6 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     from fewbench.params import ParamSet
     from fewbench_plugins.backbones.standard import Conv4
     from fewbench_plugins.learners import maml_engines
-    from fewbench_plugins.learners.maml import MAML
 
     _, ways, shots, query, tasks, steps, shape, hidden, pool, classes, per_class = CONFIGS[config]
     device = torch.device(device_name)
@@ -78,16 +100,22 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     base, _, threads = spec.partition(":")
     if variant == "bf16":
         threads = "1"  # autocast is thread-local: it must run in the thread that computes
-    result = Measurement(config, engine, device_name, machine=machine_description(device_name))
+    result = Measurement(
+        config, engine, device_name, machine=machine_description(device_name), learner=learner_name
+    )
     if base not in maml_engines.ENGINES or variant not in ("", "bf16", "channels_last", "compile"):
         result.error = f"unknown engine {engine!r}"
+        return result
+    cls = learner_class(learner_name)
+    if base not in cls.params["engine"].choices:
+        result.error = f"{learner_name} has no engine {base!r}"
         return result
     torch.manual_seed(0)
     images = torch.randint(0, 256, (classes, per_class, *shape), dtype=torch.uint8)
     source = ClassPool(images).to(device)
-    learner = MAML(
+    learner = cls(
         **{
-            **ParamSet.of(MAML).defaults(),
+            **ParamSet.of(cls).defaults(),
             "engine": base,
             "threads": int(threads or 0),
             "tasks_per_call": int(per_call or 0),
@@ -97,6 +125,7 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     )
     backbone = Conv4(hidden=hidden, pool=pool)
     learner.setup(LearnerContext(backbone, shape, ways, shots, query, classes, device))
+    learner.iterations(1000)  # the learners with schedules (mamlpp, reptile) need a length
     if variant == "channels_last":
         learner.model.to(memory_format=torch.channels_last)
     if variant == "compile":
@@ -140,7 +169,8 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     except Exception as exc:  # a variant that does not run is a result too
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         return result
-    choice = learner.engines["train"]
+    engines = learner.adapter.engines
+    choice = engines.get("train") or engines["adapt"]
     result.chosen = choice.engine + (f" x {choice.threads} threads" if choice.threads > 1 else "")
     result.iterations = count
     result.tasks_per_second = count * tasks / elapsed
@@ -153,19 +183,21 @@ def measure(config: str, engine: str, device_name: str, seconds: float) -> Measu
     return result
 
 
-def measure_isolated(config: str, engine: str, device: str, seconds: float) -> Measurement:
+def measure_isolated(
+    config: str, engine: str, device: str, seconds: float, learner: str = "maml"
+) -> Measurement:
     """On CUDA, in this process (peak memory is reset per measurement); on a CPU, in a
     fresh process, since a process's peak resident memory cannot be reset."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()
-        return measure(config, engine, device, seconds)
-    command = [sys.executable, __file__, "--one", config, engine, device, str(seconds)]
+        return measure(config, engine, device, seconds, learner)
+    command = [sys.executable, __file__, "--one", config, engine, device, str(seconds), learner]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600 + 20 * seconds)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return Measurement(config, engine, device, error=last[:160])
+        return Measurement(config, engine, device, error=last[:160], learner=learner)
     return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -195,10 +227,14 @@ def table(rows: list[Measurement], device: str) -> str:
     ]
     for config in dict.fromkeys(r.config for r in rows):
         group = [r for r in rows if r.config == config]
-        reference = next((r for r in group if r.engine == "higher" and not r.error), None)
+        reference = next(
+            (r for r in group if r.engine == "higher" and r.learner == "maml" and not r.error), None
+        )
         for r in group:
             base = r.engine.split("+")[0].split("/")[0].split(":")[0]
             name = f"{r.engine} -> {r.chosen}" if r.chosen and r.chosen != base else r.engine
+            if r.learner != "maml":
+                name = f"{r.learner}: {name}"
             if r.error:
                 lines.append(
                     f"| {config}: {CONFIGS[config][0]} | {name} | failed: {r.error} | | | |"
@@ -227,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--from-json", help="print the tables of an earlier --json file and exit")
-    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--learners",
+        default="maml",
+        help="comma-separated, of " + ", ".join(LEARNERS) + " (maml's higher is the reference)",
+    )
+    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
@@ -236,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table([r for r in rows if r.device == device], device), "\n")
         return 0
     if args.one:
-        config, engine, device, seconds = args.one
-        print(json.dumps(asdict(measure(config, engine, device, float(seconds)))))
+        config, engine, device, seconds, learner = args.one
+        print(json.dumps(asdict(measure(config, engine, device, float(seconds), learner))))
         return 0
     import torch
 
@@ -247,13 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    learners = args.learners.split(",")
+    unknown = [name for name in learners if name not in LEARNERS]
+    if unknown:
+        parser.error(f"unknown learner {unknown[0]!r}; choose from {', '.join(LEARNERS)}")
     everything = []
     for device in devices:
         rows = []
         for config in configs:
-            for engine in engines:
-                print(f"measuring {device} {config} {engine} ...", file=sys.stderr, flush=True)
-                rows.append(measure_isolated(config, engine, device, args.seconds))
+            for learner in learners:
+                for engine in engines:
+                    if learner != "maml" and engine == "higher":
+                        continue  # the reference is maml's
+                    print(
+                        f"measuring {device} {config} {learner} {engine} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    rows.append(measure_isolated(config, engine, device, args.seconds, learner))
         print(table(rows, device), "\n", flush=True)
         everything += rows
     if args.json:

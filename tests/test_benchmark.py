@@ -80,3 +80,11 @@ def test_cells_per_hour_prints_one_row_per_layout(data_root, cache_dir, capsys):
     rows = [line for line in lines if line.startswith("| ") and "worker" in line]
     assert len(rows) == 2 and rows[0].endswith("| 1.00x |")
     assert rows[1].startswith("| 2 workers x 1 threads |")
+
+
+def test_every_gradient_learner_has_a_row():
+    throughput = load_benchmark()
+    for learner in ("anil", "metasgd", "reptile"):
+        row = throughput.measure("1a", "loop:1", "cpu", 0, learner)
+        assert not row.error and row.learner == learner and row.tasks_per_second > 0
+    assert "no engine" in throughput.measure("1a", "higher", "cpu", 0, "anil").error

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from fewbench.adaptation import Which
 from fewbench.hookspecs import hookimpl
-from fewbench_plugins.learners.maml import MAML
+from fewbench_plugins.learners.maml import FAMILY_PARAMS, MAML
 
 
 class ANIL(MAML):
     name = "anil"
     description = "ANIL: MAML adapting only the head in the inner loop (Raghu et al. 2020)"
+    params = FAMILY_PARAMS
 
     def adapted(self) -> Which:
         return "head"
@@ -33,6 +34,7 @@ class ANIL(MAML):
 class BOIL(MAML):
     name = "boil"
     description = "BOIL: MAML adapting only the body in the inner loop (Oh et al. 2021)"
+    params = FAMILY_PARAMS
 
     def adapted(self) -> Which:
         return "body"

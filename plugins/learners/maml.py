@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fewbench.adaptation import ENGINES as CORE_ENGINES
 from fewbench.adaptation import (
     Adapter,
     EngineChoice,
@@ -166,6 +167,19 @@ class MAML(Learner):
 
     def predict(self, episodes: EpisodeBatch) -> Tensor:
         return self.adapter.predict(episodes, steps=self.config["eval_inner_steps"])
+
+
+# The family's learners built on MAML: its parameters, less the ``higher`` engine (a reference
+# implementation of MAML itself, which would silently ignore what the subclass changes).
+FAMILY_PARAMS = {
+    **MAML.params,
+    "engine": Param(
+        "auto",
+        choices=CORE_ENGINES,
+        help="all tasks at once (batched, torch.func.vmap), one at a time (loop), or auto: "
+        "batched on CUDA and for small tasks on CPU",
+    ),
+}
 
 
 class FirstOrderMAML(MAML):

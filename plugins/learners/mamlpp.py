@@ -53,7 +53,7 @@ from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench_plugins.learners.maml import MAML
+from fewbench_plugins.learners.maml import FAMILY_PARAMS, MAML
 
 
 def msl_weights(steps: int, msl_epochs: int, epoch: int) -> list[float]:
@@ -72,7 +72,7 @@ class MAMLPlusPlus(MAML):
     description = "MAML++: MAML with the five stabilising changes of Antoniou et al. (2019)"
     state_attributes = ("adapter", "optimizer")
     params = {
-        **MAML.params,
+        **FAMILY_PARAMS,
         "inner_lr": Param(0.1, minimum=0.0, help="inner step size (the start of every LSLR rate)"),
         "inner_steps": Param(5, minimum=1, help="inner gradient steps while meta-training"),
         "eval_inner_steps": Param(5, minimum=0, help="inner steps at validation and test time"),

@@ -19,7 +19,7 @@ import torch
 from fewbench.adaptation import StepSizes, parameter_names
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench_plugins.learners.maml import MAML
+from fewbench_plugins.learners.maml import FAMILY_PARAMS, MAML
 
 
 class MetaSGD(MAML):
@@ -27,7 +27,7 @@ class MetaSGD(MAML):
     description = "Meta-SGD: a meta-learnt learning rate per parameter element (Li et al. 2017)"
     state_attributes = ("adapter", "optimizer")
     params = {
-        **MAML.params,
+        **FAMILY_PARAMS,
         "eval_inner_steps": Param(1, minimum=0, help="inner steps at validation and test time"),
         "alpha_low": Param(
             0.005, minimum=0.0, help="alpha starts uniform in [alpha_low, alpha_high]"

@@ -22,7 +22,7 @@ from torch import Tensor
 from fewbench.adaptation import InnerLoop, Params, TaskInit, head_names
 from fewbench.hookspecs import hookimpl
 from fewbench.params import Param
-from fewbench_plugins.learners.maml import MAML
+from fewbench_plugins.learners.maml import FAMILY_PARAMS, MAML
 
 
 def prototype_head(loop: InnerLoop, params: Params, sx: Tensor, sy: Tensor) -> Params:
@@ -45,7 +45,7 @@ class ProtoMAML(MAML):
         "Proto-MAML: MAML from a head initialised by prototypes (Triantafillou et al. 2020)"
     )
     params = {
-        **MAML.params,
+        **FAMILY_PARAMS,
         "first_order": Param(True, help="drop second derivatives (fo-Proto-MAML)"),
     }
 
