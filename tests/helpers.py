@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,6 +32,13 @@ def run_cli(
     )
 
 
+def concurrently(*calls: Callable[[], T]) -> list[T]:
+    """The results of independent ``calls``, made two at a time (one per core of a 2-core
+    machine): for commands that are each a fresh process and mostly its start-up."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
 def assert_same_trained_conv4(first: dict, second: dict) -> None:
     """Two Conv-4 state dicts trained the same way are equal to float tolerance.
 
@@ -39,3 +52,24 @@ def assert_same_trained_conv4(first: dict, second: dict) -> None:
     assert len(compared) == 14 and set(first) == set(second)
     for key in compared:
         torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=1e-4)
+
+
+@contextlib.contextmanager
+def registry_built_once() -> Iterator[None]:
+    """In-process ``fewbench`` calls reuse one plugin registry (what ``Registry()`` builds
+    from the installed entry points) instead of discovering the plugins again each time:
+    discovery reads every installed package's metadata, most of a dry run's time. The
+    registry is read-only once built; ``Registry(...)`` with arguments still builds anew."""
+    from fewbench import registry as module
+
+    real = module.Registry
+    shared = real()
+
+    def registry(*args, **kwargs):
+        return shared if not args and not kwargs else real(*args, **kwargs)
+
+    module.Registry = registry
+    try:
+        yield
+    finally:
+        module.Registry = real

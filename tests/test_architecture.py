@@ -223,7 +223,8 @@ def test_local_executor_workers_do_not_expand_the_grid(tmp_path):
     }
     result = run_cli(
         "run", str(suite), "--out", str(tmp_path / "run"), "--data-root", str(tmp_path),
-        "--workers", "2", "--no-progress", "--device", "cpu", env=env,
+        "--workers", "2", "--executor-set", "progress_every=0.5", "--no-progress",
+        "--device", "cpu", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert [s for _, s, _ in stored_cells(tmp_path / "run")] == ["done"] * 4

@@ -9,7 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, concurrently, run_cli
 
 TINY = [
     "--set",
@@ -109,9 +109,12 @@ def test_csv_report_has_one_row_per_setting(tiny_run):
 
 def test_markdown_and_json_reports(tiny_run):
     out, _ = tiny_run
-    markdown = run_cli("report", str(out), "--format", "markdown").stdout
+    markdown, as_json = concurrently(
+        lambda: run_cli("report", str(out), "--format", "markdown").stdout,
+        lambda: run_cli("report", str(out), "--format", "json").stdout,
+    )
     assert markdown.startswith("| learner | backbone | omniglot 5-way 1-shot |")
-    records = json.loads(run_cli("report", str(out), "--format", "json").stdout)["entries"]
+    records = json.loads(as_json)["entries"]
     assert {r["learner"] for r in records} == {"maml", "fomaml", "finetune"}
     engines = {r["learner"]: r["engine"] for r in records}
     assert engines["maml"].startswith("second-order; train: ")
@@ -141,16 +144,20 @@ def test_dry_run_prints_the_grid_and_trains_nothing(data_root):
 
 
 def test_data_root_from_the_environment(data_root, tmp_path):
-    ok = run_cli("run", "suites/omniglot.yaml", "--dry-run", env={"FEWBENCH_DATA": str(data_root)})
-    assert ok.returncode == 0 and not ok.stderr
-    missing = run_cli(
-        "run",
-        "suites/omniglot.yaml",
-        "--out",
-        str(tmp_path / "x"),
-        "--no-download",  # tests never reach the internet
-        env={"FEWBENCH_DATA": str(tmp_path)},
+    ok, missing = concurrently(
+        lambda: run_cli(
+            "run", "suites/omniglot.yaml", "--dry-run", env={"FEWBENCH_DATA": str(data_root)}
+        ),
+        lambda: run_cli(
+            "run",
+            "suites/omniglot.yaml",
+            "--out",
+            str(tmp_path / "x"),
+            "--no-download",  # tests never reach the internet
+            env={"FEWBENCH_DATA": str(tmp_path)},
+        ),
     )
+    assert ok.returncode == 0 and not ok.stderr
     assert missing.returncode == 2
     assert (
         str(tmp_path / "omniglot") in missing.stderr and "images_background.zip" in missing.stderr

@@ -10,7 +10,11 @@ import sys
 import time
 
 from grid_runs import cells, results, sequential, write_suite
-from helpers import REPO, run_cli
+from helpers import REPO, concurrently, run_cli
+
+# The driver checks on its workers every progress_every seconds (10 by default): once they
+# are done it would sleep out the rest of that wait.
+FAST_POLL = ["--executor-set", "progress_every=0.5"]
 
 
 def test_two_local_workers_run_every_cell_once_with_the_sequential_results(
@@ -20,7 +24,7 @@ def test_two_local_workers_run_every_cell_once_with_the_sequential_results(
     out = tmp_path / "parallel"
     result = run_cli(
         "run", str(suite), "--out", str(out), "--data-root", str(data_root), "--workers", "2",
-        env={"FEWBENCH_CACHE": str(cache_dir)},
+        *FAST_POLL, env={"FEWBENCH_CACHE": str(cache_dir)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "2 workers on this machine" in result.stderr and "4 done" in result.stderr
@@ -39,7 +43,7 @@ def test_a_killed_worker_s_cell_is_resumed_and_the_suite_completes(tmp_path, dat
     env = {**os.environ, "FEWBENCH_CACHE": str(cache_dir)}
     driver = subprocess.Popen(
         [sys.executable, "-m", "fewbench", "run", str(suite), "--out", str(out),
-         "--data-root", str(data_root), "--workers", "2", "--stale-after", "600"],
+         "--data-root", str(data_root), "--workers", "2", "--stale-after", "600", *FAST_POLL],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     victim = None
@@ -75,7 +79,7 @@ def test_a_killed_worker_s_cell_is_resumed_and_the_suite_completes(tmp_path, dat
 
 
 def test_bad_executor_options_are_one_line_errors(tmp_path, data_root):
-    for argv, message in (
+    cases = (
         (["--executor", "rya"], "unknown executor 'rya' (did you mean 'ray'?)"),
         (["--executor", "ray", "--partition", "gpu"], "--partition: not an option of the ray"),
         (["--executor", "slurm", "--time-min", "0"], "--time-min: must be at least 1, got 0"),
@@ -84,11 +88,18 @@ def test_bad_executor_options_are_one_line_errors(tmp_path, data_root):
         (["--executor", "slurm"], "needs SLURM's commands on PATH (sbatch, srun not found)"),
         (["--gpus", "0,x"], "expected indices like 0,1,2,3"),
         (["--workers", "0"], "--workers: must be at least 1"),
-    ):
-        result = run_cli("run", "suites/sinusoid.yaml", "--out", str(tmp_path / "x"), *argv)
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert not (tmp_path / "x").exists()  # refused before the run directory was written
+    )
+
+    def refused(case: int):
+        out = tmp_path / f"x{case}"
+        return out, run_cli("run", "suites/sinusoid.yaml", "--out", str(out), *cases[case][0])
+
+    # Separate processes, each with its own --out: two at a time (each only starts and refuses).
+    results = concurrently(*(lambda case=case: refused(case) for case in range(len(cases))))
+    for (argv, message), (out, result) in zip(cases, results, strict=True):
+        assert result.returncode == 2 and message in result.stderr, (argv, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (argv, result.stderr)
+        assert not out.exists()  # refused before the run directory was written
 
 
 def test_an_unreaped_worker_counts_as_dead():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_cli
+from helpers import REPO, registry_built_once, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +31,12 @@ learners: [{name: finetune, batch_size: 20}]
 train: {iterations: 4, validate_every: 2, val_episodes: 2, checkpoint_every: 2}
 eval: {episodes: 3, query: 5}
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_registry():
+    with registry_built_once():
+        yield
 
 
 class TooSlow(Exception):

@@ -8,7 +8,9 @@ import io
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
+from helpers import registry_built_once
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,6 +46,12 @@ NOT_AN_INTEGER = st.one_of(
     st.booleans(),
     st.integers(max_value=-1),
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_registry():
+    with registry_built_once():
+        yield
 
 
 def is_axis(value) -> bool:

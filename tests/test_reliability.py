@@ -107,12 +107,23 @@ def baseline(suite_file, tmp_path_factory, data_root, cache_dir) -> dict[str, li
     assert process.returncode == 0, stderr
     result = Results(episodes_by_cell(out))
     result.seconds = time.monotonic() - started
+    result.out = out
     assert len(result) == 4 and all(len(v) == 10 for v in result.values())
     return result
 
 
 class Results(dict):
     seconds: float = 0.0
+    out: Path  # the run directory (tests copy it, never change it)
+
+
+def copy_of_baseline(baseline: Results, tmp_path: Path) -> Path:
+    """A copy of the uninterrupted run's directory: four done cells, one suite version."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(baseline.out, out)
+    return out
 
 
 def test_killed_at_many_points_and_resumed_gives_identical_results(
@@ -185,7 +196,10 @@ def test_two_workers_share_the_work_and_take_over_a_dead_one(
     assert episodes_by_cell(out) == baseline
 
 
-SLOW = SUITE.replace("seeds: [0, 1]", "seeds: [0]").replace("iterations: 12,", "iterations: 400,")
+# Long enough that the signal, sent within 0.1 s of the first checkpoint (iteration 1), always
+# lands while the first (MAML) cell still trains: its 59 other iterations, each with a
+# checkpoint, take seconds. The resumed run trains what is left of both cells.
+SLOW = SUITE.replace("seeds: [0, 1]", "seeds: [0]").replace("iterations: 12,", "iterations: 60,")
 
 
 def start_and_wait_for_training(tmp_path: Path, data_root: Path, cache_dir: Path) -> tuple:
@@ -227,16 +241,7 @@ def test_ctrl_c_checkpoints_then_resume_completes(tmp_path, data_root, cache_dir
 def test_changed_suite_reuses_unchanged_cells_and_records_both_versions(
     suite_file, baseline, tmp_path, data_root, cache_dir
 ):
-    out = tmp_path / "run"
-    process = start(
-        suite_file,
-        out,
-        data_root,
-        cache_dir,
-        "--set",
-        "learners=[{name: finetune, batch_size: 16}]",
-    )
-    assert process.wait(timeout=600) == 0
+    out = copy_of_baseline(baseline, tmp_path)  # the suite as first run: its four cells done
     changed = start(suite_file, out, data_root, cache_dir, "--set", "learners.maml.inner_lr=0.3")
     _, stderr = changed.communicate(timeout=600)
     assert changed.returncode == 0, stderr
@@ -247,12 +252,13 @@ def test_changed_suite_reuses_unchanged_cells_and_records_both_versions(
 
 
 def test_retry_failed_runs_failed_cells_again(suite_file, baseline, tmp_path, data_root, cache_dir):
-    out = tmp_path / "run"
-    process = start(suite_file, out, data_root, cache_dir, "--set", "seeds=[0]")
-    assert process.wait(timeout=600) == 0
+    out = copy_of_baseline(baseline, tmp_path)
     db = sqlite3.connect(out / "results.sqlite")
-    db.execute("UPDATE cells SET status = 'failed', error = 'simulated' WHERE learner = 'maml'")
+    db.execute(
+        "UPDATE cells SET status = 'failed', error = 'simulated' WHERE learner = 'maml' AND seed = 0"
+    )
     db.commit()
+    db.close()
     retried = run_cli(
         "run",
         "--retry-failed",
@@ -282,8 +288,16 @@ def test_corrupt_dataset_cache_is_rebuilt(tmp_path, data_root, cache_dir, regist
     assert torch.load(cache_file, weights_only=True)["images"].shape == (1623, 20, 28, 28)
 
 
-@pytest.mark.parametrize("keep", ["none", "best", "all"])
-def test_keep_checkpoints(suite_file, tmp_path, data_root, cache_dir, keep):
+KEPT = {"none": [], "best": ["best.pt"], "all": ["best.pt", "last.pt"]}
+
+
+def test_keep_checkpoints(suite_file, tmp_path, data_root, cache_dir):
+    """One run, one finetune cell per setting (a cell's own train.keep_checkpoints)."""
+    seeds = dict(enumerate(KEPT))
+    overrides = ", ".join(
+        f"{{when: {{seed: {seed}}}, set: {{train.keep_checkpoints: {keep}}}}}"
+        for seed, keep in seeds.items()
+    )
     out = tmp_path / "run"
     process = start(
         suite_file,
@@ -291,16 +305,21 @@ def test_keep_checkpoints(suite_file, tmp_path, data_root, cache_dir, keep):
         data_root,
         cache_dir,
         "--set",
-        "seeds=[0]",
+        f"seeds={list(seeds)}",
         "--set",
         "learners=[{name: finetune, batch_size: 16}]",
         "--set",
-        f"train.keep_checkpoints={keep}",
+        f"overrides=[{overrides}]",
     )
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
-    kept = sorted(p.name for p in out.glob("checkpoints/*/*.pt"))
-    assert kept == {"none": [], "best": ["best.pt"], "all": ["best.pt", "last.pt"]}[keep]
+    db = sqlite3.connect(out / "results.sqlite")
+    ids = dict(db.execute("SELECT seed, id FROM cells").fetchall())
+    assert sorted(ids) == list(seeds)
+    for seed, keep in seeds.items():
+        kept = sorted(p.name for p in (out / "checkpoints" / ids[seed]).glob("*.pt"))
+        assert kept == KEPT[keep], (keep, kept)
+    assert len(list(out.glob("checkpoints/*/*.pt"))) == 3  # nothing kept elsewhere
 
 
 def test_second_ctrl_c_stops_at_once(tmp_path, data_root, cache_dir):
@@ -334,6 +353,7 @@ def test_a_cell_resumed_under_another_layout_keeps_its_thread_count(
     assert recorded["threads"] == int(fresh.stdout)
     resumed = run_cli(
         "run", str(out), "--data-root", str(data_root), "--workers", "2", "--no-progress",
+        "--executor-set", "progress_every=0.5",
         env={"FEWBENCH_CACHE": str(cache_dir)},
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import concurrently, run_cli
 from scipy import stats
 from stored import make_cell, store_run
 
@@ -223,7 +223,11 @@ def test_compare_prints_paired_differences(tmp_path):
     path = store_run(
         tmp_path, [(make_cell("a"), a), (make_cell("b"), b), (make_cell("c"), "failed")]
     )
-    result = run_cli("compare", str(path), "--baseline", "a", "--format", "json")
+    result, table, bad = concurrently(
+        lambda: run_cli("compare", str(path), "--baseline", "a", "--format", "json"),
+        lambda: run_cli("compare", str(path), "--baseline", "a"),
+        lambda: run_cli("compare", str(path), "--baseline", "aa"),
+    )
     assert result.returncode == 0, result.stderr
     records = {r["learner"]: r for r in json.loads(result.stdout)}
     diff = b - a
@@ -233,9 +237,8 @@ def test_compare_prints_paired_differences(tmp_path):
     assert records["b"]["p_t"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
     assert records["b"]["p_wilcoxon"] == pytest.approx(stats.wilcoxon(b, a).pvalue)
     assert records["b"]["paired"] and records["c"]["status"] == "c: 1 failed"
-    table = run_cli("compare", str(path), "--baseline", "a").stdout
+    table = table.stdout
     assert "minus a" in table and "<1e-4" in table and "c: 1 failed" in table
-    bad = run_cli("compare", str(path), "--baseline", "aa")
     assert (
         bad.returncode == 2
         and "no such learner" in bad.stderr
@@ -246,8 +249,12 @@ def test_compare_prints_paired_differences(tmp_path):
 def test_report_command_writes_files(tmp_path):
     path = store_run(tmp_path / "run", SMALL)
     out = tmp_path / "tables" / "table.tex"
-    result = run_cli("report", str(path), "--format", "latex", "--out", str(out), "--decimals", "1")
+    result, missing = concurrently(
+        lambda: run_cli(
+            "report", str(path), "--format", "latex", "--out", str(out), "--decimals", "1"
+        ),
+        lambda: run_cli("report", str(tmp_path / "nothing")),
+    )
     assert result.returncode == 0, result.stderr
     assert r"\textbf{90.0 $\pm$ 8.8}" in out.read_text()
-    missing = run_cli("report", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "nothing" in missing.stderr
