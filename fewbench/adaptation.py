@@ -166,6 +166,16 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def batch_norm_affine_names(model: nn.Module) -> list[str]:
+    """The names of every batch norm's weight and bias, in the model's order."""
+    return [
+        f"{module_name}.{kind}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+        for kind in ("weight", "bias")
+    ]
+
+
 class PerStepBatchNorm(nn.Module):
     """One weight and bias per inner step for every batch norm (MAML++'s BNWB).
 
@@ -181,16 +191,12 @@ class PerStepBatchNorm(nn.Module):
     def __init__(self, model: nn.Module, steps: int):
         super().__init__()
         self.steps = steps
-        self.names: list[str] = []
-        values = {}
-        for module_name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-                for kind in ("weight", "bias"):
-                    name = f"{module_name}.{kind}"
-                    self.names.append(name)
-                    values[_key(name)] = nn.Parameter(
-                        getattr(module, kind).detach().clone().expand(steps, -1).clone()
-                    )
+        self.names = batch_norm_affine_names(model)
+        current = dict(model.named_parameters())
+        values = {
+            _key(name): nn.Parameter(current[name].detach().clone().expand(steps, -1).clone())
+            for name in self.names
+        }
         if not values:
             raise ValueError("per-step batch norm: the model has no affine batch norm")
         self.values = nn.ParameterDict(values)
@@ -506,24 +512,18 @@ class InnerLoop:
         )
         return self._update(params, dict(zip(self.adapted, grads, strict=True)), step, state)
 
-    def run_vmappable(
-        self, theta: Params, sx: Tensor, sy: Tensor, steps: int, first_order: bool
+    def run(
+        self, theta: Params, sx: Tensor, sy: Tensor, steps: int, *, first_order: bool, vmapped: bool
     ) -> list[Params]:
-        """The parameters before the first step and after every step."""
+        """The parameters before the first step and after every step; ``vmapped``: with
+        ``torch.func.grad`` (inside vmap), else with ``torch.autograd.grad`` (one task)."""
         params = self.initial(theta, sx, sy)
         trajectory, state = [params], {}
         for step in range(steps):
-            params = self.step_vmappable(params, sx, sy, step, first_order, state)
-            trajectory.append(params)
-        return trajectory
-
-    def run_autograd(
-        self, theta: Params, sx: Tensor, sy: Tensor, steps: int, create_graph: bool
-    ) -> list[Params]:
-        params = self.initial(theta, sx, sy)
-        trajectory, state = [params], {}
-        for step in range(steps):
-            params = self.step_autograd(params, sx, sy, step, create_graph, state)
+            if vmapped:
+                params = self.step_vmappable(params, sx, sy, step, first_order, state)
+            else:
+                params = self.step_autograd(params, sx, sy, step, not first_order, state)
             trajectory.append(params)
         return trajectory
 
@@ -767,8 +767,13 @@ def _loop_share(
     total_grads: list[Tensor] | None = None
     total = 0.0
     for t in range(part.start, part.stop):
-        trajectory = loop.run_autograd(
-            theta, batch.support_x[t], batch.support_y[t], steps, not first_order
+        trajectory = loop.run(
+            theta,
+            batch.support_x[t],
+            batch.support_y[t],
+            steps,
+            first_order=first_order,
+            vmapped=False,
         )
         task_loss = loop.query_objective(
             trajectory, batch.query_x[t], batch.query_y[t], step_weights
@@ -795,7 +800,7 @@ def _batched_share(
     adapter: Adapter,
 ) -> tuple[list[Tensor], float]:
     def task_objective(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
-        trajectory = loop.run_vmappable(p, sx, sy, steps, first_order)
+        trajectory = loop.run(p, sx, sy, steps, first_order=first_order, vmapped=True)
         return loop.query_objective(trajectory, qx, qy, step_weights)
 
     per_task = vmap(task_objective, in_dims=(None, 0, 0, 0, 0), randomness="different")
@@ -824,7 +829,7 @@ def _batched_first_order(
     constants = {name: p.detach() for name, p in theta.items()}
 
     def task_query_grad(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
-        adapted = loop.run_vmappable(p, sx, sy, steps, True)[-1]
+        adapted = loop.run(p, sx, sy, steps, first_order=True, vmapped=True)[-1]
         return grad_and_value(loop.task_loss)(adapted, qx, qy)
 
     per_task = vmap(task_query_grad, in_dims=(None, 0, 0, 0, 0), randomness="different")
@@ -846,7 +851,7 @@ def _batched_predict(
     adapter: Adapter,
 ) -> Tensor:
     def task_outputs(p: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-        adapted = loop.run_vmappable(p, sx, sy, steps, True)[-1]
+        adapted = loop.run(p, sx, sy, steps, first_order=True, vmapped=True)[-1]
         return loop.forward(adapted, qx, max(steps - 1, 0))
 
     per_task = vmap(task_outputs, in_dims=(None, 0, 0, 0), randomness="different")
@@ -863,8 +868,13 @@ def _loop_predict(
     outputs = []
     for t in range(part.start, part.stop):
         base = {name: p.clone().requires_grad_() for name, p in theta.items()}
-        adapted = loop.run_autograd(
-            base, episodes.support_x[t], episodes.support_y[t], steps, False
+        adapted = loop.run(
+            base,
+            episodes.support_x[t],
+            episodes.support_y[t],
+            steps,
+            first_order=True,
+            vmapped=False,
         )
         with torch.no_grad():
             outputs.append(loop.forward(adapted[-1], episodes.query_x[t], max(steps - 1, 0)))

@@ -45,7 +45,7 @@ from fewbench.adaptation import (
     PerStepBatchNorm,
     StepSizes,
     Which,
-    batch_norms,
+    batch_norm_affine_names,
     cosine,
     parameter_names,
 )
@@ -97,12 +97,7 @@ class MAMLPlusPlus(MAML):
 
     # -- the adapter's pieces ----------------------------------------------------------
     def _bn_names(self) -> set[str]:
-        return {
-            f"{module_name}.{kind}"
-            for module_name, module in self.model.named_modules()
-            if module in batch_norms(self.model) and module.affine
-            for kind in ("weight", "bias")
-        }
+        return set(batch_norm_affine_names(self.model))
 
     def adapted(self) -> Which:
         if not self.config["per_step_bn"]:
