@@ -35,3 +35,15 @@ def registry() -> Registry:
 def omniglot_sources(data_root: Path, cache_dir: Path):
     dataset = Registry().get("dataset", "omniglot").build(split="vinyals", image_size=28)
     return dataset.load(data_root, cache_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny networks: one intra-op thread is faster than several, and on a shared, busy
+    machine much faster (a module opts in with ``pytestmark``)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

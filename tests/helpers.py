@@ -32,6 +32,21 @@ def run_cli(
     )
 
 
+def run_fewbench(
+    *args: str, cache_dir: Path, crash: str | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m fewbench ARGS`` in a fresh process with its own dataset cache, killed by
+    SIGKILL at ``crash`` (``FEWBENCH_CRASH_AT``, e.g. ``checkpoint-write:2``) when given."""
+    env = {**os.environ, "FEWBENCH_CACHE": str(cache_dir)}
+    env.pop("FEWBENCH_CRASH_AT", None)
+    if crash:
+        env["FEWBENCH_CRASH_AT"] = crash
+    return subprocess.run(
+        [sys.executable, "-m", "fewbench", *args], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=900, check=False,
+    )  # fmt: skip
+
+
 def concurrently(*calls: Callable[[], T]) -> list[T]:
     """The results of independent ``calls``, made two at a time (one per core of a 2-core
     machine): for commands that are each a fresh process and mostly its start-up."""

@@ -23,13 +23,7 @@ from fewbench.data import EpisodeBatch
 WAYS, SHOTS, QUERY, FEATURES = 3, 2, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model() -> nn.Sequential:

@@ -23,14 +23,7 @@ from fewbench_plugins.learners.maml import MAML
 INPUTS = [(1, 28, 28), (3, 32, 32), (3, 84, 84)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one intra-op thread is faster than several, and on a
-    shared, busy machine much faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(cls, **params):

@@ -5,15 +5,12 @@ CLI on real Omniglot, killed once and resumed exactly."""
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from grid_runs import results
-from helpers import REPO
+from helpers import REPO, run_fewbench
 
 from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
@@ -30,12 +27,7 @@ from fewbench_plugins.learners.reptile import Reptile
 WAYS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(cls, ways=WAYS, task_type=None, features=4, hidden=(5,), **params):
@@ -275,17 +267,6 @@ eval: {episodes: 4, query: 2}
 """
 
 
-def fewbench(*args: str, cache_dir, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FEWBENCH_CACHE": str(cache_dir)}
-    env.pop("FEWBENCH_CRASH_AT", None)
-    if crash:
-        env["FEWBENCH_CRASH_AT"] = crash
-    return subprocess.run(
-        [sys.executable, "-m", "fewbench", *args], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=900, check=False,
-    )  # fmt: skip
-
-
 def test_every_gradient_learner_trains_and_resumes_exactly_on_omniglot(
     tmp_path, data_root, cache_dir
 ):
@@ -293,7 +274,7 @@ def test_every_gradient_learner_trains_and_resumes_exactly_on_omniglot(
     suite.write_text(SUITE)
     common = ["--data-root", str(data_root), "--no-progress", "--threads", "1"]
     plain = tmp_path / "plain"
-    first = fewbench("run", str(suite), "--out", str(plain), *common, cache_dir=cache_dir)
+    first = run_fewbench("run", str(suite), "--out", str(plain), *common, cache_dir=cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     baseline = results(plain)
     assert len(baseline) == 6 and all(len(v) == 4 for v in baseline.values())
@@ -304,7 +285,7 @@ def test_every_gradient_learner_trains_and_resumes_exactly_on_omniglot(
     killed = tmp_path / "killed"
     kills = 0
     for _ in range(30):  # 11 kills (the first process dies twice as early) and one clean run
-        attempt = fewbench(
+        attempt = run_fewbench(
             "run", str(suite), "--out", str(killed), *common, cache_dir=cache_dir,
             crash="checkpoint-write:2",
         )  # fmt: skip

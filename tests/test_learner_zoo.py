@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from grid_runs import cells, results
-from helpers import REPO
+from helpers import REPO, run_fewbench
 
 LEARNERS = """\
   - {name: maml, meta_batch_size: 2, eval_inner_steps: 1}
@@ -35,17 +35,6 @@ eval: {{episodes: 4, query: 2}}
 """
 
 
-def fewbench(*args: str, cache_dir, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FEWBENCH_CACHE": str(cache_dir)}
-    env.pop("FEWBENCH_CRASH_AT", None)
-    if crash:
-        env["FEWBENCH_CRASH_AT"] = crash
-    return subprocess.run(
-        [sys.executable, "-m", "fewbench", *args], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=900, check=False,
-    )  # fmt: skip
-
-
 def test_every_learner_trains_resumes_exactly_and_runs_under_two_workers(
     tmp_path, data_root, cache_dir
 ):
@@ -54,7 +43,7 @@ def test_every_learner_trains_resumes_exactly_and_runs_under_two_workers(
     common = ["--data-root", str(data_root), "--no-progress", "--threads", "1"]
 
     plain = tmp_path / "plain"
-    first = fewbench("run", str(suite), "--out", str(plain), *common, cache_dir=cache_dir)
+    first = run_fewbench("run", str(suite), "--out", str(plain), *common, cache_dir=cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     baseline = results(plain)
     assert len(baseline) == 9 and all(len(v) == 4 for v in baseline.values())
@@ -85,7 +74,7 @@ def kill_and_resume_every_cell(suite, killed, common, cache_dir, baseline) -> No
     # resumed cell writes one checkpoint (iteration 6) before the next cell writes its two.
     kills = 0
     for _ in range(30):
-        attempt = fewbench(
+        attempt = run_fewbench(
             "run", str(suite), "--out", str(killed), *common, cache_dir=cache_dir,
             crash=f"checkpoint-write:{2 if kills == 0 else 3}",
         )  # fmt: skip

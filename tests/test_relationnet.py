@@ -27,13 +27,7 @@ from fewbench_plugins.learners.relationnet import (
 SHAPE = (1, 12, 12)  # conv4 with stride-2 convolutions: a 8x1x1 map
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread is faster than several on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_learner(backbone=None, shape=SHAPE, ways=3, seed=0, task_type=None, **params):
