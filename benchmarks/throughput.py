@@ -10,10 +10,16 @@ class counts; timing does not depend on pixel values.
     python benchmarks/throughput.py                 # CPU, and CUDA when present
     python benchmarks/throughput.py --device cpu --seconds 20 --configs 1a,1b
     python benchmarks/throughput.py --variants      # also bf16, channels-last, compile
+    python benchmarks/throughput.py --device cuda --engines higher,auto+sync,auto,auto+graph
     python benchmarks/throughput.py --learners maml,anil,metasgd,mamlpp,reptile,protomaml
 
 Ratios are tasks per second relative to the reference: the per-task loop through
-``higher``, which is what higher's own MAML example does. A row of another learner
+``higher``, which is what higher's own MAML example does. Engine variants, after a
+``+``: ``sync`` reads each iteration's loss back to the host (what the training loop did
+before it kept losses on the device), ``graph`` replays each iteration as one captured
+CUDA graph (fewbench.graphs, after its self-check), ``tf32`` allows TF32 in matrix
+products and convolutions, ``fp32`` forbids it in both (torch's default allows it in
+convolutions only), ``bf16``, ``channels_last`` and ``compile`` as named. A row of another learner
 of the gradient family (``--learners``) is that learner's meta-iteration with the
 same network, tasks and inner steps, beside MAML's reference.
 """
@@ -42,6 +48,10 @@ CONFIGS = {
 # per core on a CPU), no tasks per call means the whole meta-batch in one call.
 ENGINES = ("higher", "loop:1", "batched:1", "batched", "auto")
 VARIANTS = ("batched/8", "auto+bf16", "auto+channels_last", "auto+compile")
+KNOWN_VARIANTS = {"bf16", "channels_last", "compile", "sync", "graph", "tf32", "fp32"}
+# On a GPU: the reference, today's eager loop (a sync per iteration), without the sync,
+# as a CUDA graph, and the graph with TF32 matrix products.
+GPU_ENGINES = ("higher", "batched+sync", "batched", "batched+graph", "batched+graph+tf32")
 LEARNERS = {
     "maml": "fewbench_plugins.learners.maml:MAML",
     "fomaml": "fewbench_plugins.learners.maml:FirstOrderMAML",
@@ -88,6 +98,7 @@ def measure(
     import torch
 
     from fewbench.data import ClassPool, seeded_generator
+    from fewbench.graphs import WARMUP_ITERATIONS, GraphedTraining
     from fewbench.learner import LearnerContext
     from fewbench.params import ParamSet
     from fewbench_plugins.backbones.standard import Conv4
@@ -95,17 +106,21 @@ def measure(
 
     _, ways, shots, query, tasks, steps, shape, hidden, pool, classes, per_class = CONFIGS[config]
     device = torch.device(device_name)
-    spec, _, variant = engine.partition("+")
+    spec, *variants = engine.split("+")
     spec, _, per_call = spec.partition("/")
     base, _, threads = spec.partition(":")
-    if variant == "bf16":
+    if "bf16" in variants:
         threads = "1"  # autocast is thread-local: it must run in the thread that computes
     result = Measurement(
         config, engine, device_name, machine=machine_description(device_name), learner=learner_name
     )
-    if base not in maml_engines.ENGINES or variant not in ("", "bf16", "channels_last", "compile"):
+    if base not in maml_engines.ENGINES or not set(variants) <= KNOWN_VARIANTS:
         result.error = f"unknown engine {engine!r}"
         return result
+    if device.type == "cuda":
+        tf32 = "tf32" in variants
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32 or "fp32" not in variants  # torch's default
     cls = learner_class(learner_name)
     if base not in cls.params["engine"].choices:
         result.error = f"{learner_name} has no engine {base!r}"
@@ -126,32 +141,44 @@ def measure(
     backbone = Conv4(hidden=hidden, pool=pool)
     learner.setup(LearnerContext(backbone, shape, ways, shots, query, classes, device))
     learner.iterations(1000)  # the learners with schedules (mamlpp, reptile) need a length
-    if variant == "channels_last":
+    if "channels_last" in variants:
         learner.model.to(memory_format=torch.channels_last)
-    if variant == "compile":
+    if "compile" in variants:
         learner.model.compile()
+    graphed = None
+    if "graph" in variants:
+        offered = learner.graph_step()
+        if offered is None:
+            result.error = f"{learner_name} offers no graph step on {device_name}"
+            return result
+        graphed = GraphedTraining(learner, offered, source, shots, device)
 
     def step(iteration: int) -> None:
-        batch = source.sample_episodes(
-            tasks, ways, shots, query, seeded_generator("bench", iteration)
-        ).to(device)
-        if variant == "channels_last":  # each task's [N, C, H, W] slice in channels-last order
+        generator = seeded_generator("bench", iteration)
+        if graphed is not None:
+            graphed.step(source.draw(tasks, ways, shots, query, generator))
+            return
+        batch = source.sample_episodes(tasks, ways, shots, query, generator).to(device)
+        if "channels_last" in variants:  # each task's [N, C, H, W] slice in channels-last order
             batch.support_x = (
                 batch.support_x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
             )
             batch.query_x = batch.query_x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-        if variant == "bf16":
+        if "bf16" in variants:
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                learner.train_step(batch, iteration)
+                loss = learner.train_step(batch, iteration)
         else:
-            learner.train_step(batch, iteration)
+            loss = learner.train_step(batch, iteration)
+        if "sync" in variants:
+            float(loss)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    warm_up = 2 + (WARMUP_ITERATIONS + 1 if graphed is not None else 0)  # + graph self-check
     try:
-        for warm in range(2):
+        for warm in range(warm_up):
             step(warm)
         sync()
         baseline = current_rss_mb()
@@ -160,9 +187,9 @@ def measure(
         start = time.perf_counter()
         count = 0
         while count < 3 or time.perf_counter() - start < seconds:
-            step(count + 2)
+            step(count + warm_up)
             count += 1
-            if count % 2 == 0:
+            if count % 50 == 0:  # bounds the queue; the loop itself never waits
                 sync()
         sync()
         elapsed = time.perf_counter() - start
@@ -172,6 +199,8 @@ def measure(
     engines = learner.adapter.engines
     choice = engines.get("train") or engines["adapt"]
     result.chosen = choice.engine + (f" x {choice.threads} threads" if choice.threads > 1 else "")
+    if graphed is not None:
+        result.chosen += f", {graphed.status}"
     result.iterations = count
     result.tasks_per_second = count * tasks / elapsed
     result.ms_per_iteration = 1000 * elapsed / count
@@ -222,8 +251,8 @@ def table(rows: list[Measurement], device: str) -> str:
     lines = [
         f"device: {device} ({machine})",
         "",
-        f"| configuration | engine | tasks/s | ms/iteration | x reference | {memory} |",
-        "|---|---|---:|---:|---:|---:|",
+        f"| configuration | engine | tasks/s | ms/iteration | x reference | x batched+sync | {memory} |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for config in dict.fromkeys(r.config for r in rows):
         group = [r for r in rows if r.config == config]
@@ -232,18 +261,26 @@ def table(rows: list[Measurement], device: str) -> str:
         )
         for r in group:
             base = r.engine.split("+")[0].split("/")[0].split(":")[0]
+            today = next(  # today's eager loop: the batched engine, reading every loss
+                (x for x in group if x.engine == "batched+sync" and x.learner == r.learner), None
+            )
             name = f"{r.engine} -> {r.chosen}" if r.chosen and r.chosen != base else r.engine
             if r.learner != "maml":
                 name = f"{r.learner}: {name}"
             if r.error:
                 lines.append(
-                    f"| {config}: {CONFIGS[config][0]} | {name} | failed: {r.error} | | | |"
+                    f"| {config}: {CONFIGS[config][0]} | {name} | failed: {r.error} | | | | |"
                 )
                 continue
             ratio = f"{r.tasks_per_second / reference.tasks_per_second:.2f}" if reference else "n/a"
+            versus_today = (
+                f"{r.tasks_per_second / today.tasks_per_second:.2f}"
+                if today and not today.error
+                else "n/a"
+            )
             lines.append(
                 f"| {config}: {CONFIGS[config][0]} | {name} | {r.tasks_per_second:.1f} | "
-                f"{r.ms_per_iteration:.0f} | {ratio} | {r.peak_mb:.0f} |"
+                f"{r.ms_per_iteration:.1f} | {ratio} | {versus_today} | {r.peak_mb:.0f} |"
             )
     return "\n".join(lines)
 
@@ -256,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs", default=",".join(CONFIGS), help="comma-separated, of " + ", ".join(CONFIGS)
     )
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument(
+        "--engines",
+        help=f"comma-separated (default: {','.join(ENGINES)} on a CPU, "
+        f"{','.join(GPU_ENGINES)} on CUDA)",
+    )
     parser.add_argument(
         "--variants", action="store_true", help="also measure " + ", ".join(VARIANTS)
     )
@@ -283,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    engines = args.engines.split(",") + (list(VARIANTS) if args.variants else [])
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -294,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown learner {unknown[0]!r}; choose from {', '.join(LEARNERS)}")
     everything = []
     for device in devices:
+        default = GPU_ENGINES if device.startswith("cuda") else ENGINES
+        engines = args.engines.split(",") if args.engines else list(default)
+        engines += list(VARIANTS) if args.variants else []
         rows = []
         for config in configs:
             for learner in learners:

@@ -389,6 +389,12 @@ def _select(batch: EpisodeBatch, part: slice) -> tuple[Tensor, Tensor, Tensor, T
     return batch.support_x[part], batch.support_y[part], batch.query_x[part], batch.query_y[part]
 
 
+def _zero(like: Tensor) -> Tensor:
+    """A float64 zero on ``like``'s device: losses are summed there in float64, in the order
+    Python summed ``.item()`` values before, so the numbers are the same without a sync."""
+    return torch.zeros((), dtype=torch.float64, device=like.device)
+
+
 def _add(
     into: list[Tensor] | None, grads: Sequence[Tensor | None], like: Sequence[Tensor] = ()
 ) -> list[Tensor]:
@@ -647,8 +653,13 @@ class Adapter(nn.Module):
         steps: int,
         first_order: bool | None = None,
         step_weights: Sequence[float] | None = None,
-    ) -> float:
+    ) -> Tensor:
         """Add the meta-gradient of the mean query loss to ``.grad``; return that loss.
+
+        The loss is a detached 0-dim float64 tensor on the model's device, summed over shares
+        in a fixed order: reading it (``float(loss)``) is the only host synchronisation, so
+        the caller decides when (:func:`fewbench.training.train` reads it every
+        ``log_every`` iterations on CUDA).
 
         ``step_weights`` (one per step) makes the objective the weighted sum of the query
         losses after each step (MAML++'s multi-step loss); by default, the loss after the
@@ -668,7 +679,7 @@ class Adapter(nn.Module):
         loops = self._loops(len(parts))
         plain_first = first and self._plain() and step_weights is None
 
-        def share(index: int, part: slice) -> tuple[list[Tensor], float]:
+        def share(index: int, part: slice) -> tuple[list[Tensor], Tensor]:
             loop = loops[index]
             if choice.engine == "batched":
                 with vmap_safe_batch_norm(loop.model):
@@ -679,11 +690,11 @@ class Adapter(nn.Module):
                     )
             return _loop_share(loop, theta, learnt, batch, part, steps, first, step_weights, tasks)
 
-        total = 0.0
+        total: Tensor | None = None
         for grads, value in in_parallel(share, parts):  # fixed order: thread timing is moot
             for p, g in zip(learnt, grads, strict=True):
                 p.grad = g if p.grad is None else p.grad + g
-            total += value
+            total = value if total is None else total + value
         return total
 
     # -- adaptation without a meta-gradient ------------------------------------------------------
@@ -763,9 +774,9 @@ def _loop_share(
     first_order: bool,
     step_weights: Sequence[float] | None,
     tasks: int,
-) -> tuple[list[Tensor], float]:
+) -> tuple[list[Tensor], Tensor]:
     total_grads: list[Tensor] | None = None
-    total = 0.0
+    total = _zero(learnt[0])
     for t in range(part.start, part.stop):
         trajectory = loop.run(
             theta,
@@ -783,7 +794,7 @@ def _loop_share(
         # and this is the query gradient at theta'. One task's graph is alive at a time.
         grads = torch.autograd.grad(task_loss, learnt, allow_unused=True)
         total_grads = _add(total_grads, grads, learnt)
-        total += task_loss.item()
+        total = total + task_loss.detach().double()
     return total_grads, total
 
 
@@ -798,20 +809,20 @@ def _batched_share(
     step_weights: Sequence[float] | None,
     tasks: int,
     adapter: Adapter,
-) -> tuple[list[Tensor], float]:
+) -> tuple[list[Tensor], Tensor]:
     def task_objective(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
         trajectory = loop.run(p, sx, sy, steps, first_order=first_order, vmapped=True)
         return loop.query_objective(trajectory, qx, qy, step_weights)
 
     per_task = vmap(task_objective, in_dims=(None, 0, 0, 0, 0), randomness="different")
     total_grads: list[Tensor] | None = None
-    total = 0.0
+    total = _zero(learnt[0])
     for chunk in _chunks(part, adapter.tasks_per_call):
         chunk_loss = per_task(theta, *_select(batch, chunk)).sum() / tasks
         # The chunk's graph is freed here, before the next chunk's is built.
         grads = torch.autograd.grad(chunk_loss, learnt, allow_unused=True)
         total_grads = _add(total_grads, grads, learnt)
-        total += chunk_loss.item()
+        total = total + chunk_loss.detach().double()
     return total_grads, total
 
 
@@ -823,7 +834,7 @@ def _batched_first_order(
     steps: int,
     tasks: int,
     adapter: Adapter,
-) -> tuple[list[Tensor], float]:
+) -> tuple[list[Tensor], Tensor]:
     """First order with only the model learnt: adapt constants, then one query gradient at
     the adapted weights, which is the meta-gradient of every parameter (no outer graph)."""
     constants = {name: p.detach() for name, p in theta.items()}
@@ -834,11 +845,11 @@ def _batched_first_order(
 
     per_task = vmap(task_query_grad, in_dims=(None, 0, 0, 0, 0), randomness="different")
     total_grads: list[Tensor] | None = None
-    total = 0.0
+    total = _zero(next(iter(theta.values())))
     for chunk in _chunks(part, adapter.tasks_per_call):
         grads, losses = per_task(constants, *_select(batch, chunk))
         total_grads = _add(total_grads, [grads[name].sum(dim=0) / tasks for name in theta])
-        total += losses.sum().item() / tasks
+        total = total + losses.detach().sum().double() / tasks
     return total_grads, total
 
 

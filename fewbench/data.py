@@ -57,6 +57,20 @@ class EpisodeBatch:
         )
 
 
+@dataclass(frozen=True)
+class EpisodeIndices:
+    """Which examples ``T`` episodes hold: ``classes[T, N]`` of the split and, per class,
+    ``examples[T, N, K+Q]`` (support first). Drawn on the CPU, gathered on the device."""
+
+    classes: Tensor
+    examples: Tensor
+
+    def to(self, device: torch.device | str) -> EpisodeIndices:
+        return EpisodeIndices(
+            self.classes.to(device, non_blocking=True), self.examples.to(device, non_blocking=True)
+        )
+
+
 @dataclass
 class LabelledBatch:
     """Ordinary supervised examples drawn from all classes of a split."""
@@ -126,7 +140,10 @@ class ClassPool(EpisodeSource):
     def to(self, device: torch.device | str) -> ClassPool:
         if self.images.device == torch.device(device):
             return self
-        return ClassPool(self.images.to(device), self.mean, self.std, self.counts)
+        # The statistics go along, so scaling copies nothing from the host (graph capture).
+        mean = None if self.mean is None else self.mean.to(device)
+        std = None if self.std is None else self.std.to(device)
+        return ClassPool(self.images.to(device), mean, std, self.counts)
 
     def _scale(self, raw: Tensor) -> Tensor:
         scaled = raw.float().div_(255.0)
@@ -140,6 +157,12 @@ class ClassPool(EpisodeSource):
     def sample_episodes(
         self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
     ) -> EpisodeBatch:
+        return self.gather(self.draw(count, ways, shots, query, generator), shots)
+
+    def draw(
+        self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
+    ) -> EpisodeIndices:
+        """Which examples ``count`` episodes hold, drawn on the CPU (see :meth:`gather`)."""
         per_class = shots + query
         if ways > self.num_classes or per_class > self.examples_per_class:
             raise ValueError(
@@ -153,20 +176,31 @@ class ClassPool(EpisodeSource):
         if self.counts is not None:  # padding sorts last, so it is never drawn
             padding = torch.arange(stored)[None, None, :] >= self.counts[classes][:, :, None]
             examples = examples.masked_fill(padding, 2.0)
-        examples = examples.argsort(dim=2)[:, :, :per_class]
+        return EpisodeIndices(classes, examples.argsort(dim=2)[:, :, :per_class])
+
+    def gather(self, indices: EpisodeIndices, shots: int) -> EpisodeBatch:
+        """The episodes ``indices`` name, built where the images are.
+
+        Nothing here reads a value back to the host, so a CUDA graph can capture it with
+        the indices in a static device buffer (:mod:`fewbench.graphs`)."""
+        classes, examples = indices.classes, indices.examples
+        count, ways, per_class = examples.shape
+        query = per_class - shots
         device = self.images.device
         picked = self.images[
             classes.to(device)[:, :, None], examples.to(device)
         ]  # [T, N, K+Q, *shape]
         picked = self._scale(picked)
-        labels = torch.arange(ways, device=device)
         support = picked[:, :, :shots].reshape(count, ways * shots, *self.input_shape)
         query_x = picked[:, :, shots:].reshape(count, ways * query, *self.input_shape)
+        # Labels by arithmetic (0,0,..,1,1,..): no host-dependent output size.
+        support_y = torch.arange(ways * shots, device=device) // shots
+        query_y = torch.arange(ways * query, device=device) // max(query, 1)
         return EpisodeBatch(
             support,
-            labels.repeat_interleave(shots).expand(count, -1).contiguous(),
+            support_y.expand(count, -1).contiguous(),
             query_x,
-            labels.repeat_interleave(query).expand(count, -1).contiguous(),
+            query_y.expand(count, -1).contiguous(),
             ways,
         )
 

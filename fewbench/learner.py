@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fewbench.backbone import Backbone
 from fewbench.data import EpisodeBatch, LabelledBatch
+from fewbench.graphs import GraphStep
 from fewbench.params import ParamSet
 from fewbench.task_types import CLASSIFICATION, TaskType
 
@@ -99,8 +100,23 @@ class Learner:
         """How many training steps to run; the suite's ``train.iterations`` by default."""
         return suite_iterations
 
-    def train_step(self, batch: EpisodeBatch | LabelledBatch, iteration: int) -> float:
+    def train_step(self, batch: EpisodeBatch | LabelledBatch, iteration: int) -> float | Tensor:
+        """One training step; returns its loss.
+
+        A 0-dim tensor is read by the core only when it records the curve (every
+        ``train.log_every`` iterations on a GPU), so a step that keeps its loss on the
+        device never waits for the GPU; a float is taken as is."""
         raise NotImplementedError
+
+    def graph_step(self) -> GraphStep | None:
+        """A whole training step on a batch of episodes that the core may capture as one
+        CUDA graph and replay (:mod:`fewbench.graphs`), or None (the default: eager steps).
+
+        Offer one only when the step is the same computation at every iteration (no
+        schedules read from ``iteration``), reads nothing back to the host, and updates
+        its state in place (an optimizer built with ``capturable=True``). The core checks
+        the captured step against an eager one before it relies on it."""
+        return None
 
     def predict(self, episodes: EpisodeBatch) -> Tensor:
         """Adapt to each episode's support set; return query outputs ``[T, N*Q, ways]``."""

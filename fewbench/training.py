@@ -26,9 +26,10 @@ from tqdm import tqdm
 from fewbench.augment import augment_batch
 from fewbench.cache import save_atomically
 from fewbench.cell import Cell
-from fewbench.data import EpisodeSource, seeded_generator
+from fewbench.data import ClassPool, EpisodeBatch, EpisodeSource, LabelledBatch, seeded_generator
 from fewbench.errors import FewbenchError
 from fewbench.evaluation import EpisodeSpec, evaluate
+from fewbench.graphs import Capture, GraphedTraining, cuda_capture
 from fewbench.learner import Learner
 from fewbench.sink import CurvePoint
 from fewbench.task_types import CLASSIFICATION, TaskType
@@ -54,6 +55,7 @@ class TrainOutcome:
     best_val: float | None
     curve: list[CurvePoint] = field(default_factory=list)
     seconds: float = 0.0
+    graph: str | None = None  # whether the steps ran as a CUDA graph, and why (fewbench.graphs)
 
 
 class Interrupted(FewbenchError):
@@ -123,6 +125,8 @@ def train(
     on_resume: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
     write_checkpoints: bool = True,
+    read_every: int | None = None,
+    capture: Capture | None = None,
 ) -> TrainOutcome:
     """Train ``learner`` on the cell's training split; leave it holding its best state.
 
@@ -133,6 +137,13 @@ def train(
     resumes from). Setting ``stop`` writes a checkpoint after the current iteration
     and raises :class:`Interrupted`. With ``write_checkpoints`` false (the other ranks
     of a data-parallel cell) the checkpoint is read, never written.
+
+    A step may return its loss as a device tensor; the loop reads the losses back every
+    ``read_every`` iterations (1 on a CPU, where reading costs nothing; ``log_every`` on a
+    GPU) and whenever it records, validates or checkpoints, so a GPU never waits on the
+    host in between. The divergence check runs on what it reads. On CUDA, a learner's
+    :meth:`~fewbench.learner.Learner.graph_step` runs as a captured CUDA graph
+    (:mod:`fewbench.graphs`; ``capture`` replaces the CUDA capture in tests).
     """
     settings = cell.train
     total = learner.iterations(settings.iterations)
@@ -183,7 +194,34 @@ def train(
         return float(values.mean())
 
     losses: list[float] = state["losses"]
+    pending: list[tuple[int, float | torch.Tensor]] = []  # losses not yet read back
+    if read_every is None:
+        read_every = 1 if device.type == "cpu" else settings.log_every
+    graphed = _graphed_training(learner, sources, cell, device, capture)
     last_val = state["best_val"]
+    last_loss: float | None = None
+
+    def read_losses() -> None:
+        """Read the pending losses back (one synchronisation) and check them."""
+        nonlocal last_loss
+        if not pending:
+            return
+        tensors = [v for _, v in pending if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([t.double() for t in tensors]).tolist() if tensors else [])
+        values = [next(read) if isinstance(v, torch.Tensor) else float(v) for _, v in pending]
+        iterations = [i for i, _ in pending]
+        pending.clear()
+        for iteration, loss in zip(iterations, values, strict=True):
+            if not math.isfinite(loss):
+                state["curve"].append((iteration, loss if not math.isnan(loss) else None, None))
+                error = Diverged(
+                    f"training loss became {loss} at iteration {iteration}; "
+                    "try a lower learning rate"
+                )
+                raise TrainingFailed(error, iteration, state["curve"]) from error
+            losses.append(loss)
+            last_loss = loss
+
     last_checkpoint = time.monotonic()
     bar = tqdm(
         total=total,
@@ -198,28 +236,30 @@ def train(
     try:
         for iteration in range(state["iteration"] + 1, total + 1):
             generator = seeded_generator("train", cell.seed, iteration)
-            if learner.batch_kind_at(iteration) == "episodes":
-                batch = sources["train"].sample_episodes(
-                    learner.batch_size(), ways, shots, query, generator
-                )
-            else:
-                batch = sources["train"].sample_labelled(learner.batch_size(), generator)
-            # The augmentations continue the iteration's generator: a resumed run, or a run
-            # on another device, draws the same transformations.
-            batch = augment_batch(batch.to(device), list(settings.augment), generator)
             try:
-                loss = learner.train_step(batch, iteration)
+                if graphed is not None:
+                    # The same draw as sample_episodes, gathered inside the graph.
+                    indices = sources["train"].draw(
+                        learner.batch_size(), ways, shots, query, generator
+                    )
+                    loss = graphed.step(indices)
+                else:
+                    loss = learner.train_step(
+                        _training_batch(learner, sources, cell, iteration, generator, device),
+                        iteration,
+                    )
             except Exception as exc:  # say where it happened, and keep the curve
                 raise TrainingFailed(exc, iteration, state["curve"]) from exc
-            if not math.isfinite(loss):
-                state["curve"].append((iteration, loss if not math.isnan(loss) else None, None))
-                error = Diverged(
-                    f"training loss became {loss} at iteration {iteration}; try a lower learning rate"
-                )
-                raise TrainingFailed(error, iteration, state["curve"]) from error
-            losses.append(loss)
+            pending.append((iteration, loss))
             record_loss = iteration % settings.log_every == 0 or iteration == total
             validating = iteration % settings.validate_every == 0 or iteration == total
+            due = (
+                iteration % settings.checkpoint_every == 0
+                or iteration == total
+                or time.monotonic() - last_checkpoint > 60 * settings.checkpoint_minutes
+            )
+            if record_loss or validating or due or iteration % read_every == 0:
+                read_losses()
             val = None
             if validating:
                 val = validate()
@@ -235,17 +275,14 @@ def train(
                 on_validate(state["curve"])
             bar.update(1)
             bar.set_postfix(
-                loss=f"{loss:.3f}",
+                loss="-" if last_loss is None else f"{last_loss:.3f}",
                 val="-" if last_val is None else f"{last_val:.3f}",
                 refresh=False,
             )
             state["iteration"] = iteration
-            due = (
-                iteration % settings.checkpoint_every == 0
-                or iteration == total
-                or time.monotonic() - last_checkpoint > 60 * settings.checkpoint_minutes
-            )
             stopping = stop is not None and stop.is_set()
+            if stopping:
+                read_losses()  # a checkpoint holds read values only
             if checkpoint is not None and write_checkpoints and (due or stopping):
                 write_checkpoint()
                 last_checkpoint = time.monotonic()
@@ -256,4 +293,50 @@ def train(
     if state["best_state"] is not None:
         learner.load_state_dict(state["best_state"])
     seconds = state["seconds"] + time.perf_counter() - started
-    return TrainOutcome(total, state["best_iteration"], state["best_val"], state["curve"], seconds)
+    graph = graphed.status if graphed is not None else None
+    return TrainOutcome(
+        total, state["best_iteration"], state["best_val"], state["curve"], seconds, graph
+    )
+
+
+def _training_batch(
+    learner: Learner,
+    sources: dict[str, EpisodeSource],
+    cell: Cell,
+    iteration: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> EpisodeBatch | LabelledBatch:
+    ways, shots, query = cell.tasks.training  # the training episodes (tasks.train_*)
+    if learner.batch_kind_at(iteration) == "episodes":
+        batch = sources["train"].sample_episodes(
+            learner.batch_size(), ways, shots, query, generator
+        )
+    else:
+        batch = sources["train"].sample_labelled(learner.batch_size(), generator)
+    # The augmentations continue the iteration's generator: a resumed run, or a run on
+    # another device, draws the same transformations.
+    return augment_batch(batch.to(device), list(cell.train.augment), generator)
+
+
+def _graphed_training(
+    learner: Learner,
+    sources: dict[str, EpisodeSource],
+    cell: Cell,
+    device: torch.device,
+    capture: Capture | None,
+) -> GraphedTraining | None:
+    """The graph runner, when the learner offers a step and the cell allows one: CUDA (or a
+    test's stand-in capture), episode batches at every iteration, images on the device in
+    a :class:`ClassPool`, and no augmentation (its draws happen on the host)."""
+    if capture is None and device.type != "cuda":
+        return None
+    step = learner.graph_step()
+    source = sources["train"]
+    if step is None or not isinstance(source, ClassPool) or cell.train.augment:
+        return None
+    if learner.batch_kind != "episodes" or type(learner).batch_kind_at is not Learner.batch_kind_at:
+        return None
+    return GraphedTraining(
+        learner, step, source, cell.tasks.training[1], device, capture or cuda_capture
+    )

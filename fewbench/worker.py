@@ -339,7 +339,8 @@ class CellRunner:
             iterations=outcome.iterations,
             best_iteration=outcome.best_iteration,
             best_val=outcome.best_val,
-            engine=learner.describe_engine(),  # now with the choices made at the first batches
+            # Now with the choices made at the first batches, and whether a CUDA graph ran.
+            engine="; ".join(filter(None, (learner.describe_engine(), outcome.graph))),
             train_seconds=outcome.seconds,
             eval_seconds=eval_seconds,
         )

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 # What a plugin may import from the core (README, "Writing a plugin").
 PUBLIC_MODULES = {
-    "fewbench.adaptation",
+    "fewbench.adaptation", "fewbench.graphs",
     "fewbench.hookspecs", "fewbench.learner", "fewbench.data", "fewbench.backbone",
     "fewbench.executor", "fewbench.params", "fewbench.errors", "fewbench.task_types",
     "fewbench.cell", "fewbench.download", "fewbench.cache",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from fewbench.data import EpisodeBatch
 
@@ -36,7 +36,7 @@ def share_of(batch: EpisodeBatch, rank: int, world: int) -> EpisodeBatch | None:
 
 
 def meta_gradient(
-    model: nn.Module, batch: EpisodeBatch, local: Callable[[EpisodeBatch], float]
+    model: nn.Module, batch: EpisodeBatch, local: Callable[[EpisodeBatch], float | Tensor]
 ) -> float:
     """``local(share)`` adds the mean meta-gradient of ``share`` to ``.grad``; combine the ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -44,7 +44,7 @@ def meta_gradient(
     params = list(model.parameters())
     loss = 0.0
     if share is not None:
-        loss = local(share) * len(share) / len(batch)
+        loss = float(local(share)) * len(share) / len(batch)  # all_reduce syncs anyway
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -32,6 +32,7 @@ from fewbench.adaptation import (
 )
 from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
+from fewbench.graphs import GRAPH_MODES, GraphStep
 from fewbench.hookspecs import hookimpl
 from fewbench.learner import Learner, LearnerContext
 from fewbench.params import Param
@@ -71,6 +72,14 @@ class MAML(Learner):
             help="CPU: threads that adapt shares of the meta-batch in parallel (0 = one per "
             "core); ignored on CUDA",
         ),
+        "graph": Param(
+            "auto",
+            choices=GRAPH_MODES,
+            added_later=True,
+            help="CUDA: replay each meta-iteration as one captured CUDA graph (auto: after a "
+            "self-check against an eager step, else eager, with the reason recorded; on: "
+            "fail instead of falling back; off: eager). Ignored on CPU",
+        ),
     }
 
     def setup(self, ctx: LearnerContext) -> None:
@@ -83,7 +92,10 @@ class MAML(Learner):
         self.model = ctx.backbone.build(ctx.input_shape, ctx.ways).to(ctx.device)
         self.adapter = self.build_adapter(ctx).to(ctx.device)
         learnt = [p for p in self.adapter.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(learnt, lr=self.config["meta_lr"])
+        # capturable: Adam's step count lives on the GPU, so a CUDA graph can take the step.
+        self.optimizer = torch.optim.Adam(
+            learnt, lr=self.config["meta_lr"], capturable=ctx.device.type == "cuda"
+        )
 
     def build_adapter(self, ctx: LearnerContext) -> Adapter:
         """The inner loop; a learner of the family overrides this (or the pieces below)."""
@@ -158,12 +170,30 @@ class MAML(Learner):
         return local(batch)
 
     # -- the learner contract ------------------------------------------------------------
-    def train_step(self, batch: EpisodeBatch, iteration: int) -> float:
+    def train_step(self, batch: EpisodeBatch, iteration: int) -> float | Tensor:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.meta_gradient_step(batch)
         self.optimizer.step()
         return loss
+
+    def graph_step(self) -> GraphStep | None:
+        """MAML's step is the same at every iteration: offered for capture on CUDA, unless
+        ``graph: off``, the ``higher`` reference, several ranks, or a subclass whose own
+        ``train_step`` may read the iteration (it must opt in itself)."""
+        if (
+            self.config["graph"] == "off"
+            or self.ctx.device.type != "cuda"
+            or self.config["engine"] == "higher"
+            or data_parallel.active()
+            or type(self).train_step is not MAML.train_step
+        ):
+            return None
+        return GraphStep(
+            lambda batch: self.train_step(batch, 0),
+            required=self.config["graph"] == "on",
+            parameters=[p for group in self.optimizer.param_groups for p in group["params"]],
+        )
 
     def predict(self, episodes: EpisodeBatch) -> Tensor:
         return self.adapter.predict(episodes, steps=self.config["eval_inner_steps"])
