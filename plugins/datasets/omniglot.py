@@ -6,6 +6,41 @@ Expected under the data root::
     omniglot/images_evaluation/<Alphabet>/characterNN/*.png   (20 alphabets, 659 characters)
     omniglot/splits/vinyals/{train,val,test}.txt             (for split: vinyals)
 
+Splits (``split``):
+
+``vinyals``
+    Vinyals et al. (2016): the published class lists, 4,112 / 688 / 1,692 classes, each
+    a character at one of four quarter turns (1,028 / 172 / 423 characters, x4).
+``lake``
+    Lake et al. (2015): background alphabets train (the last five by name validate),
+    evaluation alphabets test; no rotations.
+``finn``
+    Finn, Abbeel & Levine (2017, MAML) shuffled the 1,623 characters of both folders
+    together and took 1,100 to meta-train, 100 to meta-validate and the remaining 423 to
+    meta-test, ignoring alphabets (github.com/cbfinn/maml, data_generator.py). Their list
+    came from unsorted ``os.listdir`` calls, so the order, and with it their exact
+    characters, depends on their file system and cannot be recovered. Here the
+    characters (``Alphabet/characterNN``) are sorted by name and shuffled with
+    ``split_seed``: each character gets a key from ``random.Random(split_seed).random()``
+    (in sorted order) and the characters are ordered by key. Python guarantees that
+    sequence for an integer seed across versions, which it does not for
+    ``random.shuffle`` or numpy's generators. The first 1,100 characters train, the next
+    100 validate, the rest test; with fewer characters (a partial copy) the same
+    proportions are used (``total * 1100 // 1623`` and ``total * 100 // 1623``).
+
+    Episodes follow Finn's sampler: a task's N classes are N *distinct* characters,
+    each turned by its own number of quarter turns (0-3, uniform), drawn afresh for
+    every task, on every split (their code rotates at meta-test time too). The split
+    holds each character at all four turns (4,400 / 400 / 1,692 rotated classes, which
+    labelled batches draw from), but an episode never holds two turns of one character,
+    so the most ways an episode can have, and what ``split_sizes`` reports, is the
+    number of characters: 1,100 / 100 / 423. With the Vinyals representation (classes
+    drawn from all rotated classes) two turns of one character can share a task.
+
+    Not reproduced: their characters (see above), their task stream (Python's
+    ``random`` for classes and drawings, TensorFlow for turns) and their 600 meta-test
+    tasks; episodes here are fixed by the cell's evaluation seed, as for every split.
+
 All 1,623 characters are decoded once, resized to ``image_size`` and cached as a
 uint8 tensor file (ink = 255) keyed by the image size, so later runs start in
 about a second.
@@ -14,6 +49,7 @@ about a second.
 from __future__ import annotations
 
 import os
+import random
 from functools import partial
 from pathlib import Path
 
@@ -22,11 +58,11 @@ import torch
 from PIL import Image
 
 from fewbench.cache import load_tensor_cache, save_tensor_cache
-from fewbench.data import ClassPool, Dataset, EpisodeSource, SplitSize
+from fewbench.data import ClassPool, Dataset, EpisodeIndices, EpisodeSource, SplitSize
 from fewbench.download import Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
-from fewbench.params import Param
+from fewbench.params import Param, ParamSet
 from fewbench_plugins.datasets.imaging import decode_images
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
@@ -34,6 +70,8 @@ DRAWINGS_PER_CHARACTER = 20
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 # Lake split: the last LAKE_VAL_ALPHABETS background alphabets (sorted by name) validate.
 LAKE_VAL_ALPHABETS = 5
+# Finn et al.'s split: of all 1,623 characters, 1,100 train, 100 validate, the rest test.
+FINN_TOTAL, FINN_TRAIN, FINN_VAL = 1623, 1100, 100
 HOW_TO_GET = (
     "run: fewbench data download omniglot; or, offline, get images_background.zip and "
     "images_evaluation.zip from github.com/brendenlake/omniglot (python/) and the Vinyals split "
@@ -56,9 +94,70 @@ EXPECTED = {BACKGROUND: (30, 964), EVALUATION: (20, 659)}  # alphabets, characte
 SPLIT_LINES = {"train": 4112, "val": 688, "test": 1692}
 
 
+def finn_split(names: list[str], seed: int) -> dict[str, list[str]]:
+    """Finn et al.'s split of ``Alphabet/characterNN`` names: sorted, shuffled by ``seed``.
+
+    Each name, in sorted order, gets the next ``random.Random(seed).random()`` as its key
+    (that sequence is fixed across Python versions for an integer seed); names are
+    ordered by key, and the first 1,100 of 1,623 train, the next 100 validate, the rest
+    test (the same proportions for fewer names).
+    """
+    ordered = sorted(names)
+    rng = random.Random(seed)
+    keys = [rng.random() for _ in ordered]
+    shuffled = [name for _, name in sorted(zip(keys, ordered, strict=True))]
+    total = len(shuffled)
+    train, val = total * FINN_TRAIN // FINN_TOTAL, total * FINN_VAL // FINN_TOTAL
+    if min(train, val, total - train - val) < 1:
+        raise DataError(
+            f"Omniglot split finn needs characters for each of train, val and test; found "
+            f"{total} characters; {HOW_TO_GET}"
+        )
+    return {
+        "train": shuffled[:train],
+        "val": shuffled[train : train + val],
+        "test": shuffled[train + val :],
+    }
+
+
+class RotatedCharacters(ClassPool):
+    """Rotated classes ``4c .. 4c+3`` (character ``c`` at 0-3 quarter turns), sampled as
+    in Finn et al.'s code: an episode's classes are distinct characters, each at a turn
+    drawn uniformly for that episode. Labelled batches draw from all rotated classes."""
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__(images)
+        if self.num_classes % 4:
+            raise ValueError("RotatedCharacters expects four rotated classes per character")
+        self.characters = self.num_classes // 4
+
+    def to(self, device: torch.device | str) -> RotatedCharacters:
+        if self.images.device == torch.device(device):
+            return self
+        return RotatedCharacters(self.images.to(device))
+
+    def draw(
+        self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
+    ) -> EpisodeIndices:
+        per_class = shots + query
+        if ways > self.characters or per_class > self.examples_per_class:
+            raise ValueError(
+                f"cannot draw {ways}-way episodes with {per_class} examples per class from "
+                f"{self.characters} characters of {self.examples_per_class} examples"
+            )
+        characters = torch.rand(count, self.characters, generator=generator).argsort(dim=1)
+        turns = torch.randint(4, (count, ways), generator=generator)
+        classes = characters[:, :ways] * 4 + turns
+        examples = torch.rand(count, ways, self.images.shape[1], generator=generator)
+        return EpisodeIndices(classes, examples.argsort(dim=2)[:, :, :per_class])
+
+
 class Omniglot(Dataset):
     name = "omniglot"
-    description = "Omniglot handwritten characters; Vinyals split (with rotations) or Lake split"
+    description = (
+        "Omniglot handwritten characters; Vinyals split (with rotations), Lake split, or "
+        "Finn et al.'s random character split (with rotations)"
+    )
     resources = (
         Resource(f"{OFFICIAL}/images_background.zip", "images_background.zip",
                  "68d2efa1b9178cc56df9314c21c6e718"),
@@ -103,10 +202,25 @@ class Omniglot(Dataset):
         return problems
 
     params = {
-        "split": Param("vinyals", choices=("vinyals", "lake"), help="class split"),
+        "split": Param("vinyals", choices=("vinyals", "lake", "finn"), help="class split"),
         "image_size": Param(28, minimum=4, help="side of the square images, in pixels"),
+        "split_seed": Param(
+            1,
+            minimum=0,
+            help="split finn only: seed of the shuffle that assigns characters to splits "
+            "(Finn et al. used 1, with another character order)",
+            added_later=True,
+        ),
     }
-    episode_identity = ("split",)
+    # split_seed picks classes only for split finn; an instance leaves it out otherwise,
+    # so vinyals and lake cells keep their episodes whatever split_seed says.
+    episode_identity: tuple[str, ...] = ("split", "split_seed")
+
+    def __init__(self, **params):
+        # Cells leave split_seed out at its default (Param.added_later): fill defaults in.
+        super().__init__(**{**ParamSet.of(type(self)).defaults(), **params})
+        if self.config["split"] != "finn":
+            self.episode_identity = ("split",)
 
     def _folder(self, root: Path) -> Path:
         folder = Path(root) / "omniglot"
@@ -151,6 +265,13 @@ class Omniglot(Dataset):
                 result[split] = classes
             return result
         characters = self._characters(folder)
+        if self.config["split"] == "finn":
+            return {
+                split: [(name, turns) for name in names for turns in range(4)]
+                for split, names in finn_split(
+                    [name for _, name in characters], self.config["split_seed"]
+                ).items()
+            }
         background = sorted({c.split("/")[0] for part, c in characters if part == BACKGROUND})
         val_alphabets = set(background[-LAKE_VAL_ALPHABETS:])
         result = {"train": [], "val": [], "test": []}
@@ -165,8 +286,12 @@ class Omniglot(Dataset):
 
     def split_sizes(self, root: Path) -> dict[str, SplitSize]:
         classes = self._split_classes(self._folder(root))
+        # finn: an episode's classes are distinct characters, so at most a quarter as many
+        # ways as the split holds rotated classes.
+        per_way = 4 if self.config["split"] == "finn" else 1
         return {
-            split: SplitSize(len(items), DRAWINGS_PER_CHARACTER) for split, items in classes.items()
+            split: SplitSize(len(items) // per_way, DRAWINGS_PER_CHARACTER)
+            for split, items in classes.items()
         }
 
     def _all_images(self, folder: Path, cache_dir: Path) -> tuple[list[str], torch.Tensor]:
@@ -211,7 +336,8 @@ class Omniglot(Dataset):
                 rows = (turns == quarter).nonzero().flatten()
                 if len(rows):
                     picked[rows] = torch.rot90(picked[rows], quarter, dims=(-2, -1))
-            sources[split] = ClassPool(picked.unsqueeze(2).contiguous())  # add a channel axis
+            pool = RotatedCharacters if self.config["split"] == "finn" else ClassPool
+            sources[split] = pool(picked.unsqueeze(2).contiguous())  # add a channel axis
         return sources
 
 
