@@ -106,6 +106,16 @@ class TrainSettings:
         choices=AUGMENTATIONS,
         help="augmentations of training images, batched on the device: flip, crop, rotate90",
     )
+    # A cap for smoke runs (``fewbench run --max-iterations N``): applied after every override
+    # and after a learner's own iteration count (``Learner.iterations``). Unset, it stays out
+    # of the cell's configuration, so cells from before it existed keep their ids.
+    max_iterations: int | None = _setting(
+        None,
+        type=int,
+        nullable=True,
+        minimum=1,
+        help="at most this many training steps, whatever the learner's own count (smoke runs)",
+    )
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,12 @@ NOT_IN_ID = {
 def cell_id(config: dict[str, Any]) -> str:
     """A stable hash of everything in ``config`` that determines the cell's results."""
     relevant = {
-        section: {k: v for k, v in value.items() if k not in NOT_IN_ID[section]}
+        # An unset cap (train.max_iterations: None) is left out: ids from before it existed hold.
+        section: {
+            k: v
+            for k, v in value.items()
+            if k not in NOT_IN_ID[section] and not (section == "train" and v is None)
+        }
         if section in NOT_IN_ID and isinstance(value, dict)
         else value
         for section, value in config.items()
@@ -196,7 +211,7 @@ class Cell:
             # Unset training-episode settings stay out, so cells from before they existed
             # keep their ids.
             "tasks": {k: v for k, v in asdict(self.tasks).items() if v is not None},
-            "train": asdict(self.train),
+            "train": {k: v for k, v in asdict(self.train).items() if v is not None},
             "eval": asdict(self.eval),
             "seed": self.seed,
         }
@@ -227,6 +242,25 @@ class Cell:
             tasks=Tasks(**config["tasks"]),
             train=TrainSettings(**config["train"]),
             eval=EvalSettings(**config["eval"]),
+        )
+
+    def capped(self, max_iterations: int | None = None, max_episodes: int | None = None) -> Cell:
+        """This cell for a smoke run: at most ``max_iterations`` training steps and at most
+        ``max_episodes`` validation and test episodes. A capped cell is another cell (its
+        id differs), so its results never stand in for the full cell's."""
+        if max_iterations is None and max_episodes is None:
+            return self
+        config = self.config
+        train, evaluation = dict(config["train"]), dict(config["eval"])
+        if max_iterations is not None:
+            train["max_iterations"] = min(
+                max_iterations, train.get("max_iterations") or max_iterations
+            )
+        if max_episodes is not None:
+            train["val_episodes"] = min(train["val_episodes"], max_episodes)
+            evaluation["episodes"] = min(evaluation["episodes"], max_episodes)
+        return Cell.from_config(
+            {**config, "train": train, "eval": evaluation}, self.label, self.labels
         )
 
     def to_record(self) -> dict[str, Any]:

@@ -46,7 +46,23 @@ def add_run_options(
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the expanded grid and train nothing"
+        "--dry-run",
+        action="store_true",
+        help="print each cell's effective training steps and episodes (and its state in --out) "
+        "and train nothing",
+    )
+    parser.add_argument(
+        "--max-iterations",
+        type=int,
+        metavar="N",
+        help="smoke run: at most N training steps per cell, after every override and every "
+        "learner's own count (capped cells get their own ids)",
+    )
+    parser.add_argument(
+        "--max-episodes",
+        type=int,
+        metavar="N",
+        help="smoke run: at most N validation and N test episodes per cell",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     executors = parser.add_argument_group(
@@ -192,6 +208,12 @@ def run_request(args: argparse.Namespace, executor_options: list[ExecutorOption]
     from fewbench.paths import default_data_root
     from fewbench.run import RunRequest
 
+    for flag, value in (
+        ("--max-iterations", args.max_iterations),
+        ("--max-episodes", args.max_episodes),
+    ):
+        if value is not None and value < 1:
+            raise FewbenchError(f"{flag} {value}: must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise FewbenchError(f"--threads {args.threads}: must be at least 1")
     if not args.stale_after >= 1:  # 0 would let every worker take every cell
@@ -209,6 +231,8 @@ def run_request(args: argparse.Namespace, executor_options: list[ExecutorOption]
         out=args.out,
         device=args.device,
         dry_run=args.dry_run,
+        max_iterations=args.max_iterations,
+        max_episodes=args.max_episodes,
         progress=not args.no_progress,
         download=not args.no_download,
         retry_failed=args.retry_failed,

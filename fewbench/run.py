@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -50,6 +50,8 @@ class RunRequest:
     out: Path | None = None
     device: str = "auto"
     dry_run: bool = False
+    max_iterations: int | None = None  # smoke-run caps (Cell.capped)
+    max_episodes: int | None = None
     progress: bool = True
     download: bool = True
     retry_failed: bool = False
@@ -81,7 +83,13 @@ def load(
         if resuming is None or exc.file == "--set":
             raise
         source = stored_suite(resuming, list(request.sets), exc, log)
-    return expand_grid(check_suite(source, registry)), resuming
+    suite = expand_grid(check_suite(source, registry))
+    if request.max_iterations is not None or request.max_episodes is not None:
+        suite = replace(
+            suite,
+            cells=[c.capped(request.max_iterations, request.max_episodes) for c in suite.cells],
+        )
+    return suite, resuming
 
 
 def stored_suite(run_dir: Path, sets: list[str], problem: SuiteError, log: TextIO) -> SuiteSource:
@@ -105,6 +113,35 @@ def stored_suite(run_dir: Path, sets: list[str], problem: SuiteError, log: TextI
     for assignment in sets:
         apply_set(source, assignment)
     return source
+
+
+def print_plan(suite: Suite, registry: Registry, run_dir: Path | None) -> None:
+    """``--dry-run``: each cell with what it will really do (its training steps after the
+    learner's own count and any cap, its validation and test episodes) and, when the run
+    directory exists, its state there (a done cell is not trained again)."""
+    states: dict[str, str] = {}
+    if run_dir is not None and (Path(run_dir) / DB_NAME).is_file():
+        store = ResultsStore.open_run(Path(run_dir), must_exist=True)
+        try:
+            states = {row["id"]: row["status"] for row in store.cells()}
+        finally:
+            store.close()
+    for cell in suite.cells:
+        learner = registry.get("learner", cell.learner.name).build(**cell.learner.params)
+        own = learner.iterations(cell.train.iterations)
+        steps = own if cell.train.max_iterations is None else min(own, cell.train.max_iterations)
+        why = []
+        if own != cell.train.iterations:
+            why.append(f"the learner's own count; train.iterations is {cell.train.iterations}")
+        if steps != own:
+            why.append(f"capped from {own}")
+        note = f" ({'; '.join(why)})" if why else ""
+        state = f"  [{states.get(cell.id, 'new')} in {run_dir}]" if states else ""
+        print(
+            f"{cell.id}  {cell.label}: {steps} steps{note}, "
+            f"{cell.train.val_episodes} validation / {cell.eval.episodes} test episodes{state}"
+        )
+    print(f"{len(suite.cells)} cells")
 
 
 def suite_text_of(suite: Suite) -> str:
@@ -152,9 +189,7 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
     for warning in warnings:
         print(f"warning: {warning}", file=log)
     if request.dry_run:
-        for cell in suite.cells:
-            print(f"{cell.id}  {cell.label}")
-        print(f"{len(suite.cells)} cells")
+        print_plan(suite, registry, resuming or request.out)
         return 0
     if request.threads:
         import torch

@@ -147,6 +147,8 @@ def train(
     """
     settings = cell.train
     total = learner.iterations(settings.iterations)
+    if settings.max_iterations is not None:  # a smoke run's cap wins over everything
+        total = min(total, settings.max_iterations)
     ways, shots, query = cell.tasks.training  # the training episodes (tasks.train_*)
     started = time.perf_counter()
     checkpoint = checkpoint_dir / "last.pt" if checkpoint_dir else None
