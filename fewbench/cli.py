@@ -206,7 +206,7 @@ def run_request(args: argparse.Namespace, executor_options: list[ExecutorOption]
     """The typed request of ``fewbench run`` from its parsed arguments."""
     from fewbench.execution import ExecutorRequest
     from fewbench.paths import default_data_root
-    from fewbench.run import RunRequest
+    from fewbench.runner import RunRequest
 
     for flag, value in (
         ("--max-iterations", args.max_iterations),
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_plugins(registry)
         if args.command == "data":
             return commands.cmd_data(args, registry)
-        from fewbench.run import run
+        from fewbench.runner import run
 
         return run(run_request(args, options), registry)
     except FewbenchError as exc:

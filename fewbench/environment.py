@@ -38,11 +38,15 @@ def _git_commit(path: Path) -> str | None:
     return result.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def _version(distribution: str) -> str | None:
+def plugin_version(distribution: str) -> str | None:
+    """The installed version of a distribution (a plugin's provider), or None."""
     try:
         return version(distribution)
     except PackageNotFoundError:
         return None
+
+
+_version = plugin_version
 
 
 def device_name(device: torch.device) -> str:

@@ -33,10 +33,12 @@ from typing import Any, TextIO
 
 import torch
 
+from fewbench.api import model_record
 from fewbench.atomic import write_json_atomically
 from fewbench.cache import save_atomically
 from fewbench.cell import Cell
 from fewbench.data import EpisodeSource, derive_seed
+from fewbench.environment import plugin_version as _version
 from fewbench.errors import DiskFull, FewbenchError
 from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
 from fewbench.faults import crash_point
@@ -188,6 +190,8 @@ class CellSetup:
     sources: dict[str, EpisodeSource]
     task_type: TaskType
     identity: tuple
+    context: LearnerContext | None = None
+    plugins: dict[str, str] = field(default_factory=dict)  # kind:name -> provider and version
 
 
 class CellRunner:
@@ -220,22 +224,31 @@ class CellRunner:
         backbone = self.registry.get("backbone", cell.backbone.name).build(**cell.backbone.params)
         learner = self.registry.get("learner", cell.learner.name).build(**cell.learner.params)
         torch.manual_seed(derive_seed("init", cell.seed))
-        learner.setup(
-            LearnerContext(
-                backbone=backbone,
-                input_shape=sources["train"].input_shape,
-                ways=cell.ways,
-                shots=cell.shots,
-                query=cell.tasks.query,
-                num_train_classes=sources["train"].num_classes,
-                device=self.device,
-                task_type=task_type,
-                train_ways=cell.tasks.training[0],
-                train_shots=cell.tasks.training[1],
-                train_query=cell.tasks.training[2],
-            )
+        context = LearnerContext(
+            backbone=backbone,
+            input_shape=sources["train"].input_shape,
+            ways=cell.ways,
+            shots=cell.shots,
+            query=cell.tasks.query,
+            num_train_classes=sources["train"].num_classes,
+            device=self.device,
+            task_type=task_type,
+            train_ways=cell.tasks.training[0],
+            train_shots=cell.tasks.training[1],
+            train_query=cell.tasks.training[2],
         )
-        return CellSetup(learner, sources, task_type, identity)
+        learner.setup(context)
+        plugins = {}
+        for kind, choice in (
+            ("dataset", cell.dataset),
+            ("backbone", cell.backbone),
+            ("learner", cell.learner),
+        ):
+            provider = self.registry.get(kind, choice.name).provider
+            plugins[f"{kind}:{choice.name}"] = (
+                f"{provider} {_version(provider) or '(not installed)'}"
+            )
+        return CellSetup(learner, sources, task_type, identity, context, plugins)
 
     def run(
         self,
@@ -329,7 +342,9 @@ class CellRunner:
         estimate = mean_ci95(values)
         keep = cell.train.keep_checkpoints
         if keep != "none":
-            save_atomically(learner.state_dict(), checkpoint_dir / "best.pt")
+            # Self-describing: fewbench.load_learner sets the learner up again from it alone.
+            record = model_record(learner, cell, setup.context, setup.task_type.name, setup.plugins)
+            save_atomically(record, checkpoint_dir / "best.pt")
         result = CellResult(
             metric=setup.task_type.metric,
             values=values.tolist(),

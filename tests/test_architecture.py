@@ -159,7 +159,7 @@ def test_a_worker_runs_stored_cells_by_id_without_the_suite_file(tmp_path):
     out = tmp_path / "run"
     # The driver's steps up to the hand-off: expand once, store every cell.
     from fewbench.registry import Registry
-    from fewbench.run import RunRequest, load, prepare_run_dir
+    from fewbench.runner import RunRequest, load, prepare_run_dir
 
     registry = Registry()
     grid, _ = load(RunRequest(suite=suite, data_root=tmp_path, cache_dir=tmp_path), registry)

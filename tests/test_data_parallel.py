@@ -122,7 +122,7 @@ def test_torchrun_trains_one_cell_on_two_ranks_like_one_process(tmp_path, data_r
         ((cell_id, worker, completions),) = db.execute("SELECT id, worker, completions FROM cells")
         losses = [row[0] for row in db.execute(
             "SELECT loss FROM curve WHERE cell_id = ? ORDER BY iteration", (cell_id,))]  # fmt: skip
-        best = torch.load(tmp_path / run / "checkpoints" / cell_id / "best.pt")
+        best = torch.load(tmp_path / run / "checkpoints" / cell_id / "best.pt")["state"]
         return cell_id, completions, losses, best
 
     one, two = stored("one"), stored("two")

@@ -38,7 +38,9 @@ def test_engines_train_the_same_model_on_the_same_episodes(tmp_path, data_root, 
     assert "train: batched x 2 threads (set in the suite)" in cells["batched"][1]
 
     weights = {
-        name: torch.load(out / "checkpoints" / cell_id / "best.pt", weights_only=False)["model"]
+        name: torch.load(out / "checkpoints" / cell_id / "best.pt", weights_only=True)["state"][
+            "model"
+        ]
         for name, (cell_id, _) in cells.items()
     }
     assert_same_trained_conv4(weights["batched"], weights["loop"])

@@ -1,0 +1,302 @@
+"""fewbench as a library: run a suite, read its results, reuse a trained model.
+
+    import fewbench
+
+    run_dir = fewbench.run("suites/sinusoid.yaml", set={"train.iterations": 200}, out="runs/sin")
+    results = fewbench.load_results(run_dir)          # pandas: cells, episodes, curves
+    model = fewbench.load_learner(run_dir, "sinusoid/1w10s/mlp/maml/seed0")
+    outputs = model.predict(support_x, support_y, query_x)
+
+A finished cell keeps its best state in ``checkpoints/<cell id>/best.pt``, a self-describing
+model file (:data:`MODEL_FORMAT`): the learner's state with the cell's configuration and what
+setting the learner up needs (input shape, ways, number of training classes, task type), and
+the fewbench and plugin versions it was trained with. ``fewbench export RUN_DIR CELL -o FILE``
+copies it out; :func:`load_learner` reads it with or without its run directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewbench.errors import FewbenchError
+
+MODEL_FORMAT = "fewbench-model/1"
+
+
+# -- model files --------------------------------------------------------------------------------
+def model_record(
+    learner: Any, cell: Any, context: Any, task_type_name: str, plugin_versions: dict[str, str]
+) -> dict[str, Any]:
+    """What ``best.pt`` holds: the learner's state and everything needed to set it up again.
+    Tensors and plain values only, so it is read with ``torch.load(weights_only=True)``."""
+    from fewbench import __version__
+
+    return {
+        "format": MODEL_FORMAT,
+        "fewbench_version": __version__,
+        "plugins": dict(plugin_versions),
+        "cell": cell.to_record(),
+        "context": {
+            "input_shape": list(context.input_shape),
+            "ways": context.ways,
+            "shots": context.shots,
+            "query": context.query,
+            "num_train_classes": context.num_train_classes,
+            "train_ways": context.train_ways,
+            "train_shots": context.train_shots,
+            "train_query": context.train_query,
+            "task_type": task_type_name,
+        },
+        "state": learner.state_dict(),
+    }
+
+
+def _model_file(source: str | Path, cell: str | None) -> Path:
+    """``source`` itself when it is a model file; else the named cell's ``best.pt`` in the run
+    directory ``source`` (by label or id; the only cell when there is one)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FewbenchError(f"{path}: no such model file or run directory")
+    from fewbench.store import ResultsStore
+
+    store = ResultsStore.open_run(path, must_exist=True)
+    try:
+        rows = [(row["id"], row["label"], row["status"]) for row in store.cells()]
+    finally:
+        store.close()
+    if cell is None:
+        if len(rows) != 1:
+            labels = ", ".join(label for _, label, _ in rows)
+            raise FewbenchError(f"{path} holds {len(rows)} cells; name one: {labels}")
+        cell = rows[0][0]
+    found = [r for r in rows if cell in (r[0], r[1])]
+    if not found:
+        raise FewbenchError(
+            f"{path} has no cell {cell!r}; its cells: {', '.join(r[1] for r in rows)}"
+        )
+    cell_id, label, status = found[0]
+    best = path / "checkpoints" / cell_id / "best.pt"
+    if not best.is_file():
+        raise FewbenchError(
+            f"{label}: no trained model at {best} (status {status}; the run keeps models with "
+            "train.keep_checkpoints best or all)"
+        )
+    return best
+
+
+@dataclass
+class TrainedModel:
+    """A trained learner, set up as its cell was, ready to adapt to new episodes."""
+
+    learner: Any  # fewbench.learner.Learner
+    cell: Any  # fewbench.cell.Cell
+    context: Any  # fewbench.learner.LearnerContext
+    record: dict[str, Any]
+
+    @property
+    def device(self) -> Any:
+        return self.context.device
+
+    def predict(self, support_x: Any, support_y: Any, query_x: Any) -> Any:
+        """Adapt to one support set and return the query outputs (classification: logits
+        ``[queries, ways]``; regression: predictions). ``support_x`` is ``[examples,
+        *input_shape]``, ``support_y`` the labels 0..ways-1 (or targets), ``query_x`` like
+        ``support_x``. Any number of ways the learner admits: its head was built for
+        ``context.ways`` classes."""
+        import torch
+
+        from fewbench.data import EpisodeBatch
+
+        def batched(t: Any) -> Any:
+            return torch.as_tensor(t).to(self.device).unsqueeze(0)
+
+        sx, sy, qx = batched(support_x), batched(support_y), batched(query_x)
+        ways = int(sy.max().item()) + 1 if sy.dtype in (torch.int64, torch.int32) else 1
+        episode = EpisodeBatch(sx, sy, qx, sy.new_zeros((1, qx.shape[1])), ways)
+        with torch.no_grad():
+            return self.learner.predict(episode)[0]
+
+    def evaluate(
+        self, data_root: str | Path, *, split: str = "test", episodes: int | None = None
+    ) -> Any:
+        """The per-episode metric on the cell's fixed ``split`` episodes, as the run computed
+        it (the same episodes, so the stored values come back exactly)."""
+        import torch
+
+        from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
+        from fewbench.paths import default_cache_dir
+        from fewbench.registry import Registry
+        from fewbench.task_types import task_type_of
+
+        dataset = (
+            Registry().get("dataset", self.cell.dataset.name).build(**self.cell.dataset.params)
+        )
+        sources = dataset.load(Path(data_root), default_cache_dir())
+        identity = dataset_identity(
+            self.cell.dataset.config(), getattr(dataset, "episode_identity", None)
+        )
+        count = episodes or (
+            self.cell.eval.episodes if split == "test" else self.cell.train.val_episodes
+        )
+        return evaluate(
+            self.learner,
+            sources[split].to(self.device),
+            EpisodeSpec.of(self.cell, identity, split),
+            episodes=count,
+            chunk=self.cell.eval.chunk,
+            device=torch.device(self.device),
+            task_type=task_type_of(self.record["context"]["task_type"]),
+        )
+
+
+def load_learner(
+    source: str | Path, cell: str | None = None, *, device: str = "cpu"
+) -> TrainedModel:
+    """The trained learner of a cell: ``source`` is a run directory (``cell`` by label or id)
+    or a model file (``best.pt`` or an export). Built from what the file records, with the
+    installed plugins; a missing plugin is named in the error."""
+    import torch
+
+    from fewbench.cell import Cell
+    from fewbench.learner import LearnerContext
+    from fewbench.registry import Registry
+    from fewbench.task_types import task_type_of
+
+    path = _model_file(source, cell)
+    record = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
+        raise FewbenchError(
+            f"{path}: not a fewbench model file (written before models described themselves? "
+            "rerun the cell, or load the bare state_dict with torch.load)"
+        )
+    stored = Cell.from_record(record["cell"])
+    registry = Registry()
+    backbone = registry.get("backbone", stored.backbone.name).build(**stored.backbone.params)
+    learner = registry.get("learner", stored.learner.name).build(**stored.learner.params)
+    saved = record["context"]
+    context = LearnerContext(
+        backbone=backbone,
+        input_shape=tuple(saved["input_shape"]),
+        ways=saved["ways"],
+        shots=saved["shots"],
+        query=saved["query"],
+        num_train_classes=saved["num_train_classes"],
+        device=torch.device(device),
+        task_type=task_type_of(saved["task_type"]),
+        train_ways=saved["train_ways"],
+        train_shots=saved["train_shots"],
+        train_query=saved["train_query"],
+    )
+    torch.manual_seed(0)  # setup builds fresh weights; the state below replaces them
+    learner.setup(context)
+    learner.load_state_dict(record["state"])
+    return TrainedModel(learner, stored, context, record)
+
+
+def export_model(run_dir: str | Path, cell: str | None, destination: str | Path) -> Path:
+    """Copy a cell's model file out of its run directory (``fewbench export``)."""
+    import shutil
+
+    source = _model_file(run_dir, cell)
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
+    return destination
+
+
+# -- results -------------------------------------------------------------------------------------
+@dataclass
+class Results:
+    """A run's results as DataFrames: ``cells`` (one row per cell: label, status, metric,
+    mean, ci95, iterations, times, engine, and the configuration's main keys), ``episodes``
+    (cell_id, label, episode, value) and ``curves`` (cell_id, label, iteration, loss,
+    val_metric). The metric is stored as a fraction (accuracy 0.97); reports print percent."""
+
+    cells: Any
+    episodes: Any
+    curves: Any
+
+
+def load_results(run_dir: str | Path) -> Results:
+    """The data the reports use, from a run directory's ``results.sqlite``."""
+    import json
+
+    import pandas as pd
+
+    from fewbench.store import ResultsStore
+
+    store = ResultsStore.open_run(Path(run_dir), must_exist=True)
+    try:
+        rows = [dict(row) for row in store.cells()]
+        episodes = [
+            (row["id"], row["label"], i, v)
+            for row in rows
+            for i, v in enumerate(store.episode_values(row["id"]))
+        ]
+        curves = [
+            (row["id"], row["label"], point["iteration"], point["loss"], point["val_metric"])
+            for row in rows
+            for point in store.curve(row["id"])
+        ]
+    finally:
+        store.close()
+    for row in rows:
+        row["config"] = json.loads(row["config"])
+    cells = pd.DataFrame(rows).rename(columns={"id": "cell_id"})
+    return Results(
+        cells,
+        pd.DataFrame(episodes, columns=["cell_id", "label", "episode", "value"]),
+        pd.DataFrame(curves, columns=["cell_id", "label", "iteration", "loss", "val_metric"]),
+    )
+
+
+# -- running -------------------------------------------------------------------------------------
+def run(
+    suite: str | Path,
+    *,
+    set: Mapping[str, Any] | None = None,  # noqa: A002 (the CLI's --set)
+    out: str | Path | None = None,
+    data_root: str | Path | None = None,
+    device: str = "auto",
+    max_iterations: int | None = None,
+    max_episodes: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """``fewbench run`` in this process; returns the run directory. Bad input raises
+    :class:`~fewbench.errors.FewbenchError` (the CLI's one-line error); failed cells raise
+    it too, after every other cell ran and was stored."""
+    import yaml
+
+    from fewbench.paths import default_data_root, default_run_dir
+    from fewbench.registry import Registry
+    from fewbench.runner import RunRequest
+    from fewbench.runner import run as run_suite
+
+    sets = tuple(
+        f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key, value in (set or {}).items()
+    )
+    if out is None:
+        from fewbench.suite import load_suite_file
+
+        name = load_suite_file(Path(suite), list(sets)).data.get("name", "suite")
+        out = default_run_dir(str(name))
+    request = RunRequest(
+        suite=Path(suite),
+        data_root=Path(data_root) if data_root else default_data_root(),
+        sets=sets,
+        out=Path(out),
+        device=device,
+        max_iterations=max_iterations,
+        max_episodes=max_episodes,
+        progress=progress,
+    )
+    code = run_suite(request, Registry())
+    if code != 0:
+        raise FewbenchError(f"fewbench run {suite}: exit code {code} (see the run's status: {out})")
+    return Path(out)

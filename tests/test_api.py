@@ -1,0 +1,123 @@
+"""The Python API: run a suite, read its results as DataFrames, and reuse a trained model,
+from its run directory or from a self-describing model file copied elsewhere."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fewbench
+from fewbench.errors import FewbenchError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SINUSOID = """\
+name: api
+seeds: [0]
+datasets: [{name: sinusoid}]
+tasks: {ways: 1, shots: 5, query: 5}
+backbones: [{name: mlp, hidden: [16]}]
+learners:
+  - {name: maml, inner_lr: 0.01, meta_batch_size: 4}
+  - {name: finetune, head: linear, batch_size: 20}
+train: {iterations: 1000, validate_every: 4, val_episodes: 5}
+eval: {episodes: 600, query: 10, seed: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api")
+    suite = folder / "api.yaml"
+    suite.write_text(SINUSOID)
+    out = fewbench.run(
+        suite, out=folder / "run", data_root=folder, device="cpu", max_iterations=8,
+        max_episodes=7, set={"learners.maml.inner_steps": 2},
+    )  # fmt: skip
+    return out
+
+
+def stored_values(run_dir, label: str) -> list[float]:
+    db = sqlite3.connect(run_dir / "results.sqlite")
+    (cell,) = db.execute("SELECT id FROM cells WHERE label = ?", (label,)).fetchone()
+    return [v for (v,) in db.execute(
+        "SELECT value FROM episodes WHERE cell_id = ? ORDER BY episode", (cell,)
+    )]  # fmt: skip
+
+
+def test_run_and_load_results_give_the_reports_data(sinusoid_run):
+    results = fewbench.load_results(sinusoid_run)
+    assert sorted(results.cells["label"]) == [
+        "sinusoid/1w5s/mlp/finetune/seed0", "sinusoid/1w5s/mlp/maml/seed0",
+    ]  # fmt: skip
+    assert set(results.cells["status"]) == {"done"}
+    assert list(results.cells["iterations"]) == [8, 8]
+    assert results.cells.iloc[0]["config"]["train"]["max_iterations"] == 8
+    maml = results.episodes[results.episodes["label"] == "sinusoid/1w5s/mlp/maml/seed0"]
+    assert list(maml["value"]) == stored_values(sinusoid_run, "sinusoid/1w5s/mlp/maml/seed0")
+    assert len(maml) == 7
+    curve = results.curves[results.curves["label"] == "sinusoid/1w5s/mlp/maml/seed0"]
+    assert list(curve["iteration"]) == [4, 8] and curve["val_metric"].notna().all()
+
+
+def test_a_reloaded_learner_reproduces_the_stored_results_exactly(sinusoid_run, tmp_path):
+    label = "sinusoid/1w5s/mlp/maml/seed0"
+    model = fewbench.load_learner(sinusoid_run, label)
+    assert model.cell.label == label and model.context.input_shape == (1,)
+    assert model.record["plugins"]["learner:maml"].startswith("fewbench ")
+    assert list(model.evaluate(tmp_path)) == stored_values(sinusoid_run, label)
+    # Exported, and loaded without its run directory.
+    exported = fewbench.export_model(sinusoid_run, label, tmp_path / "models" / "maml.pt")
+    again = fewbench.load_learner(exported)
+    assert list(again.evaluate(tmp_path)) == stored_values(sinusoid_run, label)
+
+
+def test_a_model_predicts_a_support_and_query_set_given_by_hand(sinusoid_run):
+    model = fewbench.load_learner(sinusoid_run, "sinusoid/1w5s/mlp/maml/seed0")
+    x = torch.linspace(-5, 5, 8).unsqueeze(1)
+    first = model.predict(x[:5], torch.sin(x[:5]), x)
+    assert first.shape == (8, 1) and torch.isfinite(first).all()
+    assert torch.equal(first, model.predict(x[:5], torch.sin(x[:5]), x))  # no state kept
+
+
+def test_clear_errors_for_what_is_not_a_model(sinusoid_run, tmp_path):
+    with pytest.raises(FewbenchError, match="holds 2 cells; name one: "):
+        fewbench.load_learner(sinusoid_run)
+    with pytest.raises(FewbenchError, match="has no cell 'nope'; its cells: sinusoid/"):
+        fewbench.load_learner(sinusoid_run, "nope")
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": {}}, bare)
+    with pytest.raises(FewbenchError, match="not a fewbench model file"):
+        fewbench.load_learner(bare)
+    with pytest.raises(FewbenchError, match="no such model file or run directory"):
+        fewbench.load_learner(tmp_path / "missing")
+
+
+def test_a_20_way_episode_built_from_image_files_is_classified(data_root, tmp_path, cache_dir):
+    suite = tmp_path / "omni.yaml"
+    suite.write_text(
+        "name: omni\ndatasets: [{name: omniglot}]\ntasks: {ways: 20, shots: 1, query: 1}\n"
+        "backbones: [{name: conv4, hidden: 8}]\n"
+        "learners: [{name: maml, meta_batch_size: 2, inner_lr: 0.1}]\n"
+        "train: {iterations: 2, val_episodes: 2}\neval: {episodes: 2, query: 1}\n"
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEWBENCH_CACHE", str(cache_dir))
+        out = fewbench.run(suite, out=tmp_path / "run", data_root=data_root, device="cpu")
+    model = fewbench.load_learner(out)
+    characters = sorted((data_root / "omniglot" / "images_evaluation").glob("*/*"))[:20]
+
+    def image(path) -> np.ndarray:  # as the dataset prepares them: 28x28, ink bright
+        with Image.open(path) as picture:
+            small = picture.convert("L").resize((28, 28), resample=Image.LANCZOS)
+        return (255 - np.asarray(small, dtype=np.float32)) / 255
+
+    drawings = [sorted(c.glob("*.png")) for c in characters]
+    support = torch.tensor(np.stack([image(d[0]) for d in drawings]))[:, None]
+    query = torch.tensor(np.stack([image(d[1]) for d in drawings]))[:, None]
+    logits = model.predict(support, torch.arange(20), query)
+    assert logits.shape == (20, 20) and torch.isfinite(logits).all()
