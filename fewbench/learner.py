@@ -14,6 +14,34 @@ test episodes. A learner supplies only
 
 MAML, first-order MAML and pretrain + fine-tune fit this, and so do prototypical
 networks, Reptile, ANIL or Meta-SGD (episodes in, query predictions out).
+
+What arrives, and what the core does around the calls:
+
+* **Devices.** Every batch is already on ``ctx.device`` (the cell's device); build
+  networks there in :meth:`Learner.setup`.
+* **EpisodeBatch** (``T`` episodes of ``N = ways`` classes): ``support_x``
+  ``float32[T, N*K, *input_shape]`` and ``query_x`` ``float32[T, N*Q, *input_shape]``
+  (images scaled to [0, 1], normalised where the dataset gives statistics);
+  classification labels ``support_y`` ``int64[T, N*K]`` and ``query_y`` ``int64[T, N*Q]``,
+  0..N-1 in class-major order (``0,0,..,1,1,..``); regression targets are
+  ``float32[T, M, outputs]``. Training episodes use ``ctx.train_ways / train_shots /
+  train_query``; validation and test episodes ``ctx.ways / shots`` and the suite's
+  ``eval.query``.
+* **LabelledBatch**: ``x`` ``float32[B, *input_shape]``, ``y`` ``int64[B]`` over all
+  ``ctx.num_train_classes`` training classes.
+* **Grad and mode.** The core sets neither: :meth:`train_step` and :meth:`predict` run
+  with autograd enabled and the modules in whatever mode the learner left them. A
+  learner that adapts at test time by gradient (MAML) needs that; one that does not
+  should call ``eval()`` / ``torch.no_grad()`` itself in ``predict`` (and ``train()`` in
+  ``train_step``). The test metric never sees a learner's gradients.
+* **State.** :meth:`state_dict` may return live tensors: the core deep-copies it when it
+  keeps the best state and writes checkpoints from it (``torch.save``); it must hold
+  everything a resumed run needs, optimizer state included, as tensors and plain values
+  (checkpoints are read with ``weights_only=True``). :meth:`load_state_dict` must accept
+  what :meth:`state_dict` returned, on a learner that :meth:`setup` has just built.
+* **Setup.** The core seeds torch's generator, then calls :meth:`setup` once with the
+  :class:`LearnerContext`; an override must call ``super().setup(ctx)`` (it sets
+  ``self.ctx``). ``self.config`` holds the learner's parameters, defaults filled in.
 """
 
 from __future__ import annotations
