@@ -34,7 +34,7 @@ from typing import Any
 from fewbench.cell import Cell, cell_id
 from fewbench.params import check_value, closest
 from fewbench.registry import Registered, Registry
-from fewbench.suite import SET_SECTIONS, CheckedSuite, SuiteSource, check_suite
+from fewbench.suite import SET_SECTIONS, CheckedSuite, SuiteSource, check_suite, set_targets
 
 __all__ = ["Cell", "Suite", "cell_id", "expand", "expand_grid"]
 
@@ -60,6 +60,8 @@ def expand_grid(checked: CheckedSuite) -> Suite:
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     matched = [False] * len(checked.overrides)
+    from_set = set_targets(source.sets)
+    replaced: dict[tuple[str, str, str], list[str]] = {}  # (--set, override, key) -> cells
     for dataset, ways, shots, backbone, learner, seed in itertools.product(
         entries["datasets"],
         checked.ways,
@@ -98,6 +100,15 @@ def expand_grid(checked: CheckedSuite) -> Suite:
             if _matches(override["when"], coords):
                 matched[index] = True
                 _apply_override(source, override, config, plugins, label)
+                for key in map(str, override["set"]):
+                    assignment, plugin = from_set.get(key, (None, None))
+                    section = key.partition(".")[0]
+                    if assignment is None or (
+                        plugin is not None and plugins.get(section) is not None
+                        and plugins[section].name != plugin
+                    ):  # fmt: skip
+                        continue
+                    replaced.setdefault((assignment, override["path"], key), []).append(label)
         identifier = cell_id(config)
         if identifier in seen:
             raise source.error(
@@ -112,6 +123,13 @@ def expand_grid(checked: CheckedSuite) -> Suite:
         for override, used in zip(checked.overrides, matched, strict=True)
         if not used
     ]
+    for (assignment, path, key), labels in replaced.items():
+        shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+        warnings.append(
+            f"--set {assignment}: {source.file}:{source.line_of(path) or '?'}: {path} sets {key} "
+            f"again for {shown}, and wins (overrides apply after --set; --max-iterations and "
+            "--max-episodes cap after both)"
+        )
     return Suite(checked.name, source.data, cells, warnings, checked.execution, source)
 
 

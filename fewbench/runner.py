@@ -32,7 +32,14 @@ from fewbench.paths import default_run_dir
 from fewbench.registry import Registry
 from fewbench.report import render
 from fewbench.store import DB_NAME, ResultsStore
-from fewbench.suite import SuiteSource, apply_set, check_suite, load_suite_file, parse_yaml
+from fewbench.suite import (
+    SuiteSource,
+    apply_set,
+    check_suite,
+    load_suite_file,
+    parse_yaml,
+    set_targets,
+)
 from fewbench.worker import WorkerSettings, follow, resolve_device, work_through
 
 EXIT_FAILED_CELLS = 1
@@ -84,6 +91,7 @@ def load(
             raise
         source = stored_suite(resuming, list(request.sets), exc, log)
     suite = expand_grid(check_suite(source, registry))
+    suite.warnings.extend(own_counts_over_set(suite, registry, source.sets))
     if request.max_iterations is not None or request.max_episodes is not None:
         suite = replace(
             suite,
@@ -113,6 +121,26 @@ def stored_suite(run_dir: Path, sets: list[str], problem: SuiteError, log: TextI
     for assignment in sets:
         apply_set(source, assignment)
     return source
+
+
+def own_counts_over_set(suite: Suite, registry: Registry, sets: list[str]) -> list[str]:
+    """Warnings for a ``--set train.iterations`` that a learner's own count replaces
+    (finetune's ``iterations``, for example)."""
+    assignment = set_targets(sets).get("train.iterations", (None, None))[0]
+    if assignment is None:
+        return []
+    replaced: dict[str, list[str]] = {}
+    for cell in suite.cells:
+        learner = registry.get("learner", cell.learner.name).build(**cell.learner.params)
+        own = learner.iterations(cell.train.iterations)
+        if own != cell.train.iterations:
+            replaced.setdefault(f"{cell.learner.name} trains {own} steps", []).append(cell.label)
+    return [
+        f"--set {assignment}: {what}, its own count, in {len(labels)} cell(s) ({labels[0]}"
+        f"{', ...' if len(labels) > 1 else ''}); set the learner's parameter, or cap every cell "
+        "with --max-iterations"
+        for what, labels in replaced.items()
+    ]
 
 
 def print_plan(suite: Suite, registry: Registry, run_dir: Path | None) -> None:

@@ -223,6 +223,21 @@ def split_key_path(key: str) -> list[str | int]:
     return parts
 
 
+def set_targets(sets: list[str]) -> dict[str, tuple[str, str | None]]:
+    """The cell keys that ``--set`` assignments set, as an override names them
+    (``train.iterations``, ``learner.inner_lr``), each with its assignment and, for a plugin
+    parameter set by entry name (``learners.maml.inner_lr``), that plugin's name."""
+    targets: dict[str, tuple[str, str | None]] = {}
+    for assignment in sets:
+        key = assignment.partition("=")[0].strip()
+        parts = split_key_path(key)
+        if len(parts) == 2 and parts[0] in ("tasks", "train", "eval"):
+            targets[f"{parts[0]}.{parts[1]}"] = (assignment, None)
+        elif len(parts) == 3 and parts[0] in PLUGIN_LISTS and isinstance(parts[1], str):
+            targets[f"{PLUGIN_LISTS[parts[0]]}.{parts[2]}"] = (assignment, parts[1])
+    return targets
+
+
 def apply_set(source: SuiteSource, assignment: str) -> None:
     """Apply one ``--set`` (a dotted key path and a YAML value) to the raw suite.
 
@@ -245,6 +260,10 @@ def apply_set(source: SuiteSource, assignment: str) -> None:
         raise SuiteError(
             f"--set expects KEY=VALUE with a dotted key, got {assignment!r}", file="--set"
         )
+    # An override's `set:` maps flat dotted keys (`train.iterations: 300`), so the rest of
+    # the path after `overrides[i].set` is one key, not more levels.
+    if len(parts) > 4 and parts[0] == "overrides" and parts[2] == "set":
+        parts = [*parts[:3], ".".join(str(p) for p in parts[3:])]
     targets: list[Any] = [source.data]
     for depth, part in enumerate(parts[:-1]):
         next_targets = []

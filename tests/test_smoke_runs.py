@@ -106,3 +106,31 @@ def test_a_cap_below_one_is_refused_in_one_line(tmp_path):
     done = run_cli("run", str(write_suite(tmp_path)), "--dry-run", "--max-iterations", "0")
     assert done.returncode == 2
     assert done.stderr.strip() == "fewbench: error: --max-iterations 0: must be at least 1"
+
+
+def test_a_set_that_an_override_or_a_learner_replaces_is_named_in_a_warning(tmp_path):
+    done = run_cli("run", str(write_suite(tmp_path)), "--dry-run", "--set", "train.iterations=50")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: --set")]
+    assert len(warnings) == 2, done.stderr
+    assert (
+        "overrides[0] sets train.iterations again for sinusoid/1w5s/mlp/maml/seed0" in (warnings[0])
+    )
+    assert "finetune trains 400 steps, its own count, in 1 cell(s)" in warnings[1]
+    # A learner parameter set by name warns only where that learner's override sets it.
+    quiet = run_cli(
+        "run", str(write_suite(tmp_path)), "--dry-run", "--set", "learners.finetune.lr=0.1"
+    )
+    assert "warning: --set" not in quiet.stderr
+
+
+def test_a_set_into_an_override_sets_its_dotted_key(tmp_path):
+    done = run_cli(
+        "run",
+        str(write_suite(tmp_path)),
+        "--dry-run",
+        "--set",
+        "overrides[0].set.train.iterations=50",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "50 steps, 20 validation" in lines_of(done)["maml"]
