@@ -34,6 +34,15 @@ from fewbench.learner import Learner
 from fewbench.sink import CurvePoint
 from fewbench.task_types import CLASSIFICATION, TaskType
 
+PLAIN_PROGRESS_SECONDS = 30.0  # between progress lines when output is not a terminal
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
 
 class Diverged(FewbenchError):
     """The training loss became NaN or infinite."""
@@ -225,11 +234,14 @@ def train(
             last_loss = loss
 
     last_checkpoint = time.monotonic()
+    # Not a terminal (a log file, a cluster job): plain lines now and then, not bar redraws.
+    plain = progress and not _is_terminal(sys.stderr)
+    last_line = time.monotonic()
     bar = tqdm(
         total=total,
         initial=state["iteration"],
         desc=cell.label,
-        disable=not progress,
+        disable=not progress or plain,
         file=sys.stderr,
         mininterval=1.0,
         dynamic_ncols=True,
@@ -276,11 +288,17 @@ def train(
             if validating and on_validate is not None:
                 on_validate(state["curve"])
             bar.update(1)
-            bar.set_postfix(
-                loss="-" if last_loss is None else f"{last_loss:.3f}",
-                val="-" if last_val is None else f"{last_val:.3f}",
-                refresh=False,
-            )
+            shown_loss = "-" if last_loss is None else f"{last_loss:.3f}"
+            shown_val = "-" if last_val is None else task_type.format(last_val)
+            bar.set_postfix(loss=shown_loss, val=shown_val, refresh=False)
+            if plain and time.monotonic() - last_line >= PLAIN_PROGRESS_SECONDS:
+                last_line = time.monotonic()
+                print(
+                    f"{cell.label}: iteration {iteration}/{total}, loss {shown_loss}, "
+                    f"validation {shown_val}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             state["iteration"] = iteration
             stopping = stop is not None and stop.is_set()
             if stopping:

@@ -402,6 +402,7 @@ class WorkSummary:
     done: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # label, reason
     interrupted: str | None = None
+    seconds: list[float] = field(default_factory=list)  # wall time of each cell it ran
 
 
 def work_through(
@@ -444,6 +445,7 @@ def work_through(
             if announce is not None:
                 announce(cell)
             sink = StoreSink(store, cell.id, worker)
+            started = time.monotonic()
             try:
                 with sink.heartbeat(interval_for(settings.stale_after)):
                     result = runner.run(cell, sink, run_dir, stop=stop)
@@ -454,8 +456,11 @@ def work_through(
                 summary.failed.append((cell.label, failure.reason))
                 print(f"{prefix}: FAILED: {failure.reason}", file=log, flush=True)
                 continue
+            finally:
+                summary.seconds.append(time.monotonic() - started)
             summary.done.append(cell.id)
-            print(f"{prefix}: {describe(result, runner.stored)}", file=log, flush=True)
+            overall = run_progress([store.status(c) for c in order], summary.seconds)
+            print(f"{prefix}: {describe(result, runner.stored)} | {overall}", file=log, flush=True)
         if stop.is_set() and summary.interrupted is None:
             left = [c for c in order if store.status(c) not in ("done", "failed")]
             if left:
@@ -465,6 +470,30 @@ def work_through(
         if announce is not None:
             announce(None)
     return summary
+
+
+def run_progress(statuses: list[str | None], seconds: list[float]) -> str:
+    """The whole run in a few words: cells done, failed, running (any worker) and left, and the
+    time left at this worker's pace so far (the mean of its cells' wall times)."""
+    done = sum(s == "done" for s in statuses)
+    failed = sum(s == "failed" for s in statuses)
+    running = sum(s == "running" for s in statuses)
+    left = len(statuses) - done - failed - running
+    text = f"run: {done}/{len(statuses)} done"
+    text += f", {failed} failed" if failed else ""
+    text += f", {running} running" if running else ""
+    if left:
+        estimate = sum(seconds) / len(seconds) * left if seconds else None
+        text += f", {left} left" + (f", about {_duration(estimate)} to go" if estimate else "")
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def describe(result: CellResult, stored: bool) -> str:

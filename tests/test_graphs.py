@@ -48,8 +48,9 @@ def maml(**params) -> MAML:
 
 def run(learner: MAML, **options):
     sources = {"train": toy_pool(0), "val": toy_pool(1)}
+    options = {"progress": False, **options}
     outcome = train(learner, sources, cell(), identity=("toy",), device=CPU,
-                    checkpoint_dir=None, progress=False, **options)  # fmt: skip
+                    checkpoint_dir=None, **options)  # fmt: skip
     return outcome, [p.detach().clone() for p in learner.model.parameters()]
 
 
