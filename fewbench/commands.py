@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewbench.errors import FewbenchError
-from fewbench.paths import default_data_root
-from fewbench.registry import KINDS, Registry
 
 if TYPE_CHECKING:
+    from fewbench.registry import Registry
     from fewbench.results import Results
+
+# Each command imports what it needs in its own function: ``fewbench status`` should not
+# pay for the plugin machinery, nor any command for another's libraries.
 
 
 def human_size(count: int) -> str:
@@ -27,6 +29,7 @@ def human_size(count: int) -> str:
 
 def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
     from fewbench import datastore
+    from fewbench.paths import default_data_root
 
     root = args.data_root or default_data_root()
     if args.action == "list":
@@ -150,6 +153,8 @@ def cmd_plot(results: Results, out: Path) -> int:
 
 
 def cmd_plugins(registry: Registry) -> int:
+    from fewbench.registry import KINDS
+
     for kind in KINDS:
         print(f"{kind}s:")
         for item in registry.items(kind):

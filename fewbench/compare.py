@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from fewbench.errors import FewbenchError
 from fewbench.params import closest
-from fewbench.results import Results
 from fewbench.significance import difference
+
+if TYPE_CHECKING:
+    from fewbench.results import Results
+
+# pandas only where a comparison is rendered: the command line imports this module for
+# FORMATS, and pandas would slow every command's start.
 
 GROUP = ("dataset", "ways", "shots", "backbone")
 FORMATS = ("table", "markdown", "csv", "json")
@@ -76,6 +79,8 @@ def render_comparison(records: list[dict[str, Any]], fmt: str, decimals: int = 2
             for r in records
         ]
         return json.dumps(clean, indent=2) + "\n"
+    import pandas as pd
+
     frame = pd.DataFrame(records)
     if frame.empty:
         return "nothing to compare: no setting has both the baseline and another learner\n"

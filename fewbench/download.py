@@ -19,8 +19,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from fewbench.errors import DataError
 
 CHUNK = 1 << 16
@@ -160,6 +158,8 @@ def _receive(
     """Append the body to ``part``, never past ``limit`` bytes in all: a server that sends
     more than it declared (an endless stream) is cut off and its ``.part`` deleted, since
     it cannot be the file and would otherwise fill the disk."""
+    from tqdm import tqdm  # here: every dataset plugin imports this module, few download
+
     written = have
     with (
         open(part, "ab" if have else "wb") as out,

@@ -20,9 +20,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import yaml
-from scipy import stats
-
 from fewbench.errors import FewbenchError
 
 # What a published ± can be, and how a report names it.
@@ -68,6 +65,8 @@ class Reference:
         if self.pm_means == "ci95":
             return self.pm
         if self.pm_means == "sem" and self.pm is not None and self.episodes and self.episodes > 1:
+            from scipy import stats  # here, not at the top: scipy is slow to import
+
             return float(stats.t.ppf(0.975, self.episodes - 1)) * self.pm
         return None
 
@@ -170,6 +169,8 @@ def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
 
 def parse(text: str) -> tuple[Reference, ...]:
     """The results of a references file's text, checked (FewbenchError names the entry)."""
+    import yaml
+
     data = yaml.safe_load(text)
     if not isinstance(data, dict) or not all(k in data for k in ("papers", "protocols", "results")):
         raise FewbenchError("references.yaml: expected the keys 'papers', 'protocols', 'results'")

@@ -13,7 +13,7 @@ this module can use both without an import cycle.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fewbench import references as refs
 from fewbench.errors import FewbenchError
@@ -27,8 +27,13 @@ from fewbench.report_formats import (
     ReportTable,
     Row,
 )
-from fewbench.results import DIMENSIONS, Results, Setting, load_runs
 from fewbench.significance import CORRECTIONS, TESTS, mark_column
+
+if TYPE_CHECKING:
+    from fewbench.results import Results, Setting
+
+# fewbench.results (numpy, pandas) is imported where runs are read: the command line
+# imports this module for FORMATS and the default layout, on every start.
 
 __all__ = ["DEFAULT_COLS", "DEFAULT_ROWS", "FORMATS", "Options", "build", "caption", "render"]
 
@@ -41,6 +46,8 @@ def _label(dimension: str, value: Any) -> str:
 
 
 def _check_layout(options: Options, settings: list[Setting]) -> None:
+    from fewbench.results import DIMENSIONS
+
     for dim in (*options.rows, *options.cols):
         if dim not in DIMENSIONS:
             raise FewbenchError(
@@ -217,6 +224,8 @@ def _published_caption(published: list[refs.Reference]) -> str:
 
 def render(run_dirs: list[Path] | Path, fmt: str = "table", options: Options | None = None) -> str:
     """The report of ``run_dirs`` in ``fmt`` (reads the results stores only)."""
+    from fewbench.results import load_runs
+
     run_dirs = [run_dirs] if isinstance(run_dirs, Path | str) else list(run_dirs)
     results = load_runs([Path(p) for p in run_dirs])
     table = build(results, options or Options())

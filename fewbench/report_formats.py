@@ -12,13 +12,18 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from fewbench import references as refs
-from fewbench.results import Setting
 from fewbench.significance import Mark
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fewbench.results import Setting
+
+# pandas (and fewbench.results, which imports it) only where a table is rendered: the
+# command line imports this module for its defaults, and pandas would slow every start.
 
 DEFAULT_ROWS = ("learner", "backbone")
 DEFAULT_COLS = ("dataset", "ways", "shots")
@@ -123,6 +128,8 @@ def _decorate(
 
 
 def _frame(table: ReportTable, render) -> pd.DataFrame:
+    import pandas as pd
+
     records = []
     for row in table.rows:
         record = dict(zip(table.options.rows, row.labels, strict=True))
@@ -237,6 +244,8 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
 
 
 def to_csv(table: ReportTable) -> str:
+    import pandas as pd
+
     frame = pd.DataFrame(records(table))
     if "published" in frame:
         frame["published"] = frame["published"].map(json.dumps)

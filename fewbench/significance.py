@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-from scipy import stats
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy and scipy are imported where a test runs, not here: the command line imports this
+# module for TESTS and CORRECTIONS, and scipy alone would slow every command's start.
 
 TESTS = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank test"}
 CORRECTIONS = {"holm": "Holm", "bonferroni": "Bonferroni", "none": "no"}
@@ -34,6 +38,9 @@ class Comparison:
 
 def compare(a: np.ndarray, b: np.ndarray, test: str = "t", *, paired: bool = True) -> Comparison:
     """Two-sided p-value for "a and b have the same mean" (per-episode values)."""
+    import numpy as np
+    from scipy import stats
+
     if paired and len(a) == len(b):
         difference = a - b
         if not np.any(difference):
@@ -120,6 +127,8 @@ class Difference:
 
 
 def difference(method: np.ndarray, baseline: np.ndarray, *, paired: bool = True) -> Difference:
+    from scipy import stats
+
     if paired and len(method) == len(baseline):
         diff = method - baseline
         n = len(diff)

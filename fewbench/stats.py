@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,8 @@ class Estimate:
 
 def mean_ci95(values: np.ndarray | list, confidence: float = 0.95) -> Estimate:
     """``values[seed, episode]`` (or a flat list for one seed) -> mean and CI half-width."""
+    from scipy import stats  # here, not at the top: scipy is slow to import
+
     table = np.asarray(values, dtype=float)
     if table.ndim == 1:
         table = table[None, :]

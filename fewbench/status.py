@@ -8,11 +8,12 @@ finished ``result.json`` always means done, collected or not. Reading only.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from fewbench.journal import journal_states
 from fewbench.store import ResultsStore, damage_reported
@@ -21,17 +22,30 @@ from fewbench.task_types import by_metric
 STATES = ("done", "running", "queued", "pending", "interrupted", "failed")
 OPTIONAL_STATES = ("queued", "interrupted")  # shown in the summary only when some cell is
 
+if TYPE_CHECKING:
+    import pandas as pd
 
-def cell_table(run_dir: Path) -> pd.DataFrame:
+# ``fewbench status`` works on plain rows and formats its table itself: pandas takes
+# longer to import than the whole command takes without it. cell_table and summary
+# keep their DataFrame interface for the executors.
+
+
+def cell_rows(run_dir: Path) -> list[dict[str, Any]]:
     """One row per stored cell, with what its cell folder says where that is newer."""
     store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
     views = journal_states(run_dir)
     try:
         with damage_reported(store.path):
-            rows = [_row(store, cell, views.get(cell["id"]), time.time()) for cell in store.cells()]
-        return pd.DataFrame(rows)
+            return [_row(store, cell, views.get(cell["id"]), time.time()) for cell in store.cells()]
     finally:
         store.close()
+
+
+def cell_table(run_dir: Path) -> pd.DataFrame:
+    """:func:`cell_rows` as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(cell_rows(run_dir))
 
 
 def _row(store: ResultsStore, cell: sqlite3.Row, view: dict | None, now: float) -> dict:
@@ -108,46 +122,44 @@ def _state_notes(row: dict, state: dict, now: float) -> list[str]:
     return notes
 
 
-def summary(table: pd.DataFrame, workers: int | None = None) -> str:
-    """One line: counts per state and, once something is done, an estimate of the time left."""
-    counts = table["status"].value_counts() if len(table) else pd.Series(dtype=int)
-    parts = [
-        f"{int(counts.get(s, 0))} {s}"
-        for s in STATES
-        if counts.get(s, 0) or s not in OPTIONAL_STATES
-    ]
-    done = table[table["status"] == "done"]
-    left = len(table) - len(done) - int(counts.get("failed", 0))
-    if len(done) and left:
-        per_cell = done["elapsed_s"].mean()
-        parallel = workers or max(1, int(counts.get("running", 0)))
+def summary(table: pd.DataFrame | list[dict[str, Any]], workers: int | None = None) -> str:
+    """One line: counts per state and, once something is done, an estimate of the time left.
+
+    ``table`` is :func:`cell_table`'s DataFrame or :func:`cell_rows`' rows."""
+    rows = table if isinstance(table, list) else table.to_dict("records")
+    counts = Counter(row["status"] for row in rows)
+    parts = [f"{counts[s]} {s}" for s in STATES if counts[s] or s not in OPTIONAL_STATES]
+    done = [row for row in rows if row["status"] == "done"]
+    left = len(rows) - len(done) - counts["failed"]
+    if done and left:
+        elapsed = [row["elapsed_s"] for row in done if not _missing(row["elapsed_s"])]
+        per_cell = sum(elapsed) / len(elapsed) if elapsed else math.nan  # as pandas' mean
+        parallel = workers or max(1, counts["running"])
         parts.append(f"about {per_cell * left / parallel / 60:.0f} min left")
     return ", ".join(parts)
 
 
 def render_status(run_dir: Path) -> str:
-    table = cell_table(run_dir)
-    if table.empty:
+    rows = cell_rows(run_dir)
+    if not rows:
         return "no cells in this run\n"
-    shown = pd.DataFrame(
-        {
-            "cell": table["cell"],
-            "status": table["status"],
-            "worker": table["worker"],
-            "note": table["note"],
-            "elapsed": [_duration(v) for v in table["elapsed_s"]],
-            "latest validation": [
-                "" if v is None or pd.isna(v) else f"{_value(v, m)} (it {int(i)})"
-                for v, i, m in zip(
-                    table["latest_val"], table["at_iteration"], table["metric"], strict=True
-                )
-            ],
-        }
-    )
-    if not table["note"].astype(bool).any():
-        shown = shown.drop(columns="note")
-    text = shown.to_string(index=False) + "\n\n" + summary(table) + "\n"
-    uncollected = int(table["note"].str.startswith("not yet collected").sum())
+    shown = {
+        "cell": [row["cell"] for row in rows],
+        "status": [row["status"] for row in rows],
+        "worker": [row["worker"] for row in rows],
+        "note": [row["note"] for row in rows],
+        "elapsed": [_duration(row["elapsed_s"]) for row in rows],
+        "latest validation": [
+            ""
+            if _missing(row["latest_val"])
+            else f"{_value(row['latest_val'], row['metric'])} (it {int(row['at_iteration'])})"
+            for row in rows
+        ],
+    }
+    if not any(row["note"] for row in rows):
+        del shown["note"]
+    text = text_table(shown) + "\n\n" + summary(rows) + "\n"
+    uncollected = sum(row["note"].startswith("not yet collected") for row in rows)
     if uncollected:
         text += (
             f"{uncollected} finished cells are not yet in the results store (reports read it): "
@@ -156,8 +168,29 @@ def render_status(run_dir: Path) -> str:
     return text
 
 
+def text_table(columns: dict[str, list[Any]]) -> str:
+    """The columns as ``pandas.DataFrame(columns).to_string(index=False)`` prints text
+    columns: each right-justified to its widest entry or header, one space between, tabs
+    and line breaks written as escapes."""
+
+    def shown(value: Any) -> str:
+        return str(value).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+    cells = [[shown(name), *map(shown, values)] for name, values in columns.items()]
+    widths = [max(map(len, column)) for column in cells]
+    return "\n".join(
+        " ".join(text.rjust(width) for text, width in zip(line, widths, strict=True))
+        for line in zip(*cells, strict=True)
+    )
+
+
+def _missing(value: Any) -> bool:
+    """None, or the NaN a DataFrame makes of it."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _duration(seconds: float | None) -> str:
-    if seconds is None or pd.isna(seconds):
+    if _missing(seconds):
         return ""
     seconds = int(seconds)
     return (

@@ -1,0 +1,149 @@
+"""Start-up time of the quick commands: ``--help``, ``plugins``, ``data list`` and ``status``.
+
+Each command runs ``--repeat`` times (default 5), each in a fresh ``python -m fewbench``
+process, and the wall time of the whole process (interpreter start-up included) gives the
+median and the minimum. One more run per command, through a child that calls the CLI's
+``main`` and then looks in ``sys.modules``, says which heavy modules (torch, scipy, pandas,
+matplotlib) the command imported. ``status`` reads a small run directory made beforehand
+by a smoke run of ``suites/sinusoid.yaml`` (2 iterations, 2 episodes).
+
+    python benchmarks/startup.py                                   # the table
+    python benchmarks/startup.py --repeat 10 --json startup.json   # and the numbers as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "scipy", "pandas", "matplotlib")
+
+# Runs the CLI in this process, then prints the heavy modules it imported on the last line
+# of the standard error (the command's own output goes where it always does).
+PROBE = """\
+import sys
+from fewbench.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # --help exits through argparse
+    code = exc.code
+heavy = [m for m in {heavy!r} if m in sys.modules]
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def commands(data_root: Path, run_dir: Path) -> list[tuple[str, list[str]]]:
+    """(label, arguments of fewbench) of each measured command."""
+    return [
+        ("fewbench --help", ["--help"]),
+        ("fewbench plugins", ["plugins"]),
+        ("fewbench data list", ["data", "list", "--data-root", str(data_root)]),
+        ("fewbench status RUN_DIR", ["status", str(run_dir)]),
+    ]
+
+
+def make_run_dir(folder: Path) -> Path:
+    """A small finished run of the sinusoid suite for ``status`` to read."""
+    out = folder / "sinusoid-run"
+    command = [
+        sys.executable, "-m", "fewbench", "run", str(REPO / "suites" / "sinusoid.yaml"),
+        "--max-iterations", "2", "--max-episodes", "2", "--out", str(out), "--no-progress",
+        "--threads", "1",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    return out
+
+
+def time_once(arguments: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "fewbench", *arguments],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start
+
+
+def heavy_imports(arguments: list[str]) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *arguments],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = done.stderr.strip().splitlines()[-1]
+    if not line.startswith("HEAVY:"):
+        raise RuntimeError(f"the probe printed no module list: {done.stderr[-500:]}")
+    return [m for m in line[len("HEAVY:") :].split(",") if m]
+
+
+def measure(label: str, arguments: list[str], repeat: int) -> dict:
+    time_once(arguments)  # warm the file cache, as every later start finds it
+    times = [time_once(arguments) for _ in range(repeat)]
+    return {
+        "command": label,
+        "arguments": arguments,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": times,
+        "heavy_imports": heavy_imports(arguments),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| command | median s | min s | heavy modules imported |",
+        "|---|---:|---:|---|",
+    ]
+    for row in rows:
+        heavy = ", ".join(row["heavy_imports"]) or "none"
+        lines.append(
+            f"| `{row['command']}` | {row['median_s']:.2f} | {row['min_s']:.2f} | {heavy} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=5, help="runs per command (default 5)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=REPO.parent / "shared" / "data",
+        help="data root for `data list` (default ../shared/data)",
+    )
+    parser.add_argument("--run-dir", type=Path, help="a run directory for `status` (default: "
+                        "a smoke run of suites/sinusoid.yaml made now)")  # fmt: skip
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the numbers here")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="fewbench-startup-") as folder:
+        run_dir = args.run_dir or make_run_dir(Path(folder))
+        rows = [
+            measure(label, arguments, args.repeat)
+            for label, arguments in commands(args.data_root, run_dir)
+        ]
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.repeat} runs each\n")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"repeat": args.repeat, "rows": rows}, indent=2) + "\n", encoding="utf-8"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
