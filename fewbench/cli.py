@@ -169,7 +169,18 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
 
     plot = commands.add_parser("plot", help="figures (PNG and PDF) from run directories")
     plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    plot.add_argument("--out", type=Path, required=True, help="folder for the figures")
+    plot.add_argument(
+        "--out",
+        type=Path,
+        help="folder for the figures (default: RUN_DIR/plots, with one run directory)",
+    )
+
+    export = commands.add_parser(
+        "export", help="copy a finished cell's trained model out of its run directory"
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("cell", nargs="?", help="label or id (may be left out with one cell)")
+    export.add_argument("-o", "--out", type=Path, required=True, help="the model file to write")
 
     status = commands.add_parser("status", help="every cell of a run directory and where it stands")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -264,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_reports(args)
         if args.command == "status":
             return commands.cmd_status(args.run_dir)
+        if args.command == "export":
+            return commands.cmd_export(args.run_dir, args.cell, args.out)
         if args.command == "collect":
             return commands.cmd_collect(args.run_dir)
         if args.command == "plugins":

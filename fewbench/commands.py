@@ -128,6 +128,10 @@ def cmd_reports(args: argparse.Namespace) -> int:
         write_output(render(args.run_dirs, args.format, options), args.out)
         return 0
     if args.command == "plot":
+        if args.out is None:
+            if len(args.run_dirs) != 1:
+                raise FewbenchError("plot: give --out for the figures of several run directories")
+            args.out = args.run_dirs[0] / "plots"
         check_figure_folder(args.out)
     results = load_runs(args.run_dirs)
     if args.command == "compare":
@@ -164,6 +168,15 @@ def cmd_plugins(registry: Registry) -> int:
                     f"      {name} = {param.describe()}"
                     + (f"  # {param.help}" if param.help else "")
                 )
+    return 0
+
+
+def cmd_export(run_dir: Path, cell: str | None, out: Path) -> int:
+    """``fewbench export``: the cell's self-describing model file, for fewbench.load_learner."""
+    from fewbench.api import export_model
+
+    written = export_model(run_dir, cell, out)
+    print(f"fewbench: wrote {written} (load it with fewbench.load_learner)", file=sys.stderr)
     return 0
 
 

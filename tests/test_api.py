@@ -121,3 +121,17 @@ def test_a_20_way_episode_built_from_image_files_is_classified(data_root, tmp_pa
     query = torch.tensor(np.stack([image(d[1]) for d in drawings]))[:, None]
     logits = model.predict(support, torch.arange(20), query)
     assert logits.shape == (20, 20) and torch.isfinite(logits).all()
+
+
+def test_the_export_and_plot_commands_need_no_extra_paths(sinusoid_run, tmp_path):
+    from helpers import run_cli
+
+    target = tmp_path / "exported" / "maml.pt"
+    done = run_cli("export", str(sinusoid_run), "sinusoid/1w5s/mlp/maml/seed0", "-o", str(target))
+    assert done.returncode == 0, done.stderr
+    assert fewbench.load_learner(target).cell.label == "sinusoid/1w5s/mlp/maml/seed0"
+    missing = run_cli("export", str(sinusoid_run), "-o", str(target))  # two cells: name one
+    assert missing.returncode == 2 and "holds 2 cells; name one" in missing.stderr
+    plotted = run_cli("plot", str(sinusoid_run))  # figures into the run directory
+    assert plotted.returncode == 0, plotted.stderr
+    assert any((sinusoid_run / "plots").glob("*.png"))
