@@ -6,6 +6,12 @@ be paired episode by episode) and ``curve`` (training loss and validation metric
 by iteration). A cell's completion is written in one transaction, so a crash
 leaves either the whole result or none of it.
 
+Units: metrics are stored as the task type computes them, unscaled: accuracy as a
+fraction (0.9633, in ``mean``, ``ci95``, ``best_val``, ``episodes.value`` and
+``curve.val_metric``; ``metric`` names it), mean squared error as is. Everything a
+person reads (progress, logs, reports) shows accuracy in percent
+(:meth:`fewbench.task_types.TaskType.format`).
+
 Several workers may share one run directory: each claims a cell in an
 ``IMMEDIATE`` transaction (one writer at a time), keeps it with a heartbeat, and a
 cell whose worker stopped beating is claimed again. A cell completes at most once:
