@@ -133,13 +133,13 @@ class TrainedModel:
         from fewbench.registry import Registry
         from fewbench.task_types import task_type_of
 
-        dataset = (
-            Registry().get("dataset", self.cell.dataset.name).build(**self.cell.dataset.params)
-        )
+        # A cross-domain cell's test episodes come from eval.dataset, as in the run.
+        config = self.cell.eval.dataset if split == "test" and self.cell.eval.dataset else None
+        config = config or self.cell.dataset.config()
+        params = {k: v for k, v in config.items() if k != "name"}
+        dataset = Registry().get("dataset", config["name"]).build(**params)
         sources = dataset.load(Path(data_root), default_cache_dir())
-        identity = dataset_identity(
-            self.cell.dataset.config(), getattr(dataset, "episode_identity", None)
-        )
+        identity = dataset_identity(config, getattr(dataset, "episode_identity", None))
         count = episodes or (
             self.cell.eval.episodes if split == "test" else self.cell.train.val_episodes
         )

@@ -126,6 +126,17 @@ class EvalSettings:
     )
     seed: int = _setting(0, help="seed of the fixed validation and test episodes")
     chunk: int = _setting(50, minimum=1, help="episodes adapted per call to the learner")
+    # Cross-domain evaluation (Chen et al. 2019: train on mini-ImageNet, test on CUB): the test
+    # episodes come from this dataset's test split, the training and validation episodes from
+    # the cell's dataset. A checked suite holds its full configuration ({name, params}); unset,
+    # it stays out of the cell's configuration, so ids from before it existed hold.
+    dataset: dict | None = _setting(
+        None,
+        type=(dict, str),
+        nullable=True,
+        help="test on this dataset's test classes ({name: ..., its parameters}); "
+        "default: the cell's own dataset",
+    )
 
 
 @dataclass(frozen=True)
@@ -152,12 +163,9 @@ NOT_IN_ID = {
 def cell_id(config: dict[str, Any]) -> str:
     """A stable hash of everything in ``config`` that determines the cell's results."""
     relevant = {
-        # An unset cap (train.max_iterations: None) is left out: ids from before it existed hold.
-        section: {
-            k: v
-            for k, v in value.items()
-            if k not in NOT_IN_ID[section] and not (section == "train" and v is None)
-        }
+        # Unset later additions (train.max_iterations, eval.dataset: None) are left out, so
+        # ids from before they existed hold.
+        section: {k: v for k, v in value.items() if k not in NOT_IN_ID[section] and v is not None}
         if section in NOT_IN_ID and isinstance(value, dict)
         else value
         for section, value in config.items()
@@ -212,7 +220,7 @@ class Cell:
             # keep their ids.
             "tasks": {k: v for k, v in asdict(self.tasks).items() if v is not None},
             "train": {k: v for k, v in asdict(self.train).items() if v is not None},
-            "eval": asdict(self.eval),
+            "eval": {k: v for k, v in asdict(self.eval).items() if v is not None},
             "seed": self.seed,
         }
 

@@ -28,24 +28,39 @@ def check_data(
     """
     warnings: list[str] = []
     sizes: dict[str, dict[str, SplitSize] | None] = {}
-    for cell in suite.cells:
-        key = json.dumps(cell.config["dataset"], sort_keys=True)
+
+    def sizes_of(config: dict) -> dict[str, SplitSize] | None:
+        key = json.dumps(config, sort_keys=True)
         if key not in sizes:
-            sizes[key] = _split_sizes(cell, registry, data_root, require_data, warnings)
-        if sizes[key] is not None:
-            _check_episodes(suite, cell, sizes[key])
+            sizes[key] = _split_sizes(config, registry, data_root, require_data, warnings)
+        return sizes[key]
+
+    for cell in suite.cells:
+        tested_on = cell.eval.dataset
+        own = sizes_of(cell.config["dataset"])
+        if own is not None:  # a cross-domain cell draws no test episodes from its own dataset
+            _check_episodes(suite, cell, own, cell.dataset.name, skip_test=tested_on is not None)
+        if tested_on is not None and (other := sizes_of(tested_on)) is not None:
+            _check_episodes(
+                suite, cell, {"test": other["test"]}, f"{tested_on['name']} (eval.dataset)"
+            )
     return sorted(set(warnings))
 
 
 def _split_sizes(
-    cell: Cell, registry: Registry, data_root: Path | None, require_data: bool, warnings: list[str]
+    config: dict,
+    registry: Registry,
+    data_root: Path | None,
+    require_data: bool,
+    warnings: list[str],
 ) -> dict[str, SplitSize] | None:
     if data_root is None:
         if require_data:
             raise DataError("no data root: pass --data-root DIR or set FEWBENCH_DATA")
         warnings.append("data not checked: no data root given")
         return None
-    dataset = registry.get("dataset", cell.dataset.name).build(**cell.dataset.params)
+    params = {k: v for k, v in config.items() if k != "name"}
+    dataset = registry.get("dataset", config["name"]).build(**params)
     try:
         return dataset.split_sizes(data_root)
     except DataError as exc:
@@ -55,8 +70,10 @@ def _split_sizes(
         return None
 
 
-def _check_episodes(suite: Suite, cell: Cell, sizes: dict[str, SplitSize]) -> None:
-    source, label, name = suite.source, cell.label, cell.dataset.name
+def _check_episodes(
+    suite: Suite, cell: Cell, sizes: dict[str, SplitSize], name: str, skip_test: bool = False
+) -> None:
+    source, label = suite.source, cell.label
     tasks = cell.tasks
     for split, ways, shots, query, path, ways_path in (
         (
@@ -69,6 +86,8 @@ def _check_episodes(suite: Suite, cell: Cell, sizes: dict[str, SplitSize]) -> No
         ("test", cell.ways, cell.shots, cell.eval.query, "eval.query", "tasks.ways"),
     ):
         if split not in sizes or (split == "val" and cell.train.val_episodes == 0):
+            continue
+        if split == "test" and skip_test:
             continue
         size = sizes[split]
         if ways > size.classes:

@@ -70,7 +70,10 @@ def expand_grid(checked: CheckedSuite) -> Suite:
         entries["learners"],
         checked.seeds,
     ):
-        label = f"{dataset.label}/{ways}w{shots}s/{backbone.label}/{learner.label}/seed{seed}"
+        # Cross-domain cells say both datasets: trained on one, tested on the other.
+        tested_on = (checked.eval.get("dataset") or {}).get("name")
+        data_label = f"{dataset.label}->{tested_on}" if tested_on else dataset.label
+        label = f"{data_label}/{ways}w{shots}s/{backbone.label}/{learner.label}/seed{seed}"
         config = {
             "dataset": dataset.config(),
             "backbone": backbone.config(),
@@ -115,7 +118,7 @@ def expand_grid(checked: CheckedSuite) -> Suite:
                 "", f"cells {seen[identifier]} and {label} have the same configuration"
             )
         seen[identifier] = label
-        labels = {"dataset": dataset.label, "backbone": backbone.label, "learner": learner.label}
+        labels = {"dataset": data_label, "backbone": backbone.label, "learner": learner.label}
         cells.append(Cell.from_config(config, label, labels, identifier))
     warnings = [
         f"{source.file}:{source.line_of(override['path']) or '?'}: {override['path']}: its "
@@ -176,6 +179,11 @@ def _apply_override(
                     f"{closest(name, list(plugin.params.params))}; narrow 'when' "
                     f"(for example when: {{{section}: ...}})",
                 )
+        elif (section, name) == ("eval", "dataset"):
+            raise source.error(
+                path,
+                "eval.dataset is set once for the whole suite (eval: {dataset: ...}), not per cell",
+            )
         else:
             param = SET_SECTIONS[section].get(name)
             if param is None:

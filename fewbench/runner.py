@@ -210,6 +210,7 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
     if not request.dry_run and request.download:
         # The whole suite was checked first, so a typo is reported before any download.
         names = {cell.dataset.name for cell in suite.cells}
+        names |= {cell.eval.dataset["name"] for cell in suite.cells if cell.eval.dataset}
         download_missing(names, registry, request.data_root, request.progress, log)
     warnings = suite.warnings + check_data(
         suite, registry, request.data_root, require_data=not request.dry_run

@@ -399,11 +399,15 @@ def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
         query=tasks["query"],
         train_tasks={k: v for k, v in tasks.items() if k.startswith("train_") and v is not None},
         train=check_mapping(source, "train", data.get("train"), TRAIN),
-        eval=check_mapping(source, "eval", data.get("eval"), EVAL),
+        eval=_checked_eval(source, registry, check_mapping(source, "eval", data.get("eval"), EVAL)),
         entries={key: _expand_entries(source, registry, key) for key in PLUGIN_LISTS},
         overrides=_check_overrides(source),
         execution=_check_execution(source, registry),
     )
+
+
+def _checked_eval(source: SuiteSource, registry: Registry, settings: dict[str, Any]) -> dict:
+    return {**settings, "dataset": _check_eval_dataset(source, registry, settings["dataset"])}
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -440,53 +444,78 @@ def _expand_entries(source: SuiteSource, registry: Registry, key: str) -> list[P
         )
     entries: list[PluginEntry] = []
     for i, item in enumerate(raw):
-        path = f"{key}[{i}]"
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise source.error(
-                path, f"expected a mapping with a 'name', like {{name: ...}}, got {item!r}"
-            )
-        try:
-            plugin = registry.get(kind, item["name"])
-        except PluginError as exc:
-            raise source.error(f"{path}.name", str(exc)) from None
-        choices: list[list[tuple[str, Any]]] = []
-        for param_name, value in item.items():
-            if param_name == "name":
-                continue
-            param_path = f"{path}.{param_name}"
-            if param_name not in plugin.params.params:
-                known = ", ".join(plugin.params.params) or "none"
-                raise source.error(
-                    param_path,
-                    f"{kind} '{plugin.name}' has no parameter '{param_name}'"
-                    f"{closest(str(param_name), list(plugin.params.params))}; "
-                    f"its parameters: {known}",
-                )
-            param = plugin.params.params[param_name]
-            expands = isinstance(value, list) and (
-                param.value_type is not list or (value and all(isinstance(v, list) for v in value))
-            )
-            options = value if expands else [value]
-            if not options:
-                raise source.error(param_path, "an empty list gives no values to run")
-            checked = []
-            for option in options:
-                option, problem = check_value(param, option)
-                if problem:
-                    raise source.error(param_path, problem)
-                checked.append((param_name, option))
-            choices.append(checked)
-        for combination in itertools.product(*choices):
-            given = dict(combination)
-            params = {**plugin.params.defaults_in_cells(), **given}
-            for name, param in plugin.params.params.items():
-                if param.added_later and params.get(name, param.default) == param.default:
-                    params.pop(name, None)  # at its default: out of the id (Param.added_later)
-            entries.append(PluginEntry(plugin, params, given))
+        entries += _entry_variants(source, registry, kind, item, f"{key}[{i}]")
     _label_entries(entries)
     return entries
+
+
+def _entry_variants(
+    source: SuiteSource, registry: Registry, kind: str, item: Any, path: str
+) -> list[PluginEntry]:
+    """One plugin entry of a suite (``{name: ..., params}`` or a bare name), checked, with
+    every combination its list-valued parameters expand to."""
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise source.error(
+            path, f"expected a mapping with a 'name', like {{name: ...}}, got {item!r}"
+        )
+    try:
+        plugin = registry.get(kind, item["name"])
+    except PluginError as exc:
+        raise source.error(f"{path}.name", str(exc)) from None
+    entries: list[PluginEntry] = []
+    choices: list[list[tuple[str, Any]]] = []
+    for param_name, value in item.items():
+        if param_name == "name":
+            continue
+        param_path = f"{path}.{param_name}"
+        if param_name not in plugin.params.params:
+            known = ", ".join(plugin.params.params) or "none"
+            raise source.error(
+                param_path,
+                f"{kind} '{plugin.name}' has no parameter '{param_name}'"
+                f"{closest(str(param_name), list(plugin.params.params))}; "
+                f"its parameters: {known}",
+            )
+        param = plugin.params.params[param_name]
+        expands = isinstance(value, list) and (
+            param.value_type is not list or (value and all(isinstance(v, list) for v in value))
+        )
+        options = value if expands else [value]
+        if not options:
+            raise source.error(param_path, "an empty list gives no values to run")
+        checked = []
+        for option in options:
+            option, problem = check_value(param, option)
+            if problem:
+                raise source.error(param_path, problem)
+            checked.append((param_name, option))
+        choices.append(checked)
+    for combination in itertools.product(*choices):
+        given = dict(combination)
+        params = {**plugin.params.defaults_in_cells(), **given}
+        for name, param in plugin.params.params.items():
+            if param.added_later and params.get(name, param.default) == param.default:
+                params.pop(name, None)  # at its default: out of the id (Param.added_later)
+        entries.append(PluginEntry(plugin, params, given))
+    return entries
+
+
+def _check_eval_dataset(
+    source: SuiteSource, registry: Registry, value: dict | str | None
+) -> dict | None:
+    """``eval.dataset``: one dataset entry (no list-valued parameters), as its full
+    configuration."""
+    if value is None:
+        return None
+    variants = _entry_variants(source, registry, "dataset", value, "eval.dataset")
+    if len(variants) != 1:
+        raise source.error(
+            "eval.dataset",
+            "one test dataset per suite: a list-valued parameter is not a grid axis here",
+        )
+    return variants[0].config()
 
 
 def _label_entries(entries: list[PluginEntry]) -> None:

@@ -171,15 +171,51 @@ class DatasetCache:
         self._loaded: dict[str, tuple[Any, dict[str, EpisodeSource]]] = {}
 
     def get(self, cell: Cell) -> tuple[Any, dict[str, EpisodeSource]]:
-        key = json.dumps(cell.dataset.config(), sort_keys=True)
+        return self.get_config(cell.dataset.config())
+
+    def get_config(self, config: dict[str, Any]) -> tuple[Any, dict[str, EpisodeSource]]:
+        """The dataset of a configuration ``{name, params}``, and its sources on the device."""
+        key = json.dumps(config, sort_keys=True)
         if key not in self._loaded:
-            dataset = self.registry.get("dataset", cell.dataset.name).build(**cell.dataset.params)
+            params = {k: v for k, v in config.items() if k != "name"}
+            dataset = self.registry.get("dataset", config["name"]).build(**params)
             sources = dataset.load(self.data_root, self.cache_dir)
             self._loaded[key] = (
                 dataset,
                 {split: s.to(self.device) for split, s in sources.items()},
             )
         return self._loaded[key]
+
+
+def source_of_test_episodes(
+    cell: Cell,
+    datasets: DatasetCache,
+    sources: dict[str, EpisodeSource],
+    identity: tuple,
+    task_type: TaskType,
+) -> tuple[EpisodeSource, tuple]:
+    """Where a cell's test episodes come from: its own dataset's test split, or, for a
+    cross-domain cell (``eval.dataset``), the other dataset's, which must give examples of
+    the same shape and task type as the training dataset."""
+    if not cell.eval.dataset:
+        return sources["test"], identity
+    other, other_sources = datasets.get_config(cell.eval.dataset)
+    name, tested = cell.dataset.name, cell.eval.dataset["name"]
+    trained_shape, tested_shape = sources["train"].input_shape, other_sources["test"].input_shape
+    if tuple(tested_shape) != tuple(trained_shape):
+        raise FewbenchError(
+            f"eval.dataset {tested}: its examples are {'x'.join(map(str, tested_shape))} "
+            f"(channels x height x width), {name}'s are {'x'.join(map(str, trained_shape))}; "
+            f"give both the same image size and channels"
+        )
+    if task_type_of(other.task_type) != task_type:
+        raise FewbenchError(
+            f"eval.dataset {tested}: a {task_type_of(other.task_type).name} dataset cannot test "
+            f"a model trained on {name} ({task_type.name})"
+        )
+    return other_sources["test"], dataset_identity(
+        cell.eval.dataset, getattr(other, "episode_identity", None)
+    )
 
 
 @dataclass
@@ -192,6 +228,9 @@ class CellSetup:
     identity: tuple
     context: LearnerContext | None = None
     plugins: dict[str, str] = field(default_factory=dict)  # kind:name -> provider and version
+    # The test episodes' source and identity: the cell's own dataset, or eval.dataset's.
+    test_source: EpisodeSource | None = None
+    test_identity: tuple = ()
 
 
 class CellRunner:
@@ -248,7 +287,12 @@ class CellRunner:
             plugins[f"{kind}:{choice.name}"] = (
                 f"{provider} {_version(provider) or '(not installed)'}"
             )
-        return CellSetup(learner, sources, task_type, identity, context, plugins)
+        test_source, test_identity = source_of_test_episodes(
+            cell, self.datasets, sources, identity, task_type
+        )
+        return CellSetup(
+            learner, sources, task_type, identity, context, plugins, test_source, test_identity
+        )
 
     def run(
         self,
@@ -331,8 +375,8 @@ class CellRunner:
         crash_point("evaluation")
         values = evaluate(
             learner,
-            setup.sources["test"],
-            EpisodeSpec.of(cell, setup.identity, "test"),
+            setup.test_source,
+            EpisodeSpec.of(cell, setup.test_identity, "test"),
             episodes=cell.eval.episodes,
             chunk=cell.eval.chunk,
             device=self.device,
