@@ -157,6 +157,12 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
     report.add_argument(
         "--with-reference", action="store_true", help="add the published numbers beside"
     )
+    report.add_argument(
+        "--ranks",
+        action="store_true",
+        help="instead of the table, each method's rank in each setting (column), its "
+        "average rank, settings ranked and times best",
+    )
 
     compare = commands.add_parser(
         "compare", help="every learner minus a baseline, paired by test episode"

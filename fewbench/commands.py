@@ -124,6 +124,7 @@ def cmd_reports(args: argparse.Namespace) -> int:
             correction=args.correction,
             alpha=args.alpha,
             with_reference=args.with_reference,
+            ranks=args.ranks,
         )
         write_output(render(args.run_dirs, args.format, options), args.out)
         return 0

@@ -7,7 +7,8 @@ that a paired test on the shared test episodes cannot tell from it
 (:mod:`fewbench.significance`). The table types and the text table, Markdown,
 LaTeX (booktabs), CSV and JSON formats live in :mod:`fewbench.report_formats`;
 HTML lives in :mod:`fewbench.html_report`, which imports only the former, so
-this module can use both without an import cycle.
+this module can use both without an import cycle. ``Options.ranks`` replaces the table by
+its rank summary (:mod:`fewbench.rank_summary`), rendered by the same formats.
 """
 
 from __future__ import annotations
@@ -223,12 +224,18 @@ def _published_caption(published: list[refs.Reference]) -> str:
 
 
 def render(run_dirs: list[Path] | Path, fmt: str = "table", options: Options | None = None) -> str:
-    """The report of ``run_dirs`` in ``fmt`` (reads the results stores only)."""
+    """The report of ``run_dirs`` in ``fmt`` (reads the results stores only); with
+    ``options.ranks``, its rank summary (:mod:`fewbench.rank_summary`) in its place."""
     from fewbench.results import load_runs
 
     run_dirs = [run_dirs] if isinstance(run_dirs, Path | str) else list(run_dirs)
     results = load_runs([Path(p) for p in run_dirs])
-    table = build(results, options or Options())
+    options = options or Options()
+    table = build(results, options)
+    if options.ranks:
+        from fewbench.rank_summary import rank_table
+
+        table = rank_table(table)
     if fmt == "html":
         # Imported here, not at the top: it draws the figures, and matplotlib would slow
         # every command that imports this module (the CLI does) for the one format.

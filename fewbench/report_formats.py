@@ -42,6 +42,7 @@ class Options:
     correction: str = "holm"
     alpha: float = 0.05
     with_reference: bool = False
+    ranks: bool = False  # the rank summary (fewbench.rank_summary) instead of the table
 
 
 @dataclass
@@ -104,6 +105,45 @@ class ReportTable:
     caption: str
     metric: str
     settings: list[Setting]
+
+
+@dataclass
+class RankEntry:
+    """A cell of the rank summary (:mod:`fewbench.rank_summary`): a setting's rank, an
+    average rank or a count. ``mark.best`` marks the best in its column, as in the main
+    table, so every format shows it the same way."""
+
+    value: float | None
+    kind: str = "rank"  # rank (1, 1.5), average (to the table's decimals) or count
+    status: str = ""  # shown where a method has no rank: its setting's status (failed)
+    mark: Mark = field(default_factory=Mark)
+
+    def text(self, decimals: int, pm: str = "±") -> str:
+        if self.value is None:
+            return self.status
+        if self.kind == "rank":
+            return f"{self.value:g}"
+        if self.kind == "average":
+            return f"{self.value:.{decimals}f}"
+        return f"{self.value:.0f}"
+
+
+# The rank summary's columns after the settings' own: keys (in a row's entries), labels.
+RANK_SUMMARY_COLUMNS = {
+    ("average_rank",): "Avg. rank",
+    ("settings_ranked",): "Settings",
+    ("best_count",): "Best",
+}
+
+
+@dataclass
+class RankTable(ReportTable):
+    """``report --ranks``: one row per method (the main table's rows, published ones left
+    out), its rank in each setting (the main table's columns), then the summary columns.
+    ``setting_columns`` and ``setting_labels`` are the first columns, the settings."""
+
+    setting_columns: list[tuple] = field(default_factory=list)
+    setting_labels: list[str] = field(default_factory=list)
 
 
 def to_text(table: ReportTable) -> str:
@@ -204,7 +244,10 @@ def to_latex(table: ReportTable, label: str = "tab:fewbench") -> str:
 
 
 def records(table: ReportTable) -> list[dict[str, Any]]:
-    """One record per measured entry (long format), for CSV and JSON."""
+    """One record per measured entry (long format), for CSV and JSON; for the rank
+    summary, one per method (:func:`rank_records`)."""
+    if isinstance(table, RankTable):
+        return rank_records(table)
     out = []
     for row in table.rows:
         if row.reference is not None:
@@ -243,6 +286,22 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
     return out
 
 
+def rank_records(table: RankTable) -> list[dict[str, Any]]:
+    """One record per method: its row labels, average rank, settings ranked, best count,
+    then its rank in each setting under the setting's label (None where not ranked)."""
+    out = []
+    for row in table.rows:
+        record: dict[str, Any] = dict(zip(table.options.rows, row.labels, strict=True))
+        for key in RANK_SUMMARY_COLUMNS:
+            value = row.entries[key].value
+            record[key[0]] = int(value) if key != ("average_rank",) and value is not None else value
+        for col, label in zip(table.setting_columns, table.setting_labels, strict=True):
+            entry = row.entries.get(col)
+            record[label] = None if entry is None else entry.value
+        out.append(record)
+    return out
+
+
 def to_csv(table: ReportTable) -> str:
     import pandas as pd
 
@@ -258,7 +317,8 @@ def to_json(table: ReportTable) -> str:
 
     data = [{k: clean(v) for k, v in r.items()} for r in records(table)]
     text = table.caption.replace("{best}", '"best"')
-    return json.dumps({"caption": text, "entries": data}, indent=2) + "\n"
+    key = "methods" if isinstance(table, RankTable) else "entries"
+    return json.dumps({"caption": text, key: data}, indent=2) + "\n"
 
 
 # The formats that need nothing but the table; HTML also embeds figures drawn from the
