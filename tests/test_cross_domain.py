@@ -47,7 +47,9 @@ def root(tmp_path_factory, data_root):
         return [] if (folder / "CUB_200_2011" / "images").is_dir() else ["missing"]
 
     datastore.import_path(checked_against(CUB, archive, verify=images_folder_exists), root, archive)
-    (root / "omniglot").symlink_to(data_root / "omniglot")
+    (root / "omniglot").symlink_to(
+        (data_root / "omniglot").resolve()
+    )  # FEWBENCH_DATA may be relative
     return root
 
 
