@@ -164,19 +164,30 @@ class ClassPool(EpisodeSource):
     ) -> EpisodeIndices:
         """Which examples ``count`` episodes hold, drawn on the CPU (see :meth:`gather`)."""
         per_class = shots + query
-        if ways > self.num_classes or per_class > self.examples_per_class:
+        available, kind = self.episode_classes
+        if ways > available or per_class > self.examples_per_class:
             raise ValueError(
                 f"cannot draw {ways}-way episodes with {per_class} examples per class from "
-                f"{self.num_classes} classes of {self.examples_per_class} examples"
+                f"{available} {kind} of {self.examples_per_class} examples"
             )
-        # Random keys + argsort draw classes (and examples) without replacement, batched.
-        classes = torch.rand(count, self.num_classes, generator=generator).argsort(dim=1)[:, :ways]
+        classes = self.draw_classes(count, ways, generator)
         stored = self.images.shape[1]
         examples = torch.rand(count, ways, stored, generator=generator)
         if self.counts is not None:  # padding sorts last, so it is never drawn
             padding = torch.arange(stored)[None, None, :] >= self.counts[classes][:, :, None]
             examples = examples.masked_fill(padding, 2.0)
         return EpisodeIndices(classes, examples.argsort(dim=2)[:, :, :per_class])
+
+    @property
+    def episode_classes(self) -> tuple[int, str]:
+        """How many distinct classes an episode can hold, and what they are (for errors)."""
+        return self.num_classes, "classes"
+
+    def draw_classes(self, count: int, ways: int, generator: torch.Generator) -> Tensor:
+        """``classes[count, ways]``: each episode's classes, without replacement. A pool whose
+        episodes pick classes another way (Omniglot's split finn) overrides this alone."""
+        # Random keys + argsort draw classes (and examples) without replacement, batched.
+        return torch.rand(count, self.num_classes, generator=generator).argsort(dim=1)[:, :ways]
 
     def gather(self, indices: EpisodeIndices, shots: int) -> EpisodeBatch:
         """The episodes ``indices`` name, built where the images are.

@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 
 from fewbench.cache import load_tensor_cache, save_tensor_cache
-from fewbench.data import ClassPool, Dataset, EpisodeIndices, EpisodeSource, SplitSize
+from fewbench.data import ClassPool, Dataset, EpisodeSource, SplitSize
 from fewbench.download import Resource
 from fewbench.errors import DataError
 from fewbench.hookspecs import hookimpl
@@ -136,20 +136,15 @@ class RotatedCharacters(ClassPool):
             return self
         return RotatedCharacters(self.images.to(device))
 
-    def draw(
-        self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
-    ) -> EpisodeIndices:
-        per_class = shots + query
-        if ways > self.characters or per_class > self.examples_per_class:
-            raise ValueError(
-                f"cannot draw {ways}-way episodes with {per_class} examples per class from "
-                f"{self.characters} characters of {self.examples_per_class} examples"
-            )
+    @property
+    def episode_classes(self) -> tuple[int, str]:
+        return self.characters, "characters"
+
+    def draw_classes(self, count: int, ways: int, generator: torch.Generator) -> torch.Tensor:
+        """Distinct characters, each at a quarter turn drawn for this episode."""
         characters = torch.rand(count, self.characters, generator=generator).argsort(dim=1)
         turns = torch.randint(4, (count, ways), generator=generator)
-        classes = characters[:, :ways] * 4 + turns
-        examples = torch.rand(count, ways, self.images.shape[1], generator=generator)
-        return EpisodeIndices(classes, examples.argsort(dim=2)[:, :, :per_class])
+        return characters[:, :ways] * 4 + turns
 
 
 class Omniglot(Dataset):
