@@ -27,28 +27,29 @@ MODEL_FORMAT = "fewbench-model/1"
 
 
 # -- model files --------------------------------------------------------------------------------
+# The fields of a LearnerContext that are rebuilt from the cell, not saved as values.
+REBUILT = ("backbone", "device", "task_type")
+
+
 def model_record(
-    learner: Any, cell: Any, context: Any, task_type_name: str, plugin_versions: dict[str, str]
+    learner: Any, cell: Any, context: Any, plugin_versions: dict[str, str]
 ) -> dict[str, Any]:
     """What ``best.pt`` holds: the learner's state and everything needed to set it up again.
     Tensors and plain values only, so it is read with ``torch.load(weights_only=True)``."""
+    from dataclasses import fields
+
     from fewbench import __version__
 
+    saved = {f.name: getattr(context, f.name) for f in fields(context) if f.name not in REBUILT}
     return {
         "format": MODEL_FORMAT,
         "fewbench_version": __version__,
         "plugins": dict(plugin_versions),
         "cell": cell.to_record(),
         "context": {
+            **saved,
             "input_shape": list(context.input_shape),
-            "ways": context.ways,
-            "shots": context.shots,
-            "query": context.query,
-            "num_train_classes": context.num_train_classes,
-            "train_ways": context.train_ways,
-            "train_shots": context.train_shots,
-            "train_query": context.train_query,
-            "task_type": task_type_name,
+            "task_type": context.task_type.name,
         },
         "state": learner.state_dict(),
     }
@@ -131,26 +132,30 @@ class TrainedModel:
         from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
         from fewbench.paths import default_cache_dir
         from fewbench.registry import Registry
-        from fewbench.task_types import task_type_of
+        from fewbench.worker import DatasetCache, source_of_test_episodes
 
-        # A cross-domain cell's test episodes come from eval.dataset, as in the run.
-        config = self.cell.eval.dataset if split == "test" and self.cell.eval.dataset else None
-        config = config or self.cell.dataset.config()
-        params = {k: v for k, v in config.items() if k != "name"}
-        dataset = Registry().get("dataset", config["name"]).build(**params)
-        sources = dataset.load(Path(data_root), default_cache_dir())
-        identity = dataset_identity(config, getattr(dataset, "episode_identity", None))
+        device = torch.device(self.device)
+        datasets = DatasetCache(Registry(), Path(data_root), default_cache_dir(), device)
+        dataset, sources = datasets.get(self.cell)
+        identity = dataset_identity(
+            self.cell.dataset.config(), getattr(dataset, "episode_identity", None)
+        )
+        source = sources[split]
+        if split == "test":  # a cross-domain cell's come from eval.dataset, by the run's rule
+            source, identity = source_of_test_episodes(
+                self.cell, datasets, sources, identity, self.context.task_type
+            )
         count = episodes or (
             self.cell.eval.episodes if split == "test" else self.cell.train.val_episodes
         )
         return evaluate(
             self.learner,
-            sources[split].to(self.device),
+            source,
             EpisodeSpec.of(self.cell, identity, split),
             episodes=count,
             chunk=self.cell.eval.chunk,
-            device=torch.device(self.device),
-            task_type=task_type_of(self.record["context"]["task_type"]),
+            device=device,
+            task_type=self.context.task_type,
         )
 
 
@@ -178,19 +183,12 @@ def load_learner(
     registry = Registry()
     backbone = registry.get("backbone", stored.backbone.name).build(**stored.backbone.params)
     learner = registry.get("learner", stored.learner.name).build(**stored.learner.params)
-    saved = record["context"]
+    saved = {k: v for k, v in record["context"].items() if k not in REBUILT}
     context = LearnerContext(
+        **{**saved, "input_shape": tuple(saved["input_shape"])},
         backbone=backbone,
-        input_shape=tuple(saved["input_shape"]),
-        ways=saved["ways"],
-        shots=saved["shots"],
-        query=saved["query"],
-        num_train_classes=saved["num_train_classes"],
         device=torch.device(device),
-        task_type=task_type_of(saved["task_type"]),
-        train_ways=saved["train_ways"],
-        train_shots=saved["train_shots"],
-        train_query=saved["train_query"],
+        task_type=task_type_of(record["context"]["task_type"]),
     )
     torch.manual_seed(0)  # setup builds fresh weights; the state below replaces them
     learner.setup(context)

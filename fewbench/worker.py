@@ -387,7 +387,7 @@ class CellRunner:
         keep = cell.train.keep_checkpoints
         if keep != "none":
             # Self-describing: fewbench.load_learner sets the learner up again from it alone.
-            record = model_record(learner, cell, setup.context, setup.task_type.name, setup.plugins)
+            record = model_record(learner, cell, setup.context, setup.plugins)
             save_atomically(record, checkpoint_dir / "best.pt")
         result = CellResult(
             metric=setup.task_type.metric,
