@@ -46,9 +46,6 @@ def plugin_version(distribution: str) -> str | None:
         return None
 
 
-_version = plugin_version
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -67,6 +64,6 @@ def collect(device: torch.device, registry: Registry) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(Path(fewbench.__file__).resolve().parent),
-        "plugin_providers": {name: _version(name) for name in providers},
+        "plugin_providers": {name: plugin_version(name) for name in providers},
         "command": sys.argv,
     }

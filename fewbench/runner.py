@@ -21,6 +21,7 @@ import yaml
 
 from fewbench import environment
 from fewbench.atomic import write_text_atomically
+from fewbench.cell import Cell
 from fewbench.datacheck import check_data, download_missing
 from fewbench.errors import FewbenchError, SuiteError
 from fewbench.execution import EXECUTION_FILE, ExecutorRequest, build_executor
@@ -123,6 +124,13 @@ def stored_suite(run_dir: Path, sets: list[str], problem: SuiteError, log: TextI
     return source
 
 
+def own_steps(cell: Cell, registry: Registry) -> int:
+    """The training steps the cell's learner takes before any cap: ``train.iterations``, or
+    the learner's own count (``Learner.iterations``, finetune's ``iterations`` for example)."""
+    learner = registry.get("learner", cell.learner.name).build(**cell.learner.params)
+    return learner.iterations(cell.train.iterations)
+
+
 def own_counts_over_set(suite: Suite, registry: Registry, sets: list[str]) -> list[str]:
     """Warnings for a ``--set train.iterations`` that a learner's own count replaces
     (finetune's ``iterations``, for example)."""
@@ -131,8 +139,7 @@ def own_counts_over_set(suite: Suite, registry: Registry, sets: list[str]) -> li
         return []
     replaced: dict[str, list[str]] = {}
     for cell in suite.cells:
-        learner = registry.get("learner", cell.learner.name).build(**cell.learner.params)
-        own = learner.iterations(cell.train.iterations)
+        own = own_steps(cell, registry)
         if own != cell.train.iterations:
             replaced.setdefault(f"{cell.learner.name} trains {own} steps", []).append(cell.label)
     return [
@@ -155,8 +162,7 @@ def print_plan(suite: Suite, registry: Registry, run_dir: Path | None) -> None:
         finally:
             store.close()
     for cell in suite.cells:
-        learner = registry.get("learner", cell.learner.name).build(**cell.learner.params)
-        own = learner.iterations(cell.train.iterations)
+        own = own_steps(cell, registry)
         steps = own if cell.train.max_iterations is None else min(own, cell.train.max_iterations)
         why = []
         if own != cell.train.iterations:

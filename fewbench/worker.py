@@ -38,7 +38,7 @@ from fewbench.atomic import write_json_atomically
 from fewbench.cache import save_atomically
 from fewbench.cell import Cell
 from fewbench.data import EpisodeSource, derive_seed
-from fewbench.environment import plugin_version as _version
+from fewbench.environment import plugin_version
 from fewbench.errors import DiskFull, FewbenchError
 from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
 from fewbench.faults import crash_point
@@ -285,7 +285,7 @@ class CellRunner:
         ):
             provider = self.registry.get(kind, choice.name).provider
             plugins[f"{kind}:{choice.name}"] = (
-                f"{provider} {_version(provider) or '(not installed)'}"
+                f"{provider} {plugin_version(provider) or '(not installed)'}"
             )
         test_source, test_identity = source_of_test_episodes(
             cell, self.datasets, sources, identity, task_type
