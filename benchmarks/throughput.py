@@ -77,6 +77,7 @@ class Measurement:
     error: str = ""
     machine: str = ""
     learner: str = "maml"
+    phase: str = "train"
 
 
 def current_rss_mb() -> float:
@@ -92,9 +93,18 @@ def learner_class(name: str) -> type:
 
 
 def measure(
-    config: str, engine: str, device_name: str, seconds: float, learner_name: str = "maml"
+    config: str,
+    engine: str,
+    device_name: str,
+    seconds: float,
+    learner_name: str = "maml",
+    phase: str = "train",
 ) -> Measurement:
-    """One configuration, engine and learner, in this process."""
+    """One configuration, engine and learner, in this process.
+
+    ``phase`` ``predict`` times what evaluation does instead of a meta-update: adapt to a
+    batch of episodes (``eval_inner_steps``, first order, no meta-gradient) and return the
+    query outputs, for the configuration's number of tasks per call."""
     import torch
 
     from fewbench.data import ClassPool, seeded_generator
@@ -112,7 +122,12 @@ def measure(
     if "bf16" in variants:
         threads = "1"  # autocast is thread-local: it must run in the thread that computes
     result = Measurement(
-        config, engine, device_name, machine=machine_description(device_name), learner=learner_name
+        config,
+        engine,
+        device_name,
+        machine=machine_description(device_name),
+        learner=learner_name,
+        phase=phase,
     )
     if base not in maml_engines.ENGINES or not set(variants) <= KNOWN_VARIANTS:
         result.error = f"unknown engine {engine!r}"
@@ -146,6 +161,9 @@ def measure(
     if "compile" in variants:
         learner.model.compile()
     graphed = None
+    if "graph" in variants and phase == "predict":
+        result.error = "the graph variant is a training step; evaluation has none"
+        return result
     if "graph" in variants:
         offered = learner.graph_step()
         if offered is None:
@@ -159,6 +177,9 @@ def measure(
             graphed.step(source.draw(tasks, ways, shots, query, generator))
             return
         batch = source.sample_episodes(tasks, ways, shots, query, generator).to(device)
+        if phase == "predict":
+            learner.predict(batch)
+            return
         if "channels_last" in variants:  # each task's [N, C, H, W] slice in channels-last order
             batch.support_x = (
                 batch.support_x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
@@ -197,7 +218,7 @@ def measure(
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         return result
     engines = learner.adapter.engines
-    choice = engines.get("train") or engines["adapt"]
+    choice = engines.get("train") or engines.get("predict") or engines["adapt"]
     result.chosen = choice.engine + (f" x {choice.threads} threads" if choice.threads > 1 else "")
     if graphed is not None:
         result.chosen += f", {graphed.status}"
@@ -213,7 +234,12 @@ def measure(
 
 
 def measure_isolated(
-    config: str, engine: str, device: str, seconds: float, learner: str = "maml"
+    config: str,
+    engine: str,
+    device: str,
+    seconds: float,
+    learner: str = "maml",
+    phase: str = "train",
 ) -> Measurement:
     """On CUDA, in this process (peak memory is reset per measurement); on a CPU, in a
     fresh process, since a process's peak resident memory cannot be reset."""
@@ -221,12 +247,22 @@ def measure_isolated(
         import torch
 
         torch.cuda.empty_cache()
-        return measure(config, engine, device, seconds, learner)
-    command = [sys.executable, __file__, "--one", config, engine, device, str(seconds), learner]
+        return measure(config, engine, device, seconds, learner, phase)
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        config,
+        engine,
+        device,
+        str(seconds),
+        learner,
+        phase,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600 + 20 * seconds)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return Measurement(config, engine, device, error=last[:160], learner=learner)
+        return Measurement(config, engine, device, error=last[:160], learner=learner, phase=phase)
     return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -261,12 +297,14 @@ def table(rows: list[Measurement], device: str) -> str:
         )
         for r in group:
             base = r.engine.split("+")[0].split("/")[0].split(":")[0]
-            today = next(  # today's eager loop: the batched engine, reading every loss
-                (x for x in group if x.engine == "batched+sync" and x.learner == r.learner), None
-            )
+            # today's eager loop: the batched engine, reading every loss (evaluation: batched)
+            eager = "batched+sync" if r.phase == "train" else "batched"
+            today = next((x for x in group if x.engine == eager and x.learner == r.learner), None)
             name = f"{r.engine} -> {r.chosen}" if r.chosen and r.chosen != base else r.engine
             if r.learner != "maml":
                 name = f"{r.learner}: {name}"
+            if r.phase != "train":
+                name = f"{r.phase}: {name}"
             if r.error:
                 lines.append(
                     f"| {config}: {CONFIGS[config][0]} | {name} | failed: {r.error} | | | | |"
@@ -309,7 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         default="maml",
         help="comma-separated, of " + ", ".join(LEARNERS) + " (maml's higher is the reference)",
     )
-    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phase",
+        choices=("train", "predict"),
+        default="train",
+        help="time meta-updates (train) or evaluation's adaptation to episodes (predict)",
+    )
+    parser.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
@@ -318,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table([r for r in rows if r.device == device], device), "\n")
         return 0
     if args.one:
-        config, engine, device, seconds, learner = args.one
-        print(json.dumps(asdict(measure(config, engine, device, float(seconds), learner))))
+        config, engine, device, seconds, learner, phase = args.one
+        print(json.dumps(asdict(measure(config, engine, device, float(seconds), learner, phase))))
         return 0
     import torch
 
@@ -348,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
-                    rows.append(measure_isolated(config, engine, device, args.seconds, learner))
+                    rows.append(
+                        measure_isolated(config, engine, device, args.seconds, learner, args.phase)
+                    )
         print(table(rows, device), "\n", flush=True)
         everything += rows
     if args.json:
