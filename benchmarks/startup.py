@@ -7,6 +7,12 @@ median and the minimum. One more run per command, through a child that calls the
 matplotlib) the command imported. ``status`` reads a small run directory made beforehand
 by a smoke run of ``suites/sinusoid.yaml`` (2 iterations, 2 episodes).
 
+``plugins`` and ``data list`` are measured twice (fewbench.plugin_index): cold, with the
+plugin index removed before every run (so the plugins are imported, as on the first call
+after an install or an edit of a plugin), and warm, with the index (and ``data list``'s
+verified folders) left by the run before. Every run uses a cache folder of its own
+(``FEWBENCH_CACHE``), never the user's.
+
     python benchmarks/startup.py                                   # the table
     python benchmarks/startup.py --repeat 10 --json startup.json   # and the numbers as JSON
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,14 +47,30 @@ print("HEAVY:" + ",".join(heavy), file=sys.stderr)
 """
 
 
-def commands(data_root: Path, run_dir: Path) -> list[tuple[str, list[str]]]:
-    """(label, arguments of fewbench) of each measured command."""
+def commands(data_root: Path, run_dir: Path) -> list[tuple[str, list[str], bool]]:
+    """(label, arguments of fewbench, cold: without the plugin index) of each command."""
+    listing = ["data", "list", "--data-root", str(data_root)]
     return [
-        ("fewbench --help", ["--help"]),
-        ("fewbench plugins", ["plugins"]),
-        ("fewbench data list", ["data", "list", "--data-root", str(data_root)]),
-        ("fewbench status RUN_DIR", ["status", str(run_dir)]),
+        ("fewbench --help", ["--help"], False),
+        ("fewbench plugins (cold: no index)", ["plugins"], True),
+        ("fewbench plugins (warm)", ["plugins"], False),
+        ("fewbench data list (cold: no index)", listing, True),
+        ("fewbench data list (warm)", listing, False),
+        ("fewbench status RUN_DIR", ["status", str(run_dir)], False),
     ]
+
+
+class Cache:
+    """The cache folder the measured commands use; ``cold`` removes the plugin index."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.env = {**os.environ, "FEWBENCH_CACHE": str(folder)}
+        self.env.pop("FEWBENCH_NO_PLUGIN_INDEX", None)
+
+    def prepare(self, cold: bool) -> None:
+        if cold:
+            shutil.rmtree(self.folder / "plugins", ignore_errors=True)
 
 
 def make_run_dir(folder: Path) -> Path:
@@ -62,11 +85,13 @@ def make_run_dir(folder: Path) -> Path:
     return out
 
 
-def time_once(arguments: list[str]) -> float:
+def time_once(arguments: list[str], cache: Cache, cold: bool) -> float:
+    cache.prepare(cold)
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "fewbench", *arguments],
         cwd=REPO,
+        env=cache.env,
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -74,10 +99,12 @@ def time_once(arguments: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def heavy_imports(arguments: list[str]) -> list[str]:
+def heavy_imports(arguments: list[str], cache: Cache, cold: bool) -> list[str]:
+    cache.prepare(cold)
     done = subprocess.run(
         [sys.executable, "-c", PROBE.format(heavy=HEAVY), *arguments],
         cwd=REPO,
+        env=cache.env,
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -89,16 +116,18 @@ def heavy_imports(arguments: list[str]) -> list[str]:
     return [m for m in line[len("HEAVY:") :].split(",") if m]
 
 
-def measure(label: str, arguments: list[str], repeat: int) -> dict:
-    time_once(arguments)  # warm the file cache, as every later start finds it
-    times = [time_once(arguments) for _ in range(repeat)]
+def measure(label: str, arguments: list[str], cold: bool, repeat: int, cache: Cache) -> dict:
+    # warm the file cache, as every later start finds it (and, warm, leave the index)
+    time_once(arguments, cache, cold)
+    times = [time_once(arguments, cache, cold) for _ in range(repeat)]
     return {
         "command": label,
         "arguments": arguments,
+        "cold": cold,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "times_s": times,
-        "heavy_imports": heavy_imports(arguments),
+        "heavy_imports": heavy_imports(arguments, cache, cold),
     }
 
 
@@ -132,9 +161,10 @@ def main() -> int:
         parser.error("--repeat must be at least 1")
     with tempfile.TemporaryDirectory(prefix="fewbench-startup-") as folder:
         run_dir = args.run_dir or make_run_dir(Path(folder))
+        cache = Cache(Path(folder) / "cache")
         rows = [
-            measure(label, arguments, args.repeat)
-            for label, arguments in commands(args.data_root, run_dir)
+            measure(label, arguments, cold, args.repeat, cache)
+            for label, arguments, cold in commands(args.data_root, run_dir)
         ]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.repeat} runs each\n")
     print(table(rows))

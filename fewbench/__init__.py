@@ -9,11 +9,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 # The Python API (fewbench.api), loaded on first use so that ``import fewbench`` stays light.
-__all__ = ["__version__", "run", "load_results", "load_learner", "export_model"]
+__all__ = ["__version__", "run", "load_results", "load_learner", "export_model", "tune"]
 
 
 def __getattr__(name: str):
-    if name in ("run", "load_results", "load_learner", "export_model"):
+    if name in ("run", "load_results", "load_learner", "export_model", "tune"):
         from fewbench import api
 
         return getattr(api, name)

@@ -16,8 +16,8 @@ copies it out; :func:`load_learner` reads it with or without its run directory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -264,10 +264,12 @@ def run(
     max_iterations: int | None = None,
     max_episodes: int | None = None,
     progress: bool = False,
+    log: Sequence[str | Mapping[str, Any]] = (),
 ) -> Path:
     """``fewbench run`` in this process; returns the run directory. Bad input raises
     :class:`~fewbench.errors.FewbenchError` (the CLI's one-line error); failed cells raise
-    it too, after every other cell ran and was stored."""
+    it too, after every other cell ran and was stored. ``log`` adds experiment trackers to
+    the suite's ``log:`` (``--log``): logger names, or ``{"name": NAME, **its parameters}``."""
     import yaml
 
     from fewbench.paths import default_data_root, default_run_dir
@@ -293,8 +295,109 @@ def run(
         max_iterations=max_iterations,
         max_episodes=max_episodes,
         progress=progress,
+        log=tuple(item if isinstance(item, str) else dict(item) for item in log),
     )
     code = run_suite(request, Registry())
     if code != 0:
         raise FewbenchError(f"fewbench run {suite}: exit code {code} (see the run's status: {out})")
     return Path(out)
+
+
+# -- hyperparameter search ----------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    """What ``fewbench.tune`` found: the trial chosen on validation alone, its values (the
+    searched paths, as ``--set`` takes them), its validation value (the mean of its cells'
+    best validation metric) and its cells' labels; ``trials`` holds every finished trial
+    (number, how it ended, values, cells, validation value). The chosen cells' test results
+    are in the run directory like any cell's (``load_results(run_dir)``)."""
+
+    run_dir: Path
+    study: str
+    metric: str
+    best_trial: int | None
+    best_values: dict[str, Any]
+    best_value: float | None
+    best_cells: list[str]
+    trials: list[dict[str, Any]]
+
+
+def tune(
+    suite: str | Path,
+    *,
+    trials: int,
+    set: Mapping[str, Any] | None = None,  # noqa: A002 (the CLI's --set)
+    out: str | Path | None = None,
+    data_root: str | Path | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    max_iterations: int | None = None,
+    max_episodes: int | None = None,
+    progress: bool = False,
+) -> TuneResult:
+    """``fewbench tune`` in this process: Optuna trials of the suite's ``search:`` section,
+    each judged on validation only, stored in ``out/tune.sqlite`` so that calling again
+    continues up to ``trials`` in total. Needs the ``tune`` extra (Optuna). Bad input, a
+    missing Optuna or a search in which no trial completed raise
+    :class:`~fewbench.errors.FewbenchError`."""
+    import json
+
+    import yaml
+
+    from fewbench.paths import default_data_root
+    from fewbench.registry import Registry
+    from fewbench.runner import RunRequest
+    from fewbench.search import flow
+    from fewbench.store import ResultsStore
+    from fewbench.tuning import META_KEY, TuneRequest, plan, require_optuna
+    from fewbench.tuning import tune as tune_suite
+
+    require_optuna()
+    registry = Registry()
+    request = TuneRequest(
+        RunRequest(
+            suite=Path(suite),
+            data_root=Path(data_root) if data_root else default_data_root(),
+            sets=tuple(f"{key}={flow(value)}" for key, value in (set or {}).items()),
+            out=Path(out) if out is not None else None,
+            device=device,
+            max_iterations=max_iterations,
+            max_episodes=max_episodes,
+            progress=progress,
+        ),
+        trials,
+        seed,
+    )
+    if request.run.out is None:  # the default folder, named after the search
+        request = replace(request, run=replace(request.run, out=plan(request, registry).run_dir))
+    code = tune_suite(request, registry)
+    run_dir = Path(request.run.out)
+    store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
+    try:
+        record = json.loads(store.meta(META_KEY) or "{}")
+        best = record.get("best")
+        labels = {}
+        if best:
+            marks = ",".join("?" * len(best["cells"]))
+            labels = dict(
+                store.db.execute(
+                    f"SELECT id, label FROM cells WHERE id IN ({marks})", best["cells"]
+                ).fetchall()
+            )
+    finally:
+        store.close()
+    if code != 0:
+        raise FewbenchError(f"fewbench tune {suite}: exit code {code} (see {run_dir})")
+    return TuneResult(
+        run_dir=run_dir,
+        study=record["study"],
+        metric=record["metric"],
+        best_trial=best["number"] if best else None,
+        best_values={
+            key: yaml.safe_load(text)
+            for key, _, text in (a.partition("=") for a in (best["set"] if best else []))
+        },
+        best_value=best["value"] if best else None,
+        best_cells=[labels.get(cell_id, cell_id) for cell_id in (best["cells"] if best else [])],
+        trials=record["trials"],
+    )

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from fewbench.executor import ExecutorOption
 
 EXIT_USAGE = 2
+REFRESH_HELP = (
+    "load the plugins instead of reading the cached plugin index, and store it again "
+    "(FEWBENCH_NO_PLUGIN_INDEX=1: always)"
+)
 RUN_COMMANDS = ("run", "resume")
 
 
@@ -65,6 +69,14 @@ def add_run_options(
         help="smoke run: at most N validation and N test episodes per cell",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="follow each cell in an experiment tracker (repeatable): tensorboard, wandb, mlflow "
+        "or another logger plugin; added to the suite's log: list, never part of a cell",
+    )
     executors = parser.add_argument_group(
         "executors", "where the cells run; these override the suite's execution: section"
     )
@@ -131,6 +143,25 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
     )
     resume.add_argument("suite", metavar="run_dir", help="run directory")
     add_run_options(resume, list(executor_options))
+    tune = commands.add_parser(
+        "tune",
+        help="hyperparameter search (Optuna) over the suite's search: section, judged on "
+        "validation only",
+    )
+    tune.add_argument(
+        "suite", help="suite YAML file with a search: section, or a tune run directory to continue"
+    )
+    tune.add_argument(
+        "--trials",
+        type=int,
+        required=True,
+        metavar="N",
+        help="trials in total: running the same command again continues up to N",
+    )
+    tune.add_argument(
+        "--seed", type=int, help="the TPE sampler's seed (default: the suite's search.seed, or 0)"
+    )
+    add_run_options(tune, list(executor_options))
 
     report = commands.add_parser(
         "report", help="the comparison table of one or more run directories"
@@ -202,6 +233,7 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
     )
     actions = data.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="every dataset with its status, path and size")
+    listing.add_argument("--refresh", action="store_true", help=REFRESH_HELP)
     get = actions.add_parser("download", help="fetch, check and install a dataset")
     get.add_argument("name")
     get.add_argument("--no-progress", action="store_true")
@@ -213,9 +245,10 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
     for action in (listing, get, bring):  # --data-root after the action works too
         action.add_argument("--data-root", type=Path, default=argparse.SUPPRESS)
 
-    commands.add_parser(
+    plugins = commands.add_parser(
         "plugins", help="list datasets, backbones and learners with their providers"
     )
+    plugins.add_argument("--refresh", action="store_true", help=REFRESH_HELP)
     return parser
 
 
@@ -257,6 +290,7 @@ def run_request(args: argparse.Namespace, executor_options: list[ExecutorOption]
         stale_after=args.stale_after,
         threads=args.threads,
         executor=ExecutorRequest(args.executor, flags, tuple(args.executor_sets)),
+        log=tuple(args.log),
     )
 
 
@@ -269,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         registry = None
         options: list[ExecutorOption] = []
-        if _command_of(argv) in RUN_COMMANDS + ("plugins", "data"):
+        # plugins and data load the plugins themselves, when the plugin index is not current
+        if _command_of(argv) in RUN_COMMANDS + ("tune",):
             from fewbench.registry import Registry
 
             registry = Registry()
@@ -286,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "collect":
             return commands.cmd_collect(args.run_dir)
         if args.command == "plugins":
-            return commands.cmd_plugins(registry)
+            return commands.cmd_plugins(refresh=args.refresh)
         if args.command == "data":
-            return commands.cmd_data(args, registry)
+            return commands.cmd_data(args)
+        if args.command == "tune":
+            return commands.cmd_tune(run_request(args, options), args.trials, args.seed, registry)
         from fewbench.runner import run
 
         return run(run_request(args, options), registry)

@@ -1,5 +1,6 @@
 """The commands other than ``run``: data, reports (report, compare, plot), plugins,
-status and collect. Each reads what it needs and prints; none trains."""
+status, collect and tune. Each reads what it needs and prints; none trains but tune, which
+runs its trials through :func:`fewbench.runner.run`."""
 
 from __future__ import annotations
 
@@ -27,15 +28,18 @@ def human_size(count: int) -> str:
     return f"{count} B"
 
 
-def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
+def cmd_data(args: argparse.Namespace, registry: Registry | None = None) -> int:
     from fewbench import datastore
     from fewbench.paths import default_data_root
 
     root = args.data_root or default_data_root()
     if args.action == "list":
+        # From the plugin index when it is current (no plugin imported): fewbench.plugin_index
+        from fewbench.plugin_index import data_statuses
+
+        rows = data_statuses(root, registry, refresh=getattr(args, "refresh", False))
         print(f"data root: {root}")
-        for item in registry.items("dataset"):
-            st = datastore.status(item.cls, root)
+        for item, st in rows:
             where = "(generated from the seed, no files)" if st.path is None else str(st.path)
             size = human_size(st.bytes) if st.bytes else "-"
             print(f"  {item.name:<14} {st.state:<9} {size:>9}  {where}")
@@ -45,7 +49,8 @@ def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
                 hint = (
                     f"fewbench data download {item.name}"
                     if st.downloadable
-                    else item.cls.how_to_get or "see the plugin's documentation"
+                    else (item.dataset and item.dataset.how_to_get)
+                    or "see the plugin's documentation"
                 )
                 print(f"      get it: {hint}")
         for left in datastore.incoming(root):  # temporary folders of installs, maybe killed
@@ -54,6 +59,10 @@ def cmd_data(args: argparse.Namespace, registry: Registry) -> int:
             print(f"  {'(temporary)':<14} {state:<9} {size:>9}  {left.path}")
             print(f"      {left.describe()}")
         return 0
+    if registry is None:
+        from fewbench.registry import Registry
+
+        registry = Registry()
     dataset = registry.get("dataset", args.name).cls
     if not dataset.needs_files:
         print(f"{args.name} generates its tasks from the seed: nothing to install")
@@ -157,16 +166,18 @@ def cmd_plot(results: Results, out: Path) -> int:
     return 0
 
 
-def cmd_plugins(registry: Registry) -> int:
-    from fewbench.registry import KINDS
+def cmd_plugins(registry: Registry | None = None, *, refresh: bool = False) -> int:
+    # From the plugin index when it is current (no plugin imported): fewbench.plugin_index
+    from fewbench.plugin_index import current
 
-    for kind in KINDS:
+    index = current(registry, refresh=refresh)
+    for kind in index.kinds:
         print(f"{kind}s:")
-        for item in registry.items(kind):
+        for item in index.items(kind):
             print(f"  {item.name:<12} {item.description}  [{item.provider}]")
-            for name, param in item.params.params.items():
+            for param in item.params:
                 print(
-                    f"      {name} = {param.describe()}"
+                    f"      {param.name} = {param.shown}"
                     + (f"  # {param.help}" if param.help else "")
                 )
     return 0
@@ -179,6 +190,13 @@ def cmd_export(run_dir: Path, cell: str | None, out: Path) -> int:
     written = export_model(run_dir, cell, out)
     print(f"fewbench: wrote {written} (load it with fewbench.load_learner)", file=sys.stderr)
     return 0
+
+
+def cmd_tune(request, trials: int, seed: int | None, registry: Registry) -> int:
+    """``fewbench tune``: Optuna trials of the suite's search space, judged on validation."""
+    from fewbench.tuning import TuneRequest, tune
+
+    return tune(TuneRequest(request, trials, seed), registry)
 
 
 def cmd_status(run_dir: Path) -> int:

@@ -31,10 +31,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fewbench.data import Dataset
 from fewbench.download import DownloadError, Resource, check_file, fetch
 from fewbench.errors import DataError
+
+if TYPE_CHECKING:  # annotations only: `data list` reads statuses without torch
+    from fewbench.data import Dataset
 
 UNPACK_RATIO = 50  # bound on unpacked bytes per archive byte, unless a Resource declares it
 UNPACK_SLACK = 64 << 20  # plus this, so that small archives of very compressible data pass

@@ -29,6 +29,7 @@ from fewbench.executor import RunDir
 from fewbench.grid import Suite, expand_grid
 from fewbench.interrupts import first_interrupt_stops
 from fewbench.journal import collect
+from fewbench.loggers import choose_loggers
 from fewbench.paths import default_run_dir
 from fewbench.registry import Registry
 from fewbench.report import render
@@ -67,6 +68,11 @@ class RunRequest:
     stale_after: float = 120.0
     threads: int | None = None
     executor: ExecutorRequest = field(default_factory=ExecutorRequest)
+    # Loggers added to the suite's ``log:`` (``--log NAME``): names or {name: ..., params}.
+    log: tuple[str | dict, ...] = ()
+    # Set by ``fewbench tune`` (fewbench.tuning): this run is that trial. Its cells' learner
+    # labels end in ``[trial=N]`` (labels are not part of ids), and no table is printed.
+    tune_trial: int | None = None
 
 
 def load(
@@ -91,14 +97,39 @@ def load(
         if resuming is None or exc.file == "--set":
             raise
         source = stored_suite(resuming, list(request.sets), exc, log)
-    suite = expand_grid(check_suite(source, registry))
+    checked = check_suite(source, registry)
+    suite = expand_grid(checked)
+    if request.tune_trial is not None:
+        suite = replace(suite, cells=[trial_cell(c, request.tune_trial) for c in suite.cells])
+    elif checked.search is not None:
+        suite.warnings.append(
+            f"{source.file}: its search: section is for fewbench tune; fewbench run ignores it "
+            "and trains the values the suite sets (tune with: fewbench tune SUITE --trials N)"
+        )
     suite.warnings.extend(own_counts_over_set(suite, registry, source.sets))
     if request.max_iterations is not None or request.max_episodes is not None:
         suite = replace(
             suite,
             cells=[c.capped(request.max_iterations, request.max_episodes) for c in suite.cells],
         )
+    if request.log:  # checked here, before anything trains; never part of a cell
+        suite = replace(suite, log=choose_loggers(suite.log, request.log, registry))
     return suite, resuming
+
+
+def trial_cell(cell: Cell, trial: int) -> Cell:
+    """``cell`` as trial ``trial`` of ``fewbench tune`` labels it: ``maml[trial=3]`` (or
+    ``maml[inner_lr=0.1,trial=3]``), so that reports keep trials apart; same id."""
+    learner = cell.labels["learner"]
+    tagged = (
+        f"{learner[:-1]},trial={trial}]" if learner.endswith("]") else f"{learner}[trial={trial}]"
+    )
+    tail = f"/{learner}/seed{cell.seed}"
+    if cell.label.endswith(tail):
+        label = cell.label[: -len(tail)] + f"/{tagged}/seed{cell.seed}"
+    else:  # a label of another form: the tag at its end
+        label = f"{cell.label}[trial={trial}]"
+    return Cell.from_config(cell.config, label, {**cell.labels, "learner": tagged}, cell.id)
 
 
 def stored_suite(run_dir: Path, sets: list[str], problem: SuiteError, log: TextIO) -> SuiteSource:
@@ -241,6 +272,7 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
         threads=request.threads,
         stale_after=request.stale_after,
         progress=request.progress,
+        loggers=list(suite.log),
     )
     from fewbench.ranks import from_environment, leave
 
@@ -285,14 +317,15 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
             )
             if ranks:
                 leave()
-            table = render(run_dir, "table")
+            table = render(run_dir, "table") if request.tune_trial is None else None
         except KeyboardInterrupt:
             print(
                 f"fewbench: stopped at once; the last checkpoint holds. Resume with: fewbench run {run_dir}",
                 file=log,
             )
             return EXIT_INTERRUPTED
-    print(table)
+    if table is not None:
+        print(table)
     if summary.interrupted:
         print(
             f"fewbench: interrupted {summary.interrupted} (checkpoint written). "
@@ -358,5 +391,6 @@ def run_with_executor(
     write_text_atomically(run_dir / EXECUTION_FILE, json.dumps(execution, indent=2) + "\n")
     with RunDir(run_dir, settings.replace(progress=False)) as run_directory:
         code = executor.run(run_directory, log)
-    print(render(run_dir, "table"))
+    if request.tune_trial is None:
+        print(render(run_dir, "table"))
     return code

@@ -10,16 +10,17 @@ import copy
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fewbench.cell import EvalSettings, Tasks, TrainSettings, schema
-from fewbench.errors import PluginError, SuiteError
+from fewbench.errors import FewbenchError, PluginError, SuiteError
 from fewbench.params import Param, check_value, closest
 from fewbench.registry import Registered, Registry
+from fewbench.search import SearchSpace, check_search
 
 # The public suite format: the names below are part of the interface.
 TOP_LEVEL = {
@@ -35,6 +36,15 @@ TOP_LEVEL = {
     "overrides": Param([], help="[{when: {...}, set: {...}}] applied in order"),
     "execution": Param(
         {}, help="how cells run: {executor: NAME, ...that executor's parameters}; not part of cells"
+    ),
+    "search": Param(
+        {},
+        help="fewbench tune's search space: {dotted.path: {loguniform|uniform|int|choice: ...}}; "
+        "fewbench run does not use it",
+    ),
+    "log": Param(
+        [],
+        help="experiment trackers: logger names or {name: NAME, ...its parameters}; not part of cells",
     ),
 }
 REQUIRED = ("name", "datasets", "tasks", "backbones", "learners")
@@ -364,11 +374,15 @@ class CheckedSuite:
     overrides: list[dict[str, Any]]
     # The ``execution:`` section, checked: {"executor": name, **its parameters given}.
     execution: dict[str, Any]
+    # The ``search:`` section (fewbench tune), checked; None when the suite has none.
+    search: SearchSpace | None = None
+    # The ``log:`` list, checked: [{"name": logger, **its parameters, defaults filled}].
+    log: list[dict[str, Any]] = field(default_factory=list)
 
 
 def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
     """Every structural check of a suite (keys, types, plugin names and parameters,
-    overrides, the execution section); data is checked later, on its own."""
+    overrides, the execution and search sections); data is checked later, on its own."""
     data = source.data
     for key in data:
         if key not in TOP_LEVEL:
@@ -390,7 +404,7 @@ def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
         )
     seeds = _int_list(source, "seeds", data.get("seeds", [0]), minimum=0)
     tasks = check_mapping(source, "tasks", data["tasks"], TASKS)
-    return CheckedSuite(
+    checked = CheckedSuite(
         source=source,
         name=name.strip(),
         seeds=seeds,
@@ -403,7 +417,10 @@ def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
         entries={key: _expand_entries(source, registry, key) for key in PLUGIN_LISTS},
         overrides=_check_overrides(source),
         execution=_check_execution(source, registry),
+        log=_check_log(source, registry),
     )
+    # Last: each searched path is tried on the suite, which must be valid without it first.
+    return replace(checked, search=check_search(source, registry))
 
 
 def _checked_eval(source: SuiteSource, registry: Registry, settings: dict[str, Any]) -> dict:
@@ -600,3 +617,34 @@ def _check_execution(source: SuiteSource, registry: Registry) -> dict[str, Any]:
     given = {k: v for k, v in section.items() if k != "executor"}
     checked = check_mapping(source, "execution", given, params)
     return {"executor": name, **{key: checked[key] for key in given}}
+
+
+def _check_log(source: SuiteSource, registry: Registry) -> list[dict[str, Any]]:
+    """The ``log:`` list: experiment trackers (logger plugins), each a name or ``{name: NAME,
+    ...its parameters}``. Like ``execution:`` it never enters a cell's configuration, so
+    choosing trackers keeps the cell ids. Each logger is asked whether it can work here (its
+    library installed) now, before anything trains."""
+    from fewbench.loggers import check_logger, logger_entry
+
+    raw = source.data.get("log")
+    if raw is None:
+        return []
+    if isinstance(raw, str | dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise source.error("log", f"expected a list of logger names, got {raw!r}")
+    entries: list[dict[str, Any]] = []
+    for i, item in enumerate(raw):
+        path = f"log[{i}]"
+        try:
+            entry = logger_entry(item, registry)
+        except FewbenchError as exc:
+            raise source.error(path, str(exc)) from None
+        if any(e["name"] == entry["name"] for e in entries):
+            raise source.error(path, f"logger '{entry['name']}' is listed twice")
+        try:
+            check_logger(entry, registry)
+        except FewbenchError as exc:
+            raise source.error(path, str(exc)) from None
+        entries.append(entry)
+    return entries

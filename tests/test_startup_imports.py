@@ -1,10 +1,11 @@
 """The quick commands stay quick (issue 17): what they import, not how long they take.
 
 ``fewbench --help`` and ``fewbench status`` import none of torch, scipy, pandas and
-matplotlib; ``fewbench plugins`` and ``fewbench data list`` load the plugins, whose
-modules define torch classes (``nn.Module`` backbones), so torch is theirs, and nothing
-else heavy. Each command runs in a fresh interpreter, as a user starts it. The status
-table, printed without pandas, is the one pandas printed before.
+matplotlib; ``fewbench plugins`` and ``fewbench data list``, when the plugin index is not
+current, load the plugins, whose modules define torch classes (``nn.Module`` backbones), so
+torch is theirs, and nothing else heavy (with a current index they import no torch either:
+tests/test_plugin_index.py). Each command runs in a fresh interpreter, as a user starts it.
+The status table, printed without pandas, is the one pandas printed before.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def test_status_imports_nothing_heavy(run_dir):
 
 
 def test_plugins_and_data_list_import_only_what_the_plugins_do(tmp_path):
-    # Plugin modules import torch at the top (their backbones are nn.Modules): only that.
+    # Plugin modules import torch at the top (their backbones are nn.Modules): only that
+    # (or nothing, when the user's plugin index is current).
     assert heavy_imports("plugins") <= {"torch"}
     assert heavy_imports("data", "list", "--data-root", str(tmp_path)) <= {"torch"}
     # run's parser lists the executor plugins' options, so it loads the plugins too
