@@ -71,7 +71,7 @@ def fixed_episodes(
         source.sample_episodes(1, spec.ways, spec.shots, spec.query, spec.generator(index))
         for index in range(start, start + count)
     ]
-    return EpisodeBatch.concat(parts)
+    return type(parts[0]).concat(parts)  # EpisodeBatch, or an environment's TaskBatch
 
 
 def evaluate(
@@ -85,9 +85,34 @@ def evaluate(
     task_type: TaskType = CLASSIFICATION,
 ) -> np.ndarray:
     """Adapt to each fixed episode and return the per-episode metric of ``task_type``."""
-    values = []
+    return evaluate_with_extras(
+        learner, source, spec, episodes=episodes, chunk=chunk, device=device, task_type=task_type
+    )[0]
+
+
+def evaluate_with_extras(
+    learner: Learner,
+    source: EpisodeSource,
+    spec: EpisodeSpec,
+    *,
+    episodes: int,
+    chunk: int,
+    device: torch.device,
+    task_type: TaskType = CLASSIFICATION,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`evaluate`, and the task type's further per-episode values by name
+    (:attr:`fewbench.task_types.TaskType.episode_extras`; none for classification)."""
+    values: list[torch.Tensor] = []
+    extras: dict[str, list[torch.Tensor]] = {}
     for start in range(0, episodes, chunk):
         batch = fixed_episodes(source, spec, start, min(chunk, episodes - start)).to(device)
         outputs = learner.predict(batch)
         values.append(task_type.episode_metric(outputs, batch.query_y).detach().cpu())
-    return torch.cat(values).numpy().astype(np.float64)
+        if task_type.episode_extras is not None:
+            for name, value in task_type.episode_extras(outputs).items():
+                extras.setdefault(name, []).append(value.detach().cpu())
+
+    def as_array(parts: list[torch.Tensor]) -> np.ndarray:
+        return torch.cat(parts).numpy().astype(np.float64)
+
+    return as_array(values), {name: as_array(parts) for name, parts in extras.items()}

@@ -50,6 +50,40 @@ class Suite:
     # The ``execution:`` section, checked: {"executor": name, **its parameters given}.
     execution: dict[str, Any] = field(default_factory=dict)
     source: SuiteSource | None = field(default=None, compare=False, repr=False)
+    # The ``log:`` list, checked (fewbench.loggers): trackers, never part of a cell.
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _task_type_name(dataset_class: type) -> str:
+    """A dataset's task type by name (so that expanding a grid imports no torch)."""
+    task_type = getattr(dataset_class, "task_type", "classification")
+    return str(getattr(task_type, "name", task_type))
+
+
+def _is_environment(dataset_class: type) -> bool:
+    """Whether a dataset plugin is a reinforcement-learning environment."""
+    return _task_type_name(dataset_class) == "reinforcement"
+
+
+def _check_pairing(source: Any, dataset: Any, backbone: Any, learner: Any, label: str) -> None:
+    """A learner trains only on the task types and backbones it declares
+    (``Learner.task_types``, ``Learner.backbones``): MAML on an environment, or a policy
+    learner on images or on a convolutional network, is refused before anything trains."""
+    task_type = _task_type_name(dataset.cls)
+    accepted = getattr(learner.cls, "task_types", ("classification", "regression"))
+    if task_type not in accepted:
+        raise source.error(
+            "learners",
+            f"cell {label}: learner '{learner.name}' learns {' or '.join(accepted)} tasks, "
+            f"but dataset '{dataset.name}' gives {task_type} tasks",
+        )
+    backbones = getattr(learner.cls, "backbones", None)
+    if backbones is not None and backbone.name not in backbones:
+        raise source.error(
+            "backbones",
+            f"cell {label}: learner '{learner.name}' builds its network from the "
+            f"{' or '.join(backbones)} backbone, not '{backbone.name}'",
+        )
 
 
 def expand_grid(checked: CheckedSuite) -> Suite:
@@ -73,7 +107,9 @@ def expand_grid(checked: CheckedSuite) -> Suite:
         # Cross-domain cells say both datasets: trained on one, tested on the other.
         tested_on = (checked.eval.get("dataset") or {}).get("name")
         data_label = f"{dataset.label}->{tested_on}" if tested_on else dataset.label
-        label = f"{data_label}/{ways}w{shots}s/{backbone.label}/{learner.label}/seed{seed}"
+        # An environment's tasks have no ways or shots (fewbench.task_types: has_ways).
+        setting = "" if _is_environment(dataset.plugin.cls) else f"{ways}w{shots}s/"
+        label = f"{data_label}/{setting}{backbone.label}/{learner.label}/seed{seed}"
         config = {
             "dataset": dataset.config(),
             "backbone": backbone.config(),
@@ -112,6 +148,7 @@ def expand_grid(checked: CheckedSuite) -> Suite:
                     ):  # fmt: skip
                         continue
                     replaced.setdefault((assignment, override["path"], key), []).append(label)
+        _check_pairing(source, dataset.plugin, backbone.plugin, learner.plugin, label)
         identifier = cell_id(config)
         if identifier in seen:
             raise source.error(
@@ -133,7 +170,9 @@ def expand_grid(checked: CheckedSuite) -> Suite:
             f"again for {shown}, and wins (overrides apply after --set; --max-iterations and "
             "--max-episodes cap after both)"
         )
-    return Suite(checked.name, source.data, cells, warnings, checked.execution, source)
+    return Suite(
+        checked.name, source.data, cells, warnings, checked.execution, source, log=checked.log
+    )
 
 
 def expand(
@@ -148,7 +187,9 @@ def expand(
 
     suite = expand_grid(check_suite(source, registry))
     warnings = suite.warnings + check_data(suite, registry, data_root, require_data=require_data)
-    return Suite(suite.name, suite.data, suite.cells, warnings, suite.execution, source)
+    return Suite(
+        suite.name, suite.data, suite.cells, warnings, suite.execution, source, log=suite.log
+    )
 
 
 def _matches(when: dict[str, Any], coords: dict[str, Any]) -> bool:

@@ -37,6 +37,13 @@ def fewbench_register_datasets(register: Register) -> None:
 
 
 @hookspec
+def fewbench_register_environments(register: Register) -> None:
+    """Register reinforcement-learning environments (subclasses of
+    :class:`fewbench.environments.Environment`): distributions of tasks and their dynamics.
+    A suite names them in its ``datasets`` list; their task type is reinforcement."""
+
+
+@hookspec
 def fewbench_register_backbones(register: Register) -> None:
     """Register backbone classes (subclasses of :class:`fewbench.backbone.Backbone`)."""
 
@@ -50,6 +57,13 @@ def fewbench_register_learners(register: Register) -> None:
 def fewbench_register_executors(register: Register) -> None:
     """Register executor classes (subclasses of :class:`fewbench.executor.Executor`): how the
     cells of a run are spread over processes, GPUs or machines."""
+
+
+@hookspec
+def fewbench_register_loggers(register: Register) -> None:
+    """Register logger classes (subclasses of :class:`fewbench.loggers.Logger`): experiment
+    trackers that follow each cell in its worker (configuration, curve, final metrics).
+    Chosen per run (``--log NAME``, a suite's ``log:``), never part of a cell."""
 
 
 @hookspec

@@ -29,6 +29,11 @@ What arrives, and what the core does around the calls:
   ``eval.query``.
 * **LabelledBatch**: ``x`` ``float32[B, *input_shape]``, ``y`` ``int64[B]`` over all
   ``ctx.num_train_classes`` training classes.
+* **TaskBatch** (reinforcement learning, :mod:`fewbench.environments`; the learner declares
+  ``task_types = ("reinforcement",)``): ``tasks`` ``float32[T, task_dim]``, one seed per
+  task and the environment, which is also ``ctx.environment``; the learner rolls its
+  policies out through it. ``predict`` returns the average return ``[T, S + 1]`` after
+  0..S test-time adaptation steps (:data:`fewbench.task_types.REINFORCEMENT`).
 * **Grad and mode.** The core sets neither: :meth:`train_step` and :meth:`predict` run
   with autograd enabled and the modules in whatever mode the learner left them. A
   learner that adapts at test time by gradient (MAML) needs that; one that does not
@@ -75,6 +80,9 @@ class LearnerContext:
     train_ways: int | None = None
     train_shots: int | None = None
     train_query: int | None = None
+    # Reinforcement learning: the cell's environment (fewbench.environments.Environment),
+    # through which the learner rolls its policies out; None for datasets.
+    environment: Any = None
 
     def __post_init__(self) -> None:
         for name, value in (
@@ -97,6 +105,11 @@ class Learner:
     description: ClassVar[str] = ""
     params: ClassVar[dict[str, Any]] = {}
     batch_kind: ClassVar[str] = "episodes"
+    # The task types (fewbench.task_types names) it can learn; a suite pairing it with a
+    # dataset of another type is refused before anything trains.
+    task_types: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    # The backbones (by name) it can build on; None: any.
+    backbones: ClassVar[tuple[str, ...] | None] = None
     # Added to a cell's failure when it ran out of memory: which of its parameters to lower.
     out_of_memory_hint: ClassVar[str] = ""
     # The attributes (modules, optimizers) whose state_dict is the learner's state, saved in

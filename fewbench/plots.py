@@ -20,8 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fewbench.results import Results, Setting  # noqa: E402
+from fewbench.stats import mean_ci95  # noqa: E402
+from fewbench.task_types import by_metric  # noqa: E402
 
-UNITS = {"accuracy": "accuracy (%)", "mse": "mean squared error"}
+UNITS = {"accuracy": "accuracy (%)", "mse": "mean squared error", "return": "average return"}
+STEPS_NAME = re.compile(r"return_after_(\d+)_steps")
 FIGURE_FORMATS = ("png", "pdf")
 
 
@@ -34,6 +37,8 @@ def method_name(s: Setting, with_backbone: bool) -> str:
 
 
 def setting_name(s: Setting) -> str:
+    if s.metric == "return":  # an environment's tasks have no ways or shots
+        return str(s.keys["dataset"])
     return f"{s.keys['dataset']} {s.keys['ways']}-way {s.keys['shots']}-shot"
 
 
@@ -62,7 +67,7 @@ def training_curves(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> 
         fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
         drawn = False
         metric = next((s.metric for s in settings if s.done), "accuracy")
-        scale = 100.0 if metric == "accuracy" else 1.0
+        scale = by_metric(metric).scale
         for s in settings:
             curves = [results.curves[c] for c in s.cell_ids if c in results.curves]
             if not curves:
@@ -179,6 +184,43 @@ def episode_distributions(results: Results, out_dir: Path, formats=FIGURE_FORMAT
     return paths
 
 
+def returns_by_steps(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> list[Path]:
+    """Average return against the number of gradient steps at test time, one line per
+    learner, mean ± 95% CI over tasks and seeds (Finn et al. 2017, figure 5)."""
+    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
+    by_setting: dict[str, list[Setting]] = {}
+    for s in results.settings:
+        if s.done and any(STEPS_NAME.fullmatch(name) for name in s.extras):
+            by_setting.setdefault(setting_name(s), []).append(s)
+    paths: list[Path] = []
+    for name, settings in by_setting.items():
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for number, s in enumerate(settings):
+            steps = _steps_of(s)
+            estimates = [mean_ci95(s.extras[key]) for _, key in steps]
+            dodge = (number - (len(settings) - 1) / 2) * 0.04
+            ax.errorbar(
+                [k + dodge for k, _ in steps], [e.mean for e in estimates],
+                yerr=[e.ci95 for e in estimates], marker="o", capsize=4,
+                label=method_name(s, several_backbones),
+            )  # fmt: skip
+        ax.set_xticks(sorted({k for s in settings for k, _ in _steps_of(s)}))
+        tasks = settings[0].values.shape[1]
+        ax.set(
+            title=f"{name}: return after adaptation ({tasks} test tasks)",
+            xlabel="number of gradient steps",
+            ylabel="average return (mean ± 95% CI)",
+        )
+        ax.grid(alpha=0.3)
+        _legend_outside(ax)
+        paths += _save(fig, out_dir, f"return-vs-steps-{slug(name)}", formats)
+    return paths
+
+
+def _steps_of(s: Setting) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), k) for k in s.extras if (m := STEPS_NAME.fullmatch(k)))
+
+
 def plot_all(
     results: Results, out_dir: Path, formats: tuple[str, ...] = FIGURE_FORMATS
 ) -> list[Path]:
@@ -188,4 +230,5 @@ def plot_all(
         + metric_against("shots", results, out_dir, formats)
         + metric_against("ways", results, out_dir, formats)
         + episode_distributions(results, out_dir, formats)
+        + returns_by_steps(results, out_dir, formats)
     )

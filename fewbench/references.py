@@ -30,7 +30,10 @@ PM_MEANS = {
     "none": "no ±",
 }
 REQUIRED = ("paper", "table", "protocol", "dataset", "ways", "shots", "learner", "mean")
-OPTIONAL = ("pm", "pm_means", "ci95", "episodes", "verified", "source", "method", "params")
+OPTIONAL = (
+    "pm", "pm_means", "ci95", "episodes", "verified", "source", "method", "params",
+    "dataset_params",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Reference:
     note: str = ""  # where the number was found (the YAML's `source`)
     method: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    # Dataset parameters the published protocol fixes (navigation2d's reward: distance).
+    dataset_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -100,6 +105,13 @@ def _number(value: Any, where: str, key: str, *, integer: bool = False) -> Any:
     return value if integer else float(value)
 
 
+def _mean(value: Any, where: str) -> float:
+    """A published mean: any finite number (a return is negative)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise FewbenchError(f"{where}: 'mean' must be a number, not {value!r}")
+    return float(value)
+
+
 def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
     where = _where(index, r)
     if not isinstance(r, dict):
@@ -143,9 +155,10 @@ def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
     verified = r.get("verified", False)
     if not isinstance(verified, bool):
         raise FewbenchError(f"{where}: 'verified' must be true or false, not {verified!r}")
-    params = r.get("params", {})
-    if not isinstance(params, dict):
-        raise FewbenchError(f"{where}: 'params' must be a mapping")
+    params, dataset_params = r.get("params", {}), r.get("dataset_params", {})
+    for key, value in (("params", params), ("dataset_params", dataset_params)):
+        if not isinstance(value, dict):
+            raise FewbenchError(f"{where}: '{key}' must be a mapping")
     paper = papers[r["paper"]]
     return Reference(
         paper=paper["short"],
@@ -156,7 +169,7 @@ def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
         ways=_number(r["ways"], where, "ways", integer=True),
         shots=_number(r["shots"], where, "shots", integer=True),
         learner=r["learner"],
-        mean=_number(r["mean"], where, "mean"),
+        mean=_mean(r["mean"], where),
         pm=pm,
         pm_means=pm_means,
         episodes=episodes,
@@ -164,6 +177,7 @@ def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
         note=str(r.get("source", "")),
         method=r.get("method", ""),
         params=params,
+        dataset_params=dataset_params,
     )
 
 
@@ -185,13 +199,16 @@ def all_references() -> tuple[Reference, ...]:
 
 
 def matching(
-    dataset: str, ways: int, shots: int, learner_config: dict[str, Any]
+    dataset: str | dict[str, Any], ways: int, shots: int, learner_config: dict[str, Any]
 ) -> list[Reference]:
-    """The published results for one measured setting."""
+    """The published results for one measured setting; ``dataset`` is its name or its
+    configuration (then a reference's ``dataset_params`` must match it too)."""
+    config = dataset if isinstance(dataset, dict) else {"name": dataset}
     return [
         r
         for r in all_references()
         if (r.dataset, r.ways, r.shots, r.learner)
-        == (dataset, ways, shots, learner_config.get("name"))
+        == (config["name"], ways, shots, learner_config.get("name"))
         and all(learner_config.get(k) == v for k, v in r.params.items())
+        and all(config.get(k) == v for k, v in r.dataset_params.items())
     ]

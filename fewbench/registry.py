@@ -12,13 +12,17 @@ from fewbench import hookspecs
 from fewbench.errors import PluginError
 from fewbench.params import ParamSet, closest
 
-KINDS = ("dataset", "backbone", "learner", "executor")
+KINDS = ("dataset", "backbone", "learner", "executor", "logger")
 _HOOKS = {
     "dataset": "fewbench_register_datasets",
     "backbone": "fewbench_register_backbones",
     "learner": "fewbench_register_learners",
     "executor": "fewbench_register_executors",
+    "logger": "fewbench_register_loggers",
 }
+# Hooks that register one more kind: environments are datasets of the grid (a suite's
+# ``datasets`` list), with a hook of their own so that a plugin says what it provides.
+_MORE_HOOKS = (("dataset", "fewbench_register_environments"),)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Registry:
         providers = {
             id(plugin): dist.project_name for plugin, dist in self.manager.list_plugin_distinfo()
         }
-        for kind, hook_name in _HOOKS.items():
+        for kind, hook_name in (*_HOOKS.items(), *_MORE_HOOKS):
             hook = getattr(self.manager.hook, hook_name)
             for impl in hook.get_hookimpls():
                 provider = providers.get(id(impl.plugin)) or impl.plugin_name

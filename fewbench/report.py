@@ -29,6 +29,7 @@ from fewbench.report_formats import (
     Row,
 )
 from fewbench.significance import CORRECTIONS, TESTS, mark_column
+from fewbench.task_types import by_metric
 
 if TYPE_CHECKING:
     from fewbench.results import Results, Setting
@@ -39,11 +40,20 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_COLS", "DEFAULT_ROWS", "FORMATS", "Options", "build", "caption", "render"]
 
 FORMATS = (*RENDERERS, "html")
-METRIC_NAMES = {"accuracy": "Accuracy (%)", "mse": "Mean squared error"}
 
 
 def _label(dimension: str, value: Any) -> str:
     return {"ways": f"{value}-way", "shots": f"{value}-shot"}.get(dimension, str(value))
+
+
+def _column_label(dimensions: tuple[str, ...], values: tuple, metric: str) -> str:
+    """A column's heading; an environment's tasks have no ways or shots to show."""
+    shown = [
+        _label(d, v)
+        for d, v in zip(dimensions, values, strict=True)
+        if by_metric(metric).has_ways or d not in ("ways", "shots")
+    ]
+    return " ".join(shown)
 
 
 def _check_layout(options: Options, settings: list[Setting]) -> None:
@@ -95,7 +105,7 @@ def build(results: Results, options: Options) -> ReportTable:
             [e.setting.per_episode if e.mean is not None else None for e in in_column],
             [e.mean for e in in_column],
             [e.setting.episode_key for e in in_column],
-            higher_is_better=metric == "accuracy",
+            higher_is_better=by_metric(metric).higher_is_better,
             test=options.test,
             correction=options.correction,
             alpha=options.alpha,
@@ -108,9 +118,7 @@ def build(results: Results, options: Options) -> ReportTable:
         rows.append(Row(tuple(str(v) for v in row), entries))
         if options.with_reference:
             rows += _reference_rows(row, entries, options)
-    column_labels = [
-        " ".join(_label(d, v) for d, v in zip(options.cols, col, strict=True)) for col in columns
-    ]
+    column_labels = [_column_label(options.cols, col, metric) for col in columns]
     table = ReportTable(options, columns, column_labels, rows, "", metric, settings)
     table.caption = caption(table)
     return table
@@ -121,9 +129,7 @@ def _reference_rows(row: tuple, entries: dict[tuple, Entry], options: Options) -
     found: dict[tuple[str, str], refs.Reference] = {}
     for col, entry in entries.items():
         s = entry.setting
-        for r in refs.matching(
-            s.dataset_config["name"], s.keys["ways"], s.keys["shots"], s.learner_config
-        ):
+        for r in refs.matching(s.dataset_config, s.keys["ways"], s.keys["shots"], s.learner_config):
             key = (r.source, r.method)
             by_source.setdefault(key, {})[col] = ReferenceEntry(r, entry)
             found[key] = r
@@ -165,9 +171,11 @@ def caption(table: ReportTable) -> str:
         for e in row.entries.values()
         if isinstance(e, Entry)
     )
-    better = "highest" if table.metric == "accuracy" else "lowest"
+    task_type = by_metric(table.metric)
+    better = task_type.direction
+    what = "episodes" if task_type.has_ways else "tasks"
     parts = [
-        f"{METRIC_NAMES.get(table.metric, table.metric)} on {count} fixed test episodes per "
+        f"{task_type.metric_title} on {count} fixed test {what} per "
         f"setting, shared by all methods{seed_text}; mean ± 95% confidence interval ({ci}).",
         f"{{best}}: best ({better}) in its column. †: not significantly different from the best "
         f"({TESTS[o.test]} on the per-episode results, paired by episode"
@@ -242,4 +250,9 @@ def render(run_dirs: list[Path] | Path, fmt: str = "table", options: Options | N
         from fewbench.html_report import to_html
 
         return to_html(table, results)
-    return RENDERERS[fmt](table)
+    text = RENDERERS[fmt](table)
+    if fmt in ("table", "markdown"):
+        from fewbench.tuning import tuning_sections  # a tuned run: the trial chosen, and why
+
+        text += tuning_sections(run_dirs)
+    return text

@@ -270,7 +270,7 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
             )
             if table.options.with_reference:
                 matched = refs.matching(
-                    s.dataset_config["name"], s.keys["ways"], s.keys["shots"], s.learner_config
+                    s.dataset_config, s.keys["ways"], s.keys["shots"], s.learner_config
                 )
                 measured = entry.mean is not None
                 record["published"] = [

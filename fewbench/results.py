@@ -19,6 +19,7 @@ import pandas as pd
 from fewbench.errors import FewbenchError
 from fewbench.stats import mean_ci95
 from fewbench.store import ResultsStore, damage_reported
+from fewbench.task_types import by_metric
 
 # What a report can lay out as rows and columns; seeds are always merged.
 DIMENSIONS = ("dataset", "ways", "shots", "backbone", "learner")
@@ -44,6 +45,9 @@ class Setting:
     learner_config: dict[str, Any]
     dataset_config: dict[str, Any]
     cell_ids: list[str] = field(default_factory=list)
+    # Further per-episode values by name, [seeds, episodes] each (a reinforcement-learning
+    # setting's return after 0, 1, 2, 3 gradient steps); empty for classification.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -56,7 +60,7 @@ class Setting:
 
     @property
     def scale(self) -> float:
-        return 100.0 if self.metric == "accuracy" else 1.0
+        return by_metric(self.metric).scale
 
     def estimate(self) -> tuple[float, float]:
         """Mean and 95% CI half-width, in report units (percent for accuracy)."""
@@ -91,17 +95,17 @@ def load_runs(run_dirs: list[Path]) -> Results:
     """Read every cell, curve and per-episode value of ``run_dirs``."""
     if not run_dirs:
         raise FewbenchError("give at least one run directory")
-    runs, rows, values, curves = [], {}, {}, {}
+    runs, rows, values, curves, extras = [], {}, {}, {}, {}
     for run_dir in run_dirs:
         store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
         try:
             with damage_reported(store.path):
                 runs.append(RunInfo(Path(run_dir), store.meta("suite") or "", _environment(store)))
-                _read_cells(store, Path(run_dir), rows, values, curves)
+                _read_cells(store, Path(run_dir), rows, values, curves, extras)
         finally:
             store.close()
     cells = pd.DataFrame(list(rows.values()))
-    return Results(runs, _settings(cells, values), curves, cells)
+    return Results(runs, _settings(cells, values, extras), curves, cells)
 
 
 def _read_cells(
@@ -110,6 +114,7 @@ def _read_cells(
     rows: dict[str, dict[str, Any]],
     values: dict[str, np.ndarray],
     curves: dict[str, pd.DataFrame],
+    extras: dict[str, dict[str, list[float]]],
 ) -> None:
     """Add one run's cells; a cell an earlier run holds (same id) counts once."""
     for cell in store.cells():
@@ -118,6 +123,7 @@ def _read_cells(
         rows[cell["id"]] = {**dict(cell), "run": str(run_dir)}
         if cell["status"] == "done":
             values[cell["id"]] = np.asarray(store.episode_values(cell["id"]))
+            extras[cell["id"]] = store.episode_extras(cell["id"])
         curve = store.curve(cell["id"])
         if curve:
             curves[cell["id"]] = pd.DataFrame([dict(r) for r in curve])
@@ -138,7 +144,12 @@ def printable_path(path: Path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _settings(cells: pd.DataFrame, values: dict[str, np.ndarray]) -> list[Setting]:
+def _settings(
+    cells: pd.DataFrame,
+    values: dict[str, np.ndarray],
+    extras: dict[str, dict[str, list[float]]] | None = None,
+) -> list[Setting]:
+    extras = extras or {}
     if cells.empty:
         return []
     settings = []
@@ -154,6 +165,11 @@ def _settings(cells: pd.DataFrame, values: dict[str, np.ndarray]) -> list[Settin
             matrix = np.stack([a[:episodes] for a in arrays])
         else:
             matrix = np.empty((0, 0))
+        names = _common_extras(extras, list(done["id"]))
+        extra_matrices = {
+            name: np.stack([np.asarray(extras[c][name])[: matrix.shape[1]] for c in done["id"]])
+            for name in names
+        }
         config = json.loads(group["config"].iloc[0])
         settings.append(
             Setting(
@@ -166,6 +182,15 @@ def _settings(cells: pd.DataFrame, values: dict[str, np.ndarray]) -> list[Settin
                 learner_config=config["learner"],
                 dataset_config=config["dataset"],
                 cell_ids=list(group["id"]),
+                extras=extra_matrices,
             )
         )
     return settings
+
+
+def _common_extras(extras: dict[str, dict[str, list[float]]], cell_ids: list[str]) -> list[str]:
+    """The names of the further values every one of ``cell_ids`` holds, in name order."""
+    if not cell_ids:
+        return []
+    common = set.intersection(*(set(extras.get(cell_id, {})) for cell_id in cell_ids))
+    return sorted(common)

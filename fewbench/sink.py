@@ -35,6 +35,9 @@ class CellResult:
     engine: str
     train_seconds: float
     eval_seconds: float
+    # More per-episode values beside ``values``, by name (a reinforcement-learning cell's
+    # return after 0, 1, 2, 3 gradient steps); stored per episode so they pair too.
+    extras: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "curve": [list(p) for p in self.curve]}

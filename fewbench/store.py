@@ -77,6 +77,13 @@ CREATE TABLE IF NOT EXISTS episodes (
     value REAL NOT NULL,
     PRIMARY KEY (cell_id, episode)
 );
+CREATE TABLE IF NOT EXISTS episode_extras (
+    cell_id TEXT NOT NULL REFERENCES cells(id),
+    name TEXT NOT NULL,
+    episode INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (cell_id, name, episode)
+);
 CREATE TABLE IF NOT EXISTS curve (
     cell_id TEXT NOT NULL REFERENCES cells(id),
     iteration INTEGER NOT NULL,
@@ -306,6 +313,15 @@ class ResultsStore:
                 "INSERT INTO episodes (cell_id, episode, value) VALUES (?, ?, ?)",
                 [(cell_id, i, float(v)) for i, v in enumerate(result.values)],
             )
+            self.db.execute("DELETE FROM episode_extras WHERE cell_id = ?", (cell_id,))
+            self.db.executemany(
+                "INSERT INTO episode_extras (cell_id, name, episode, value) VALUES (?, ?, ?, ?)",
+                [
+                    (cell_id, name, i, float(v))
+                    for name, values in result.extras.items()
+                    for i, v in enumerate(values)
+                ],
+            )
             self._write_curve(cell_id, result.curve)
             crash_point("results-commit")
             self.db.execute(
@@ -455,6 +471,21 @@ class ResultsStore:
             "SELECT value FROM episodes WHERE cell_id = ? ORDER BY episode", (cell_id,)
         )
         return [row[0] for row in rows]
+
+    def episode_extras(self, cell_id: str) -> dict[str, list[float]]:
+        """The cell's further per-episode values by name (empty in a store from before
+        they existed)."""
+        try:
+            rows = self.db.execute(
+                "SELECT name, value FROM episode_extras WHERE cell_id = ? ORDER BY name, episode",
+                (cell_id,),
+            ).fetchall()
+        except sqlite3.OperationalError:  # a read-only store written before the table existed
+            return {}
+        extras: dict[str, list[float]] = {}
+        for name, value in rows:
+            extras.setdefault(name, []).append(value)
+        return extras
 
     def curve(self, cell_id: str) -> list[sqlite3.Row]:
         return self.db.execute(

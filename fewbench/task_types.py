@@ -4,7 +4,8 @@ A task type fixes the training loss, the per-episode metric and its name, which
 direction is better, and how a value is scaled and written. Datasets declare
 theirs (:attr:`fewbench.data.Dataset.task_type`); the training loop, the
 evaluation, the results store and the reports ask the task type instead of
-switching on a name. Reinforcement learning will be a third one.
+switching on a name. Reinforcement learning is the third: its metric is the
+average return of a policy in each test task after adaptation.
 
 Importing this module does not import torch: reports use it too.
 """
@@ -42,6 +43,10 @@ class TaskType:
     predicts_classes: bool
     loss: Callable[[Tensor, Tensor], Tensor]
     episode_metric: Callable[[Tensor, Tensor], Tensor]
+    # More per-episode values stored beside the metric, by name ([T] each), or None.
+    episode_extras: Callable[[Tensor], dict[str, Tensor]] | None = None
+    # Whether a cell's label and tables show ways and shots (not for environments).
+    has_ways: bool = True
 
     def __eq__(self, other: object) -> bool:
         """Equal to its name too: learners that compared ``ctx.task_type`` with a string
@@ -116,7 +121,47 @@ REGRESSION = TaskType(
     loss=_mse,
     episode_metric=_episode_mse,
 )
-TASK_TYPES = {t.name: t for t in (CLASSIFICATION, REGRESSION)}
+
+
+def _no_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    raise TypeError(
+        "reinforcement-learning tasks have no supervised loss: a learner computes its own "
+        "objective from rollouts (fewbench.policy_gradient)"
+    )
+
+
+# Reinforcement learning: a learner's ``predict`` on a batch of tasks returns the average
+# return ``[T, S + 1]`` of the policy after 0, 1, ..., S gradient steps in each task (Finn et
+# al. 2017, figure 5). The metric is the return after one step, what MAML's meta-objective
+# optimises and the comparison the paper draws (a learner that does not adapt, such as
+# the oracle, repeats its return); every column is stored as ``return_after_K_steps``.
+ADAPTATION_STEP = 1
+
+
+def _return_after_adaptation(outputs: Tensor, targets: Tensor) -> Tensor:
+    return outputs[:, min(ADAPTATION_STEP, outputs.shape[1] - 1)]
+
+
+def _returns_by_steps(outputs: Tensor) -> dict[str, Tensor]:
+    return {f"return_after_{k}_steps": outputs[:, k] for k in range(outputs.shape[1])}
+
+
+REINFORCEMENT = TaskType(
+    name="reinforcement",
+    metric="return",
+    metric_title="Average return",
+    higher_is_better=True,
+    scale=1.0,
+    unit="",
+    noun="return",
+    decimals=2,
+    predicts_classes=False,
+    loss=_no_loss,
+    episode_metric=_return_after_adaptation,
+    episode_extras=_returns_by_steps,
+    has_ways=False,
+)
+TASK_TYPES = {t.name: t for t in (CLASSIFICATION, REGRESSION, REINFORCEMENT)}
 _BY_METRIC = {t.metric: t for t in TASK_TYPES.values()}
 
 

@@ -40,12 +40,13 @@ from fewbench.cell import Cell
 from fewbench.data import EpisodeSource, derive_seed
 from fewbench.environment import plugin_version
 from fewbench.errors import DiskFull, FewbenchError
-from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
+from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate_with_extras
 from fewbench.faults import crash_point
 from fewbench.heartbeat import interval_for
 from fewbench.interrupts import first_interrupt_stops
 from fewbench.journal import CellJournal, read_cell
 from fewbench.learner import Learner, LearnerContext
+from fewbench.loggers import CellLogging
 from fewbench.paths import default_cache_dir
 from fewbench.registry import Registry
 from fewbench.sink import CellResult, NullSink, ResultSink
@@ -66,6 +67,9 @@ class WorkerSettings:
     threads: int | None = None
     stale_after: float = 120.0
     progress: bool = False
+    # The run's experiment trackers, [{"name": logger, **params}] (fewbench.loggers): chosen
+    # per run, not per cell, so they travel with the settings to wherever a cell runs.
+    loggers: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> WorkerSettings:
@@ -275,6 +279,7 @@ class CellRunner:
             train_ways=cell.tasks.training[0],
             train_shots=cell.tasks.training[1],
             train_query=cell.tasks.training[2],
+            environment=getattr(sources["train"], "environment", None),
         )
         learner.setup(context)
         plugins = {}
@@ -311,24 +316,36 @@ class CellRunner:
         with rank 0, reading its checkpoints and writing nothing, and does not evaluate.
         """
         learner_class = None
+        # The ranks that follow rank 0 log nothing: rank 0 logs the cell.
+        trackers = CellLogging(
+            [] if follower else self.settings.loggers, self.registry, cell, Path(run_dir)
+        )
+        outcome = "failed"
         try:
             learner_class = self.registry.get("learner", cell.learner.name).cls
-            return self._run(cell, sink, Path(run_dir), stop, follower)
+            result = self._run(cell, sink, Path(run_dir), stop, follower, trackers)
+            outcome = "done"
+            return result
         except (KeyboardInterrupt, Interrupted) as exc:
+            outcome = "interrupted"
             sink.interrupted(str(exc) or "interrupted")
             raise
         except DiskFull as exc:  # stops the run: every other cell would fail the same way
+            outcome = "interrupted"
             with contextlib.suppress(Exception):  # the store may be on the full disk too
                 sink.interrupted(str(exc))
             raise
         except Exception as exc:  # a bug in a plugin must not take the other cells down
             if isinstance(exc, TrainingFailed):
                 sink.save_curve(exc.curve)  # the partial curve of a cell that failed in training
+                trackers.curve(exc.curve)
             reason = failure_reason(exc, learner_class)
             cause = exc.cause if isinstance(exc, TrainingFailed) else exc
             detail = "" if isinstance(cause, FewbenchError) else "\n" + traceback.format_exc()
             sink.failed(reason + detail)
             raise CellFailed(reason) from exc
+        finally:
+            trackers.close(outcome)
 
     def _run(
         self,
@@ -337,12 +354,13 @@ class CellRunner:
         run_dir: Path,
         stop: threading.Event | None,
         follower: bool,
+        trackers: CellLogging,
     ) -> CellResult | None:
         checkpoint_dir = run_dir / "checkpoints" / cell.id
         if follower:
-            return self._train_and_evaluate(cell, sink, checkpoint_dir, stop, follower)
+            return self._train_and_evaluate(cell, sink, checkpoint_dir, stop, follower, trackers)
         with pinned_threads(checkpoint_dir):
-            return self._train_and_evaluate(cell, sink, checkpoint_dir, stop, follower)
+            return self._train_and_evaluate(cell, sink, checkpoint_dir, stop, follower, trackers)
 
     def _train_and_evaluate(
         self,
@@ -351,10 +369,12 @@ class CellRunner:
         checkpoint_dir: Path,
         stop: threading.Event | None,
         follower: bool,
+        trackers: CellLogging,
     ) -> CellResult | None:
         setup = self.set_up(cell)
         learner = setup.learner
         sink.started(learner.describe_engine())
+        trackers.start(setup.task_type)
         outcome = train(
             learner,
             setup.sources,
@@ -364,7 +384,7 @@ class CellRunner:
             checkpoint_dir=checkpoint_dir,
             task_type=setup.task_type,
             progress=self.settings.progress,
-            on_validate=sink.save_curve,
+            on_validate=trackers.following(sink.save_curve),
             on_resume=sink.resumed,
             stop=stop,
             write_checkpoints=not follower,
@@ -373,7 +393,7 @@ class CellRunner:
             return None
         started = time.perf_counter()
         crash_point("evaluation")
-        values = evaluate(
+        values, extras = evaluate_with_extras(
             learner,
             setup.test_source,
             EpisodeSpec.of(cell, setup.test_identity, "test"),
@@ -402,8 +422,10 @@ class CellRunner:
             engine="; ".join(filter(None, (learner.describe_engine(), outcome.graph))),
             train_seconds=outcome.seconds,
             eval_seconds=eval_seconds,
+            extras={name: value.tolist() for name, value in extras.items()},
         )
         self.stored = sink.complete(result)
+        trackers.finish(result)  # after the store: a tracker never holds what the store lacks
         if keep == "none":
             import shutil
 

@@ -19,7 +19,13 @@ from fewbench.cell import EvalSettings, Tasks, TrainSettings, cell_id
 from fewbench.grid import expand_grid
 from fewbench.registry import Registry
 from fewbench.suite import EVAL, TASKS, TRAIN, check_suite, parse_yaml
-from fewbench.task_types import CLASSIFICATION, REGRESSION, by_metric, task_type_of
+from fewbench.task_types import (
+    CLASSIFICATION,
+    REGRESSION,
+    REINFORCEMENT,
+    by_metric,
+    task_type_of,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,7 +34,8 @@ PUBLIC_MODULES = {
     "fewbench.adaptation", "fewbench.graphs",
     "fewbench.hookspecs", "fewbench.learner", "fewbench.data", "fewbench.backbone",
     "fewbench.executor", "fewbench.params", "fewbench.errors", "fewbench.task_types",
-    "fewbench.cell", "fewbench.download", "fewbench.cache",
+    "fewbench.cell", "fewbench.download", "fewbench.cache", "fewbench.loggers",
+    "fewbench.environments", "fewbench.policy_gradient",
 }  # fmt: skip
 
 
@@ -86,7 +93,7 @@ def test_the_core_names_no_executor_or_learner_parameter():
 
 def test_plugin_folders_show_their_kinds():
     kinds = {p.name for p in (REPO / "plugins").iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert kinds == {"datasets", "backbones", "learners", "executors"}
+    assert kinds == {"datasets", "backbones", "learners", "executors", "loggers", "environments"}
     entry_points = (REPO / "pyproject.toml").read_text()
     for kind in kinds:
         for module in (REPO / "plugins" / kind).glob("*.py"):
@@ -129,8 +136,17 @@ def test_task_types_decide_loss_metric_direction_and_format():
     values = torch.tensor([[[1.0], [3.0]]])
     assert REGRESSION.episode_metric(values, torch.zeros(1, 2, 1)).tolist() == [5.0]
     assert REGRESSION.loss(values, torch.zeros(1, 2, 1)).item() == 5.0
-    with pytest.raises(Exception, match="unknown task type 'reinforcement'"):
-        task_type_of("reinforcement")
+    # Reinforcement learning: outputs are returns after 0..S steps; the metric is after one.
+    returns = torch.tensor([[-40.0, -12.0, -3.0, -3.5], [-30.0, -10.0, -4.0, -2.0]])
+    assert task_type_of("reinforcement") is REINFORCEMENT and REINFORCEMENT.higher_is_better
+    assert REINFORCEMENT.episode_metric(returns, None).tolist() == [-12.0, -10.0]
+    assert REINFORCEMENT.episode_metric(returns[:, :1], None).tolist() == [-40.0, -30.0]
+    extras = REINFORCEMENT.episode_extras(returns)
+    assert list(extras) == [f"return_after_{k}_steps" for k in range(4)]
+    assert extras["return_after_3_steps"].tolist() == [-3.5, -2.0]
+    assert REINFORCEMENT.format(-11.684) == "-11.68" and not REINFORCEMENT.has_ways
+    with pytest.raises(Exception, match="unknown task type 'ranking'"):
+        task_type_of("ranking")
 
 
 SINUSOID = """\

@@ -1,0 +1,1 @@
+"""Built-in environment plugins: distributions of reinforcement-learning tasks."""
