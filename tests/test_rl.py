@@ -170,3 +170,33 @@ def test_a_policy_learner_needs_the_mlp_backbone(tmp_path):
 
 def test_the_reinforcement_task_type():
     assert REINFORCEMENT.metric == "return" and REINFORCEMENT.direction == "highest"
+
+
+def test_the_published_returns_match_only_the_protocol_they_were_measured_with():
+    from fewbench import references
+
+    code_reward = {"name": "navigation2d", "reward": "distance"}
+    (table4,) = references.matching(code_reward, 1, 1, {"name": "maml_trpo"})
+    assert table4.mean == -11.68 and table4.verified and table4.pm_means == "none"
+    # The paper's text reward (squared distance) gives returns on another scale.
+    squared = {"name": "navigation2d", "reward": "squared"}
+    assert references.matching(squared, 1, 1, {"name": "maml_trpo"}) == []
+    assert references.matching(code_reward, 1, 1, {"name": "pretrain_rl"}) == []
+    (figure,) = references.matching({"name": "halfcheetah_vel"}, 1, 1, {"name": "maml_trpo"})
+    assert not figure.verified and "read from the figure" in figure.table
+
+
+def test_a_cheetah_suite_without_the_extra_stops_with_one_line_naming_it(tmp_path):
+    """gymnasium made unimportable for the command (a package of that name that fails)."""
+    fake = tmp_path / "site" / "gymnasium"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise ModuleNotFoundError("No module named gymnasium", name="gymnasium")\n'
+    )
+    env = {"PYTHONPATH": str(fake.parent), "FEWBENCH_NO_PLUGIN_INDEX": "1"}
+    out = tmp_path / "run"
+    done = run_cli("run", "suites/halfcheetah-cpu.yaml", "--out", str(out), env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr  # one line, no traceback
+    assert "pip install 'fewbench[rl]'" in done.stderr
+    assert not out.exists()  # nothing was written or trained
