@@ -104,8 +104,18 @@ def load_runs(run_dirs: list[Path]) -> Results:
                 _read_cells(store, Path(run_dir), rows, values, curves, extras)
         finally:
             store.close()
-    cells = pd.DataFrame(list(rows.values()))
+    cells = _frame(list(rows.values()))
     return Results(runs, _settings(cells, values, extras), curves, cells)
+
+
+def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The cells as a DataFrame; the run directory stays a Python string (object column):
+    a path that is not UTF-8 (its bytes as surrogates) cannot become an Arrow string, which
+    pandas uses for text when pyarrow is installed."""
+    cells = pd.DataFrame([{k: v for k, v in r.items() if k != "run"} for r in records])
+    if records:
+        cells["run"] = pd.Series([r["run"] for r in records], dtype=object, index=cells.index)
+    return cells
 
 
 def _read_cells(
