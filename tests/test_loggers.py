@@ -23,20 +23,12 @@ from fewbench.loggers import CellLogging, Logger
 from fewbench.registry import Registry
 from fewbench.runner import RunRequest, load
 from fewbench.runner import run as run_suite
+from tests.test_architecture import SINUSOID
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SUITE = """\
-name: loggers
-datasets: [sinusoid]
-tasks: {ways: 1, shots: 5, query: 5}
-backbones: [{name: mlp, hidden: [8]}]
-learners:
-  - {name: maml, inner_lr: 0.01, meta_batch_size: 2}
-  - {name: finetune, batch_size: 20}
-train: {iterations: 6, validate_every: 3, val_episodes: 2, log_every: 2}
-eval: {episodes: 4, query: 5}
-"""
+# The tiny sinusoid suite of the worker-path tests: two cells of a few seconds each.
+SUITE = SINUSOID.replace("name: worker-path", "name: loggers")
 MAML = "sinusoid/1w5s/mlp/maml/seed0"
 
 
