@@ -35,6 +35,7 @@ from fewbench.cell import Cell, cell_id
 from fewbench.params import check_value, closest
 from fewbench.registry import Registered, Registry
 from fewbench.suite import SET_SECTIONS, CheckedSuite, SuiteSource, check_suite, set_targets
+from fewbench.task_types import TaskType, task_type_of
 
 __all__ = ["Cell", "Suite", "cell_id", "expand", "expand_grid"]
 
@@ -54,22 +55,16 @@ class Suite:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _task_type_name(dataset_class: type) -> str:
-    """A dataset's task type by name (so that expanding a grid imports no torch)."""
-    task_type = getattr(dataset_class, "task_type", "classification")
-    return str(getattr(task_type, "name", task_type))
-
-
-def _is_environment(dataset_class: type) -> bool:
-    """Whether a dataset plugin is a reinforcement-learning environment."""
-    return _task_type_name(dataset_class) == "reinforcement"
+def _task_type(dataset_class: type) -> TaskType:
+    """A dataset plugin's declared task type (fewbench.task_types imports no torch)."""
+    return task_type_of(dataset_class.task_type)
 
 
 def _check_pairing(source: Any, dataset: Any, backbone: Any, learner: Any, label: str) -> None:
     """A learner trains only on the task types and backbones it declares
     (``Learner.task_types``, ``Learner.backbones``): MAML on an environment, or a policy
     learner on images or on a convolutional network, is refused before anything trains."""
-    task_type = _task_type_name(dataset.cls)
+    task_type = _task_type(dataset.cls).name
     accepted = getattr(learner.cls, "task_types", ("classification", "regression"))
     if task_type not in accepted:
         raise source.error(
@@ -107,8 +102,8 @@ def expand_grid(checked: CheckedSuite) -> Suite:
         # Cross-domain cells say both datasets: trained on one, tested on the other.
         tested_on = (checked.eval.get("dataset") or {}).get("name")
         data_label = f"{dataset.label}->{tested_on}" if tested_on else dataset.label
-        # An environment's tasks have no ways or shots (fewbench.task_types: has_ways).
-        setting = "" if _is_environment(dataset.plugin.cls) else f"{ways}w{shots}s/"
+        # An environment's tasks have no ways or shots (TaskType.has_ways).
+        setting = f"{ways}w{shots}s/" if _task_type(dataset.plugin.cls).has_ways else ""
         label = f"{data_label}/{setting}{backbone.label}/{learner.label}/seed{seed}"
         config = {
             "dataset": dataset.config(),

@@ -37,7 +37,7 @@ def method_name(s: Setting, with_backbone: bool) -> str:
 
 
 def setting_name(s: Setting) -> str:
-    if s.metric == "return":  # an environment's tasks have no ways or shots
+    if not by_metric(s.metric).has_ways:  # an environment's tasks have no ways or shots
         return str(s.keys["dataset"])
     return f"{s.keys['dataset']} {s.keys['ways']}-way {s.keys['shots']}-shot"
 

@@ -14,6 +14,7 @@ from fewbench import references as refs
 from fewbench.errors import FewbenchError
 from fewbench.registry import Registry
 from fewbench.report import Options, render
+from fewbench.task_types import REINFORCEMENT, task_type_of
 
 HEADER = """
 papers:
@@ -192,5 +193,4 @@ def test_shipped_numbers_for_the_method_zoo():
 
 def returns_of(registry, dataset: str) -> bool:
     """Whether a dataset is an environment (its results are returns, not accuracies)."""
-    task_type = registry.get("dataset", dataset).cls.task_type
-    return getattr(task_type, "name", task_type) == "reinforcement"
+    return task_type_of(registry.get("dataset", dataset).cls.task_type) is REINFORCEMENT
