@@ -14,8 +14,11 @@ class counts; timing does not depend on pixel values.
     python benchmarks/throughput.py --learners maml,anil,metasgd,mamlpp,reptile,protomaml
 
 Ratios are tasks per second relative to the reference: the per-task loop through
-``higher``, which is what higher's own MAML example does. Engine variants, after a
-``+``: ``sync`` reads each iteration's loss back to the host (what the training loop did
+``higher``, which is what higher's own MAML example does, on the network as MAML codebases
+write it (``higher+stock`` where the network max-pools: conv, batch norm, ReLU, then max-pool;
+fewbench's Conv-4 pools before its ReLU, the same numbers to the bit with the ReLU on a quarter
+of the values, and the plain ``higher`` row shows what that alone gives the reference loop).
+Engine variants, after a ``+``: ``stock`` as just said, ``sync`` reads each iteration's loss back to the host (what the training loop did
 before it kept losses on the device), ``graph`` replays each iteration as one captured
 CUDA graph (fewbench.graphs, after its self-check), ``tf32`` allows TF32 in matrix
 products and convolutions, ``fp32`` forbids it in both (torch's default allows it in
@@ -46,12 +49,19 @@ CONFIGS = {
 }
 # engine[:threads][/tasks per vmap call]; no thread count means fewbench's own choice (one
 # per core on a CPU), no tasks per call means the whole meta-batch in one call.
-ENGINES = ("higher", "loop:1", "batched:1", "batched", "auto")
+ENGINES = ("higher+stock", "higher", "loop:1", "batched:1", "batched", "auto")
 VARIANTS = ("batched/8", "auto+bf16", "auto+channels_last", "auto+compile")
-KNOWN_VARIANTS = {"bf16", "channels_last", "compile", "sync", "graph", "tf32", "fp32"}
+KNOWN_VARIANTS = {"bf16", "channels_last", "compile", "sync", "graph", "tf32", "fp32", "stock"}
 # On a GPU: the reference, today's eager loop (a sync per iteration), without the sync,
 # as a CUDA graph, and the graph with TF32 matrix products.
-GPU_ENGINES = ("higher", "batched+sync", "batched", "batched+graph", "batched+graph+tf32")
+GPU_ENGINES = (
+    "higher+stock",
+    "higher",
+    "batched+sync",
+    "batched",
+    "batched+graph",
+    "batched+graph+tf32",
+)
 LEARNERS = {
     "maml": "fewbench_plugins.learners.maml:MAML",
     "fomaml": "fewbench_plugins.learners.maml:FirstOrderMAML",
@@ -78,6 +88,29 @@ class Measurement:
     machine: str = ""
     learner: str = "maml"
     phase: str = "train"
+
+
+def stock_pooling(model) -> int:
+    """Turn fewbench's max-pooling blocks (..., batch norm, max-pool, ReLU) back into the order
+    MAML codebases use (..., batch norm, ReLU, max-pool), in place; the number of blocks
+    changed. Neither layer holds parameters, so nothing else changes."""
+    from torch import nn
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            pool, relu = module[i], module[i + 1]
+            if isinstance(pool, nn.MaxPool2d) and isinstance(relu, nn.ReLU):
+                module[i], module[i + 1] = relu, pool
+                changed += 1
+    return changed
+
+
+def has_stock_form(config: str) -> bool:
+    """Whether ``stock`` changes this configuration's network (only max-pooling ones)."""
+    return CONFIGS[config][8] == "max"
 
 
 def current_rss_mb() -> float:
@@ -156,6 +189,8 @@ def measure(
     backbone = Conv4(hidden=hidden, pool=pool)
     learner.setup(LearnerContext(backbone, shape, ways, shots, query, classes, device))
     learner.iterations(1000)  # the learners with schedules (mamlpp, reptile) need a length
+    if "stock" in variants:
+        stock_pooling(learner.model)
     if "channels_last" in variants:
         learner.model.to(memory_format=torch.channels_last)
     if "compile" in variants:
@@ -293,7 +328,13 @@ def table(rows: list[Measurement], device: str) -> str:
     for config in dict.fromkeys(r.config for r in rows):
         group = [r for r in rows if r.config == config]
         reference = next(
-            (r for r in group if r.engine == "higher" and r.learner == "maml" and not r.error), None
+            (
+                r
+                for name in ("higher+stock", "higher")
+                for r in group
+                if r.engine == name and r.learner == "maml" and not r.error
+            ),
+            None,
         )
         for r in group:
             base = r.engine.split("+")[0].split("/")[0].split(":")[0]
@@ -385,8 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             for learner in learners:
                 for engine in engines:
-                    if learner != "maml" and engine == "higher":
+                    if learner != "maml" and engine.startswith("higher"):
                         continue  # the reference is maml's
+                    if "+stock" in engine and not has_stock_form(config):
+                        continue  # no max-pooling: the stock network is fewbench's
                     print(
                         f"measuring {device} {config} {learner} {engine} ...",
                         file=sys.stderr,

@@ -18,6 +18,7 @@ from fewbench_plugins.backbones.resnets import (
     ResNet18,
     WideResNet,
 )
+from fewbench_plugins.backbones.standard import Conv4
 from fewbench_plugins.learners.maml import MAML
 
 INPUTS = [(1, 28, 28), (3, 32, 32), (3, 84, 84)]
@@ -245,3 +246,41 @@ def test_the_plugin_registers_every_backbone():
     assert [cls.name for cls in registered] == ["resnet12", "resnet10", "resnet18", "wrn28_10"]
     for cls in registered:
         assert cls.description and cls.__doc__ and "batch_norm" in cls.params
+
+
+def _stock_conv4(shape: tuple[int, int, int], hidden: int) -> nn.Sequential:
+    """Finn et al.'s max-pooling Conv-4 block order with torch's own layers."""
+    layers: list[nn.Module] = []
+    channels = shape[0]
+    for _ in range(4):
+        layers += [
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels = hidden
+    return nn.Sequential(*layers)
+
+
+def test_max_pool_conv4_equals_the_stock_block_order_to_the_bit():
+    """conv4 pool: max pools before its ReLU: the outputs and the second-order MAML gradients
+    of the stock conv, BN, ReLU, max-pool network, unchanged (ties and zeros included)."""
+    torch.manual_seed(0)
+    ours, _ = make(Conv4, hidden=6, pool="max").build_feature_map((3, 21, 23))
+    stock = _stock_conv4((3, 21, 23), hidden=6)
+    stock.load_state_dict(ours.state_dict())  # the parameters keep their names
+    ours, stock = ours.double(), stock.double()
+    x = torch.randn(5, 3, 21, 23, dtype=torch.float64)
+
+    def second_order(network: nn.Module) -> list[torch.Tensor]:
+        params = dict(network.named_parameters())
+        inner = torch.func.functional_call(network, params, x).pow(2).mean()
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        fast = {n: p - 0.4 * g for (n, p), g in zip(params.items(), grads, strict=True)}
+        outer = torch.func.functional_call(network, fast, x).sin().sum()
+        return [outer.detach(), *torch.autograd.grad(outer, list(params.values()))]
+
+    assert torch.equal(ours(x), stock(x))
+    for a, b in zip(second_order(ours), second_order(stock), strict=True):
+        assert torch.equal(a, b)

@@ -88,3 +88,30 @@ def test_every_gradient_learner_has_a_row():
         row = throughput.measure("1a", "loop:1", "cpu", 0, learner)
         assert not row.error and row.learner == learner and row.tasks_per_second > 0
     assert "no engine" in throughput.measure("1a", "higher", "cpu", 0, "anil").error
+
+
+def test_the_reference_is_higher_on_the_stock_max_pooling_network():
+    """Configuration 3's reference keeps the network MAML codebases write (ReLU, then torch's
+    max-pool), so fewbench's pooling before its ReLU counts as fewbench's gain, not the reference's."""
+    from torch import nn
+
+    from fewbench.params import ParamSet
+    from fewbench_plugins.backbones.standard import Conv4
+
+    throughput = load_benchmark()
+    backbone = Conv4(**{**ParamSet.of(Conv4).defaults(), "hidden": 4, "pool": "max"})
+    network, _ = backbone.build_feature_map((3, 16, 16))
+    assert throughput.stock_pooling(network) == 4
+    kinds = [type(m).__name__ for m in network]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 4
+    assert throughput.stock_pooling(nn.Sequential(nn.ReLU())) == 0
+    assert throughput.has_stock_form("3") and not throughput.has_stock_form("1a")
+
+    def row(engine: str, tasks_per_second: float) -> object:
+        return throughput.Measurement("3", engine, "cpu", tasks_per_second=tasks_per_second)
+
+    printed = throughput.table(
+        [row("higher+stock", 2.0), row("higher", 3.0), row("auto", 5.0)], "cpu"
+    )
+    assert "| 3: mini-ImageNet 5-way 1-shot | higher+stock | 2.0 | 0.0 | 1.00 |" in printed
+    assert "| higher | 3.0 | 0.0 | 1.50 |" in printed and "| auto | 5.0 | 0.0 | 2.50 |" in printed
