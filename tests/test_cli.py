@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, concurrently, run_cli
 
 TINY = [
@@ -141,6 +142,20 @@ def test_dry_run_prints_the_grid_and_trains_nothing(data_root):
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "12 cells"
     assert sum("omniglot/20w5s/conv4/" in line for line in lines) == 3
+
+
+def test_the_cpu_suite_dry_runs_on_finns_split(data_root):
+    """suites/omniglot-cpu.yaml: Finn et al.'s split and the budget the README measures."""
+    result = run_cli("run", "suites/omniglot-cpu.yaml", "--dry-run", "--data-root", str(data_root))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "6 cells"
+    assert any(
+        "omniglot/5w1s/conv4/maml/seed0: 6000 steps, 100 validation / 600 test" in line
+        for line in lines
+    )
+    suite = yaml.safe_load((REPO / "suites" / "omniglot-cpu.yaml").read_text())
+    assert suite["datasets"] == [{"name": "omniglot", "split": "finn", "image_size": 28}]
 
 
 def test_data_root_from_the_environment(data_root, tmp_path):
