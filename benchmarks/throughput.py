@@ -18,7 +18,8 @@ Ratios are tasks per second relative to the reference: the per-task loop through
 write it (``higher+stock`` where the network max-pools: conv, batch norm, ReLU, then max-pool;
 fewbench's Conv-4 pools before its ReLU, the same numbers to the bit with the ReLU on a quarter
 of the values, and the plain ``higher`` row shows what that alone gives the reference loop).
-Engine variants, after a ``+``: ``stock`` as just said, ``sync`` reads each iteration's loss back to the host (what the training loop did
+Engine variants, after a ``+``: ``stock`` as just said, ``heap`` (CPU: the measuring process
+runs with glibc's malloc keeping large blocks on its heap, ``HEAP_ENV``), ``sync`` reads each iteration's loss back to the host (what the training loop did
 before it kept losses on the device), ``graph`` replays each iteration as one captured
 CUDA graph (fewbench.graphs, after its self-check), ``tf32`` allows TF32 in matrix
 products and convolutions, ``fp32`` forbids it in both (torch's default allows it in
@@ -51,7 +52,13 @@ CONFIGS = {
 # per core on a CPU), no tasks per call means the whole meta-batch in one call.
 ENGINES = ("higher+stock", "higher", "loop:1", "batched:1", "batched", "auto")
 VARIANTS = ("batched/8", "auto+bf16", "auto+channels_last", "auto+compile")
-KNOWN_VARIANTS = {"bf16", "channels_last", "compile", "sync", "graph", "tf32", "fp32", "stock"}
+KNOWN_VARIANTS = {
+    "bf16", "channels_last", "compile", "sync", "graph", "tf32", "fp32", "stock", "heap",
+}  # fmt: skip
+# The heap variant: glibc's malloc serves every block from its heap and keeps freed memory
+# (no mmap for large blocks, no trimming), so a big tensor reuses pages already mapped instead
+# of faulting fresh zeroed pages in at every allocation. Set when the measuring process starts.
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 # On a GPU: the reference, today's eager loop (a sync per iteration), without the sync,
 # as a CUDA graph, and the graph with TF32 matrix products.
 GPU_ENGINES = (
@@ -164,6 +171,9 @@ def measure(
     )
     if base not in maml_engines.ENGINES or not set(variants) <= KNOWN_VARIANTS:
         result.error = f"unknown engine {engine!r}"
+        return result
+    if "heap" in variants and any(os.environ.get(k) != v for k, v in HEAP_ENV.items()):
+        result.error = "the heap variant is a CPU process setting (measure_isolated sets it)"
         return result
     if device.type == "cuda":
         tf32 = "tf32" in variants
@@ -294,7 +304,11 @@ def measure_isolated(
         learner,
         phase,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600 + 20 * seconds)
+    variants = engine.split("+")[1:]
+    env = {**os.environ, **HEAP_ENV} if "heap" in variants else None
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600 + 20 * seconds, env=env
+    )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return Measurement(config, engine, device, error=last[:160], learner=learner, phase=phase)

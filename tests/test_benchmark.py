@@ -115,3 +115,13 @@ def test_the_reference_is_higher_on_the_stock_max_pooling_network():
     )
     assert "| 3: mini-ImageNet 5-way 1-shot | higher+stock | 2.0 | 0.0 | 1.00 |" in printed
     assert "| higher | 3.0 | 0.0 | 1.50 |" in printed and "| auto | 5.0 | 0.0 | 2.50 |" in printed
+
+
+def test_the_heap_variant_is_set_when_the_measuring_process_starts(monkeypatch):
+    throughput = load_benchmark()
+    for name in throughput.HEAP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    in_process = throughput.measure("1a", "loop:1+heap", "cpu", 0)
+    assert "measure_isolated sets it" in in_process.error and in_process.iterations == 0
+    isolated = throughput.measure_isolated("1a", "loop:1+heap", "cpu", 0)
+    assert not isolated.error and isolated.iterations >= 3
