@@ -115,6 +115,11 @@ def stock_pooling(model) -> int:
     return changed
 
 
+def variants_of(engine: str) -> list[str]:
+    """The variants after an engine's ``+`` signs: ``auto+heap+bf16`` -> ``["heap", "bf16"]``."""
+    return engine.split("+")[1:]
+
+
 def has_stock_form(config: str) -> bool:
     """Whether ``stock`` changes this configuration's network (only max-pooling ones)."""
     return CONFIGS[config][8] == "max"
@@ -156,7 +161,7 @@ def measure(
 
     _, ways, shots, query, tasks, steps, shape, hidden, pool, classes, per_class = CONFIGS[config]
     device = torch.device(device_name)
-    spec, *variants = engine.split("+")
+    spec, variants = engine.split("+")[0], variants_of(engine)
     spec, _, per_call = spec.partition("/")
     base, _, threads = spec.partition(":")
     if "bf16" in variants:
@@ -304,8 +309,7 @@ def measure_isolated(
         learner,
         phase,
     ]
-    variants = engine.split("+")[1:]
-    env = {**os.environ, **HEAP_ENV} if "heap" in variants else None
+    env = {**os.environ, **HEAP_ENV} if "heap" in variants_of(engine) else None
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=600 + 20 * seconds, env=env
     )
@@ -442,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 for engine in engines:
                     if learner != "maml" and engine.startswith("higher"):
                         continue  # the reference is maml's
-                    if "+stock" in engine and not has_stock_form(config):
+                    if "stock" in variants_of(engine) and not has_stock_form(config):
                         continue  # no max-pooling: the stock network is fewbench's
                     print(
                         f"measuring {device} {config} {learner} {engine} ...",

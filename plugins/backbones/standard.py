@@ -66,8 +66,9 @@ class Conv4(Backbone):
                 # Finn et al.'s block is conv, batch norm, ReLU, 2x2 max-pool. Pooling before
                 # the ReLU gives the same values and gradients to the bit (the two commute, ties
                 # included: tests/test_backbones.py) with the ReLU's forward, backward and
-                # second-order terms on a quarter of the values: 8% of a mini-ImageNet MAML
-                # meta-iteration on a CPU (benchmarks/README.md, configuration 3).
+                # second-order terms on a quarter of the values: 1.08x and 1.19x for a
+                # mini-ImageNet MAML meta-iteration through higher on a CPU, in two runs
+                # (benchmarks/README.md, configuration 3).
                 layers.append(nn.MaxPool2d(2))
             layers.append(nn.ReLU())
             channels = hidden
