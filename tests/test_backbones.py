@@ -284,3 +284,48 @@ def test_max_pool_conv4_equals_the_stock_block_order_to_the_bit():
     assert torch.equal(ours(x), stock(x))
     for a, b in zip(second_order(ours), second_order(stock), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_channels_last_max_pool_is_torchs_to_the_bit_ties_and_nans_included():
+    """MaxPool2x2 gathers the values at the maxima it finds in channels-last order: the output,
+    the gradient and the gradient of the gradient are nn.MaxPool2d(2)'s, on odd map sizes, on
+    ties (small integers) and on NaNs."""
+    from fewbench_plugins.backbones.pooling import MaxPool2x2
+
+    torch.manual_seed(0)
+    ties = torch.randint(0, 3, (4, 5, 9, 7)).float()
+    nans = torch.randn(4, 5, 9, 7, dtype=torch.float64)
+    nans[0, 0, 0, 1] = nans[1, 2, 4, 4] = float("nan")
+    for x in (ties, nans, torch.randn(3, 2, 8, 8)):
+        ours, stock = MaxPool2x2(), nn.MaxPool2d(2)
+        x = x.requires_grad_()
+        out = ours(x)
+        gathered = out.grad_fn.next_functions[0][0]  # the view of a gather: the CPU path ran
+        assert type(gathered).__name__ == "GatherBackward0"
+        assert _equal_nans_included(out, stock(x))
+        weights = torch.randn_like(out).requires_grad_()
+
+        def grad_of(
+            pool: nn.Module, x: torch.Tensor = x, weights: torch.Tensor = weights
+        ) -> tuple[torch.Tensor, ...]:
+            (g,) = torch.autograd.grad((pool(x) * weights).sum(), x, create_graph=True)
+            (gg,) = torch.autograd.grad((g * x.detach().cos()).sum(), weights)
+            return g, gg
+
+        for a, b in zip(grad_of(ours), grad_of(stock), strict=True):
+            assert _equal_nans_included(a, b)
+
+
+def _equal_nans_included(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_the_channels_last_max_pool_falls_back_to_torchs_under_vmap():
+    from fewbench_plugins.backbones.pooling import MaxPool2x2
+
+    x = torch.randn(3, 2, 4, 6, 6)
+    out = torch.func.vmap(MaxPool2x2())(x)
+    assert torch.equal(out, torch.func.vmap(nn.MaxPool2d(2))(x))
+    stock_grad = torch.func.vmap(torch.func.grad(lambda t: nn.MaxPool2d(2)(t).square().sum()))(x)
+    ours_grad = torch.func.vmap(torch.func.grad(lambda t: MaxPool2x2()(t).square().sum()))(x)
+    assert torch.equal(ours_grad, stock_grad)
