@@ -19,7 +19,9 @@ write it (``higher+stock`` where the network max-pools: conv, batch norm, ReLU, 
 fewbench's Conv-4 pools before its ReLU, the same numbers to the bit with the ReLU on a quarter
 of the values, and the plain ``higher`` row shows what that alone gives the reference loop).
 Engine variants, after a ``+``: ``stock`` as just said, ``heap`` (CPU: the measuring process
-runs with glibc's malloc keeping large blocks on its heap, ``HEAP_ENV``), ``sync`` reads each iteration's loss back to the host (what the training loop did
+first calls ``fewbench.cpu_heap.keep_large_blocks_on_heap()``, as every process that trains
+cells does: glibc's malloc keeps large blocks on its heap; without ``heap`` the process keeps
+glibc's defaults, as a researcher's own script does), ``sync`` reads each iteration's loss back to the host (what the training loop did
 before it kept losses on the device), ``graph`` replays each iteration as one captured
 CUDA graph (fewbench.graphs, after its self-check), ``tf32`` allows TF32 in matrix
 products and convolutions, ``fp32`` forbids it in both (torch's default allows it in
@@ -55,10 +57,6 @@ VARIANTS = ("batched/8", "auto+bf16", "auto+channels_last", "auto+compile")
 KNOWN_VARIANTS = {
     "bf16", "channels_last", "compile", "sync", "graph", "tf32", "fp32", "stock", "heap",
 }  # fmt: skip
-# The heap variant: glibc's malloc serves every block from its heap and keeps freed memory
-# (no mmap for large blocks, no trimming), so a big tensor reuses pages already mapped instead
-# of faulting fresh zeroed pages in at every allocation. Set when the measuring process starts.
-HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 # On a GPU: the reference, today's eager loop (a sync per iteration), without the sync,
 # as a CUDA graph, and the graph with TF32 matrix products.
 GPU_ENGINES = (
@@ -99,8 +97,9 @@ class Measurement:
 
 def stock_pooling(model) -> int:
     """Turn fewbench's max-pooling blocks (..., batch norm, max-pool, ReLU) back into the order
-    MAML codebases use (..., batch norm, ReLU, max-pool), in place; the number of blocks
-    changed. Neither layer holds parameters, so nothing else changes."""
+    MAML codebases use (..., batch norm, ReLU, max-pool) with torch's own ``nn.MaxPool2d``
+    (fewbench's ``MaxPool2x2`` searches for the maxima in channels-last order), in place;
+    the number of blocks changed. Neither layer holds parameters, so nothing else changes."""
     from torch import nn
 
     changed = 0
@@ -110,7 +109,14 @@ def stock_pooling(model) -> int:
         for i in range(len(module) - 1):
             pool, relu = module[i], module[i + 1]
             if isinstance(pool, nn.MaxPool2d) and isinstance(relu, nn.ReLU):
-                module[i], module[i + 1] = relu, pool
+                stock = nn.MaxPool2d(
+                    pool.kernel_size,
+                    pool.stride,
+                    pool.padding,
+                    pool.dilation,
+                    ceil_mode=pool.ceil_mode,
+                )
+                module[i], module[i + 1] = relu, stock
                 changed += 1
     return changed
 
@@ -152,6 +158,7 @@ def measure(
     query outputs, for the configuration's number of tasks per call."""
     import torch
 
+    from fewbench import cpu_heap
     from fewbench.data import ClassPool, seeded_generator
     from fewbench.graphs import WARMUP_ITERATIONS, GraphedTraining
     from fewbench.learner import LearnerContext
@@ -177,8 +184,8 @@ def measure(
     if base not in maml_engines.ENGINES or not set(variants) <= KNOWN_VARIANTS:
         result.error = f"unknown engine {engine!r}"
         return result
-    if "heap" in variants and any(os.environ.get(k) != v for k, v in HEAP_ENV.items()):
-        result.error = "the heap variant is a CPU process setting (measure_isolated sets it)"
+    if "heap" in variants and not cpu_heap.state().startswith("heap"):
+        result.error = "the heap variant is a setting of the whole process (see measure_isolated)"
         return result
     if device.type == "cuda":
         tf32 = "tf32" in variants
@@ -309,10 +316,7 @@ def measure_isolated(
         learner,
         phase,
     ]
-    env = {**os.environ, **HEAP_ENV} if "heap" in variants_of(engine) else None
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=600 + 20 * seconds, env=env
-    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600 + 20 * seconds)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return Measurement(config, engine, device, error=last[:160], learner=learner, phase=phase)
@@ -422,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.one:
         config, engine, device, seconds, learner, phase = args.one
+        if "heap" in variants_of(engine) and device == "cpu":  # first, before any thread allocates
+            from fewbench import cpu_heap
+
+            cpu_heap.keep_large_blocks_on_heap()
         print(json.dumps(asdict(measure(config, engine, device, float(seconds), learner, phase))))
         return 0
     import torch

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from fewbench import cpu_heap
 from fewbench.data import EpisodeBatch
 
 Params = dict[str, Tensor]
@@ -65,6 +66,11 @@ OPTIMIZERS = ("sgd", "adam")
 # Omniglot 5-way 1-shot with 1 query per class is 10 x 784 = 7,840 values (batched
 # wins); with 15 queries, 62,720, and 20-way 1-shot, 31,360 (the loop wins).
 CPU_BATCHED_MAX_VALUES_PER_TASK = 20_000
+# mini-ImageNet 5-way 1-shot with 15 queries per class is 80 x 3 x 84 x 84 = 1,693,440 values:
+# with glibc keeping large blocks on the main heap (fewbench.cpu_heap), one task at a time on
+# every core was 1.26x the loop split over the cores (whose threads' arenas map the 68 MB
+# blocks afresh); measured with benchmarks/throughput.py, configuration 3.
+CPU_ONE_TASK_MIN_VALUES_PER_TASK = 1_000_000
 
 
 # -- which parameters adapt -----------------------------------------------------------
@@ -294,7 +300,10 @@ def choose_engine(
     per-call overhead dominates and batching removes it) and ``loop`` above that
     (the work is in the convolutions, and vmap's batched convolutions and batch
     norms are slower on a CPU than one task's); measured with
-    benchmarks/throughput.py. ``vmap_safe`` is False when the backbone cannot be
+    benchmarks/throughput.py. A task of mini-ImageNet size (at least
+    :data:`CPU_ONE_TASK_MIN_VALUES_PER_TASK` values) runs one at a time on all the
+    intra-op threads when glibc keeps large blocks on the main heap
+    (:mod:`fewbench.cpu_heap`). ``vmap_safe`` is False when the backbone cannot be
     batched (a batch norm with running statistics): then ``auto`` never batches
     and ``batched`` is refused.
     """
@@ -323,9 +332,17 @@ def choose_engine(
         threads = 1
     elif requested_threads > 0:
         threads = requested_threads
+    elif requested == "auto" and engine == "loop" and _keeps_large_blocks_on_main_heap(batch):
+        threads = 1
+        why += "; one task at a time, its large blocks on the main heap (fewbench.cpu_heap)"
     else:
         threads = torch.get_num_threads()
     return EngineChoice(engine, threads, why)
+
+
+def _keeps_large_blocks_on_main_heap(batch: EpisodeBatch) -> bool:
+    values = batch.support_x[0].numel() + batch.query_x[0].numel()
+    return values >= CPU_ONE_TASK_MIN_VALUES_PER_TASK and cpu_heap.state() == cpu_heap.HEAP
 
 
 # -- threads ----------------------------------------------------------------------------------

@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         options: list[ExecutorOption] = []
         # plugins and data load the plugins themselves, when the plugin index is not current
         if _command_of(argv) in RUN_COMMANDS + ("tune",):
+            from fewbench import cpu_heap  # first: before any thread allocates
+
+            cpu_heap.keep_large_blocks_on_heap()
             from fewbench.registry import Registry
 
             registry = Registry()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import fewbench
+from fewbench import cpu_heap
 from fewbench.registry import KINDS, Registry
 
 
@@ -62,6 +63,7 @@ def collect(device: torch.device, registry: Registry) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
+        "malloc": cpu_heap.state(),
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(Path(fewbench.__file__).resolve().parent),
         "plugin_providers": {name: plugin_version(name) for name in providers},

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 import torch
 
+from fewbench import cpu_heap
 from fewbench.api import model_record
 from fewbench.atomic import write_json_atomically
 from fewbench.cache import save_atomically
@@ -582,6 +583,7 @@ def run_cell_task(
     recorded as failed and the task returns normally: retrying it would fail the same
     way. Retries are for the worker dying, which the scheduler sees.
     """
+    cpu_heap.keep_large_blocks_on_heap()  # the scheduler's process may have threads already
     folder = Path(run_dir)
     journal = CellJournal(folder, cell_id, default_worker_name())
     if journal.done:
@@ -626,6 +628,7 @@ def follow(
 
 def main(argv: list[str] | None = None) -> int:
     """A local worker process: ``python -m fewbench.worker RUN_DIR SETTINGS_JSON``."""
+    cpu_heap.keep_large_blocks_on_heap()  # first: before any thread allocates
     run_dir, settings_json = argv if argv is not None else sys.argv[1:]
     settings = WorkerSettings.from_dict(json.loads(settings_json))
     stop = threading.Event()

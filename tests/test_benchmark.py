@@ -118,10 +118,11 @@ def test_the_reference_is_higher_on_the_stock_max_pooling_network():
 
 
 def test_the_heap_variant_is_set_when_the_measuring_process_starts(monkeypatch):
+    from fewbench import cpu_heap
+
     throughput = load_benchmark()
-    for name in throughput.HEAP_ENV:
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_heap, "_state", None)  # this process was never configured
     in_process = throughput.measure("1a", "loop:1+heap", "cpu", 0)
-    assert "measure_isolated sets it" in in_process.error and in_process.iterations == 0
+    assert "setting of the whole process" in in_process.error and in_process.iterations == 0
     isolated = throughput.measure_isolated("1a", "loop:1+heap", "cpu", 0)
     assert not isolated.error and isolated.iterations >= 3

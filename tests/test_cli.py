@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,8 @@ def test_run_stores_every_cell_and_prints_the_table(tiny_run):
         assert (out / "checkpoints" / cell_id / "best.pt").is_file()
     env = json.loads((out / "environment.json").read_text())
     assert {"python", "torch", "fewbench", "device", "git_commit"} <= set(env)
+    if sys.platform.startswith("linux"):  # fewbench run kept glibc's large blocks on its heap
+        assert env["malloc"] == "heap (glibc: no mmap for large blocks, trim above 1 GiB)"
     assert "iterations: 4" in (out / "suite.yaml").read_text()
 
 

@@ -128,6 +128,28 @@ def test_auto_engine_follows_the_documented_rule():
         choose_engine("batched", 0, cpu, small, vmap_safe=False)
 
 
+def test_auto_runs_mini_imagenet_sized_tasks_one_at_a_time_when_the_heap_keeps_large_blocks(
+    monkeypatch,
+):
+    from fewbench import cpu_heap
+
+    large = random_episodes(tasks=2, ways=5, shots=1, query=15, shape=(3, 84, 84))
+    omniglot = random_episodes(tasks=2, ways=5, shots=1, query=15, shape=(1, 28, 28))
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    monkeypatch.setattr(cpu_heap, "_state", cpu_heap.HEAP)
+    assert choose_engine("auto", 0, cpu, large) == EngineChoice(
+        "loop",
+        1,
+        "auto: CPU, 1693440 input values per task > 20000; one task at a time, its large "
+        "blocks on the main heap (fewbench.cpu_heap)",
+    )
+    assert choose_engine("auto", 0, cpu, omniglot).threads == threads
+    assert choose_engine("auto", 2, cpu, large).threads == 2  # the suite's threads win
+    assert choose_engine("loop", 0, cpu, large).threads == threads  # so does its engine
+    monkeypatch.setattr(cpu_heap, "_state", "system (FEWBENCH_MALLOC=system)")
+    assert choose_engine("auto", 0, cpu, large).threads == threads
+
+
 def test_the_engine_is_described_for_the_results_store():
     learner = make_learner(MAML, Conv4(hidden=8, pool="stride"), (1, 28, 28), 5, threads=2)
     meta_gradient(learner, random_episodes(tasks=2, ways=5, shots=1, query=1, shape=(1, 28, 28)))
