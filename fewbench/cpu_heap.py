@@ -28,6 +28,8 @@ import ctypes.util
 import os
 import sys
 
+from fewbench.errors import FewbenchError
+
 ENV = "FEWBENCH_MALLOC"
 TRIM_THRESHOLD = 1 << 30  # 1 GiB of free memory at the heap's top goes back to the kernel
 # mallopt's parameter numbers (glibc's malloc.h)
@@ -39,7 +41,10 @@ _state: str | None = None
 
 
 def keep_large_blocks_on_heap() -> str:
-    """Set glibc's malloc up for training, once per process; what was done, in words."""
+    """Set glibc's malloc up for training, once per process; what was done, in words.
+
+    Raises :class:`~fewbench.errors.FewbenchError` when ``FEWBENCH_MALLOC`` is neither
+    ``heap`` nor ``system``."""
     global _state
     if _state is None:
         _state = _configure()
@@ -51,12 +56,20 @@ def state() -> str:
     return _state or "system (not configured in this process)"
 
 
-def _configure() -> str:
+def requested() -> str:
+    """``heap`` or ``system``, from ``FEWBENCH_MALLOC`` (default ``heap``)."""
     wanted = os.environ.get(ENV, "heap").strip().lower()
-    if wanted == "system":
+    if wanted not in ("heap", "system"):
+        raise FewbenchError(
+            f"environment variable {ENV} is {os.environ[ENV]!r}: use heap (the default: glibc "
+            "keeps large blocks on its heap) or system (glibc's own defaults)"
+        )
+    return wanted
+
+
+def _configure() -> str:
+    if requested() == "system":
         return f"system ({ENV}=system)"
-    if wanted != "heap":
-        return f"system ({ENV}={wanted!r} is neither heap nor system)"
     if not sys.platform.startswith("linux"):
         return f"system (not glibc: {sys.platform})"
     mallopt = _glibc_mallopt()

@@ -583,7 +583,6 @@ def run_cell_task(
     recorded as failed and the task returns normally: retrying it would fail the same
     way. Retries are for the worker dying, which the scheduler sees.
     """
-    cpu_heap.keep_large_blocks_on_heap()  # the scheduler's process may have threads already
     folder = Path(run_dir)
     journal = CellJournal(folder, cell_id, default_worker_name())
     if journal.done:
@@ -591,6 +590,7 @@ def run_cell_task(
     attempt = journal.start(host=socket.gethostname(), **(details or {}))
     worker_settings = WorkerSettings.from_dict(settings)
     try:
+        cpu_heap.keep_large_blocks_on_heap()  # the scheduler's process may have threads already
         cell = read_cell(folder, cell_id)
         runner = CellRunner(worker_settings)
         with journal.heartbeat(interval_for(worker_settings.stale_after)):
@@ -628,11 +628,11 @@ def follow(
 
 def main(argv: list[str] | None = None) -> int:
     """A local worker process: ``python -m fewbench.worker RUN_DIR SETTINGS_JSON``."""
-    cpu_heap.keep_large_blocks_on_heap()  # first: before any thread allocates
     run_dir, settings_json = argv if argv is not None else sys.argv[1:]
     settings = WorkerSettings.from_dict(json.loads(settings_json))
     stop = threading.Event()
     try:
+        cpu_heap.keep_large_blocks_on_heap()  # first: before any thread allocates
         with first_interrupt_stops(stop):
             summary = work_through(Path(run_dir), settings, log=sys.stderr, stop=stop)
     except FewbenchError as exc:

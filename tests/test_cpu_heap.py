@@ -66,10 +66,19 @@ def test_glibcs_defaults_map_large_blocks_and_fewbench_malloc_system_keeps_them(
     assert opted_out["main"] == 1 and opted_out["both"] == 2
 
 
-def test_an_unknown_setting_leaves_the_defaults_and_says_why(monkeypatch):
-    from fewbench import cpu_heap
+def test_an_unknown_setting_is_one_line_and_exit_2_before_anything_runs(tmp_path):
+    from helpers import run_cli
 
-    monkeypatch.setenv("FEWBENCH_MALLOC", "jemalloc")
-    assert cpu_heap._configure() == (
-        "system (FEWBENCH_MALLOC='jemalloc' is neither heap nor system)"
+    result = run_cli(
+        "run",
+        "suites/sinusoid.yaml",
+        "--out",
+        str(tmp_path / "run"),
+        env={"FEWBENCH_MALLOC": "jemalloc"},
     )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "fewbench: error: environment variable FEWBENCH_MALLOC is 'jemalloc': use heap (the "
+        "default: glibc keeps large blocks on its heap) or system (glibc's own defaults)"
+    )
+    assert not (tmp_path / "run").exists()
