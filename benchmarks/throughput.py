@@ -52,7 +52,20 @@ CONFIGS = {
 }
 # engine[:threads][/tasks per vmap call]; no thread count means fewbench's own choice (one
 # per core on a CPU), no tasks per call means the whole meta-batch in one call.
-ENGINES = ("higher+stock", "higher", "loop:1", "batched:1", "batched", "auto")
+# On a CPU: the reference as a researcher's script runs it and given fewbench's heap (higher+heap
+# where the network has no stock form), and fewbench's engines; auto+heap is what fewbench run
+# does (fewbench.cpu_heap).
+ENGINES = (
+    "higher+stock",
+    "higher+stock+heap",
+    "higher",
+    "higher+heap",
+    "loop:1",
+    "batched:1",
+    "batched",
+    "auto",
+    "auto+heap",
+)
 VARIANTS = ("batched/8", "auto+bf16", "auto+channels_last", "auto+compile")
 KNOWN_VARIANTS = {
     "bf16", "channels_last", "compile", "sync", "graph", "tf32", "fp32", "stock", "heap",
