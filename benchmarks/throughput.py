@@ -197,7 +197,7 @@ def measure(
     if base not in maml_engines.ENGINES or not set(variants) <= KNOWN_VARIANTS:
         result.error = f"unknown engine {engine!r}"
         return result
-    if "heap" in variants and not cpu_heap.state().startswith("heap"):
+    if "heap" in variants and not cpu_heap.is_on():
         result.error = "the heap variant is a setting of the whole process (see measure_isolated)"
         return result
     if device.type == "cuda":

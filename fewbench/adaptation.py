@@ -312,13 +312,13 @@ def choose_engine(
             "engine: batched cannot run a backbone whose batch norm keeps running statistics "
             "(in-place updates under torch.func.vmap); use engine: loop"
         )
+    values = batch.support_x[0].numel() + batch.query_x[0].numel()  # one task's inputs
     if requested == "auto":
         if device.type == "cuda" and vmap_safe:
             engine, why = "batched", "auto: CUDA device"
         elif device.type == "cuda":
             engine, why = "loop", "auto: the backbone's batch norm keeps running statistics"
         else:
-            values = batch.support_x[0].numel() + batch.query_x[0].numel()
             limit = CPU_BATCHED_MAX_VALUES_PER_TASK
             if values <= limit and vmap_safe:
                 engine, why = "batched", f"auto: CPU, {values} input values per task <= {limit}"
@@ -332,17 +332,17 @@ def choose_engine(
         threads = 1
     elif requested_threads > 0:
         threads = requested_threads
-    elif requested == "auto" and engine == "loop" and _keeps_large_blocks_on_main_heap(batch):
+    elif (
+        requested == "auto"
+        and engine == "loop"
+        and values >= CPU_ONE_TASK_MIN_VALUES_PER_TASK
+        and cpu_heap.is_on()
+    ):
         threads = 1
         why += "; one task at a time, its large blocks on the main heap (fewbench.cpu_heap)"
     else:
         threads = torch.get_num_threads()
     return EngineChoice(engine, threads, why)
-
-
-def _keeps_large_blocks_on_main_heap(batch: EpisodeBatch) -> bool:
-    values = batch.support_x[0].numel() + batch.query_x[0].numel()
-    return values >= CPU_ONE_TASK_MIN_VALUES_PER_TASK and cpu_heap.state() == cpu_heap.HEAP
 
 
 # -- threads ----------------------------------------------------------------------------------

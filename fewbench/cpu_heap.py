@@ -56,6 +56,11 @@ def state() -> str:
     return _state or "system (not configured in this process)"
 
 
+def is_on() -> bool:
+    """Whether glibc keeps large blocks on the heap in this process."""
+    return _state == HEAP
+
+
 def requested() -> str:
     """``heap`` or ``system``, from ``FEWBENCH_MALLOC`` (default ``heap``)."""
     wanted = os.environ.get(ENV, "heap").strip().lower()
