@@ -1,7 +1,7 @@
 """One ``maml_trpo`` iteration on 2-D navigation with each Hessian-vector product, side by side.
 
 The learner's ``hvp`` parameter picks how TRPO multiplies by the Hessian of the KL through
-the inner step (fewbench.policy_gradient): ``finite_difference`` (the paper's: two
+the inner step (fewbench.methods.policy_gradient): ``finite_difference`` (the paper's: two
 second-order gradients in float64 per product), ``exact`` (a double backward through the
 inner step: a third derivative) and ``fisher`` (``sum_i J_i F_i J_i``, exact at the
 sampling parameters: second derivatives only). Every method runs ``MAMLTRPO.train_step``
@@ -33,9 +33,9 @@ import time
 
 import torch
 
-import fewbench.policy_gradient as pg
+import fewbench.methods.policy_gradient as pg
 import fewbench_plugins.learners.rl as rl
-from fewbench.learner import LearnerContext
+from fewbench.plugin.learner import LearnerContext
 from fewbench_plugins.backbones.standard import MLP
 from fewbench_plugins.environments.navigation2d import Navigation2D
 

@@ -10,7 +10,7 @@ stacked tensors is each seed's own Adam. Each seed draws its own episodes.
 Rows, per configuration (the shapes of ``throughput.py``'s 1a and 2):
 
 * ``1 seed``: MAML's batched meta-iteration, eager and as one CUDA graph
-  (``fewbench.graphs``, after its self-check): S seeds cost S times this;
+  (``fewbench.methods.cuda_graphs``, after its self-check): S seeds cost S times this;
 * ``S seeds, ensemble``: one meta-iteration of all S seeds, eager and, on CUDA,
   captured as one CUDA graph the same way (static index buffers, gather, meta-gradient,
   capturable Adam).
@@ -36,12 +36,12 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from throughput import CONFIGS, machine_description  # noqa: E402
 
-from fewbench.adaptation import InnerLoop, vmap_safe_batch_norm  # noqa: E402
-from fewbench.data import ClassPool, EpisodeBatch, EpisodeIndices, seeded_generator  # noqa: E402
-from fewbench.graphs import WARMUP_ITERATIONS, GraphedTraining, cuda_capture  # noqa: E402
-from fewbench.learner import LearnerContext  # noqa: E402
-from fewbench.params import ParamSet  # noqa: E402
-from fewbench.task_types import CLASSIFICATION  # noqa: E402
+from fewbench.methods.adaptation import InnerLoop, vmap_safe_batch_norm  # noqa: E402
+from fewbench.methods.cuda_graphs import WARMUP_ITERATIONS, GraphedTraining, cuda_capture  # noqa: E402
+from fewbench.plugin.dataset import ClassPool, EpisodeBatch, EpisodeIndices, seeded_generator  # noqa: E402
+from fewbench.plugin.learner import LearnerContext  # noqa: E402
+from fewbench.plugin.params import ParamSet  # noqa: E402
+from fewbench.plugin.task_types import CLASSIFICATION  # noqa: E402
 from fewbench_plugins.backbones.standard import Conv4  # noqa: E402
 from fewbench_plugins.learners.maml import MAML  # noqa: E402
 
@@ -272,7 +272,7 @@ def ensemble(config: str, device: torch.device, seconds: float, seeds: int, grap
     first = model.draw(0)
     static = first.to(device)
     # Two pinned buffers used in turn, each overwritten only after its last copy ran (as
-    # fewbench.graphs does): the host draws the next episodes while the GPU works.
+    # fewbench.methods.cuda_graphs does): the host draws the next episodes while the GPU works.
     pinned = [
         EpisodeIndices(first.classes.clone().pin_memory(), first.examples.clone().pin_memory())
         for _ in range(2)

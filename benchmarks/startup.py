@@ -7,7 +7,7 @@ median and the minimum. One more run per command, through a child that calls the
 matplotlib) the command imported. ``status`` reads a small run directory made beforehand
 by a smoke run of ``suites/sinusoid.yaml`` (2 iterations, 2 episodes).
 
-``plugins`` and ``data list`` are measured twice (fewbench.plugin_index): cold, with the
+``plugins`` and ``data list`` are measured twice (fewbench.cli.plugin_index): cold, with the
 plugin index removed before every run (so the plugins are imported, as on the first call
 after an install or an edit of a plugin), and warm, with the index (and ``data list``'s
 verified folders) left by the run before. Every run uses a cache folder of its own
@@ -37,7 +37,7 @@ HEAVY = ("torch", "scipy", "pandas", "matplotlib")
 # of the standard error (the command's own output goes where it always does).
 PROBE = """\
 import sys
-from fewbench.cli import main
+from fewbench.cli.parser import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:  # --help exits through argparse

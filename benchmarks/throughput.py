@@ -19,11 +19,11 @@ write it (``higher+stock`` where the network max-pools: conv, batch norm, ReLU, 
 fewbench's Conv-4 pools before its ReLU, the same numbers to the bit with the ReLU on a quarter
 of the values, and the plain ``higher`` row shows what that alone gives the reference loop).
 Engine variants, after a ``+``: ``stock`` as just said, ``heap`` (CPU: the measuring process
-first calls ``fewbench.cpu_heap.keep_large_blocks_on_heap()``, as every process that trains
+first calls ``fewbench.running.cpu_heap.keep_large_blocks_on_heap()``, as every process that trains
 cells does: glibc's malloc keeps large blocks on its heap; without ``heap`` the process keeps
 glibc's defaults, as a researcher's own script does), ``sync`` reads each iteration's loss back to the host (what the training loop did
 before it kept losses on the device), ``graph`` replays each iteration as one captured
-CUDA graph (fewbench.graphs, after its self-check), ``tf32`` allows TF32 in matrix
+CUDA graph (fewbench.methods.cuda_graphs, after its self-check), ``tf32`` allows TF32 in matrix
 products and convolutions, ``fp32`` forbids it in both (torch's default allows it in
 convolutions only), ``bf16``, ``channels_last`` and ``compile`` as named. A row of another learner
 of the gradient family (``--learners``) is that learner's meta-iteration with the
@@ -54,7 +54,7 @@ CONFIGS = {
 # per core on a CPU), no tasks per call means the whole meta-batch in one call.
 # On a CPU: the reference as a researcher's script runs it and given fewbench's heap (higher+heap
 # where the network has no stock form), and fewbench's engines; auto+heap is what fewbench run
-# does (fewbench.cpu_heap).
+# does (fewbench.running.cpu_heap).
 ENGINES = (
     "higher+stock",
     "higher+stock+heap",
@@ -171,11 +171,11 @@ def measure(
     query outputs, for the configuration's number of tasks per call."""
     import torch
 
-    from fewbench import cpu_heap
-    from fewbench.data import ClassPool, seeded_generator
-    from fewbench.graphs import WARMUP_ITERATIONS, GraphedTraining
-    from fewbench.learner import LearnerContext
-    from fewbench.params import ParamSet
+    from fewbench.methods.cuda_graphs import WARMUP_ITERATIONS, GraphedTraining
+    from fewbench.plugin.dataset import ClassPool, seeded_generator
+    from fewbench.plugin.learner import LearnerContext
+    from fewbench.plugin.params import ParamSet
+    from fewbench.running import cpu_heap
     from fewbench_plugins.backbones.standard import Conv4
     from fewbench_plugins.learners import maml_engines
 
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         config, engine, device, seconds, learner, phase = args.one
         if "heap" in variants_of(engine) and device == "cpu":  # first, before any thread allocates
-            from fewbench import cpu_heap
+            from fewbench.running import cpu_heap
 
             cpu_heap.keep_large_blocks_on_heap()
         print(json.dumps(asdict(measure(config, engine, device, float(seconds), learner, phase))))

@@ -2,6 +2,6 @@
 
 import sys
 
-from fewbench.cli import main
+from fewbench.cli.parser import main
 
 sys.exit(main())

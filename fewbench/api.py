@@ -22,37 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fewbench.errors import FewbenchError
-
-MODEL_FORMAT = "fewbench-model/1"
-
-
-# -- model files --------------------------------------------------------------------------------
-# The fields of a LearnerContext that are rebuilt from the cell, not saved as values.
-REBUILT = ("backbone", "device", "task_type")
-
-
-def model_record(
-    learner: Any, cell: Any, context: Any, plugin_versions: dict[str, str]
-) -> dict[str, Any]:
-    """What ``best.pt`` holds: the learner's state and everything needed to set it up again.
-    Tensors and plain values only, so it is read with ``torch.load(weights_only=True)``."""
-    from dataclasses import fields
-
-    from fewbench import __version__
-
-    saved = {f.name: getattr(context, f.name) for f in fields(context) if f.name not in REBUILT}
-    return {
-        "format": MODEL_FORMAT,
-        "fewbench_version": __version__,
-        "plugins": dict(plugin_versions),
-        "cell": cell.to_record(),
-        "context": {
-            **saved,
-            "input_shape": list(context.input_shape),
-            "task_type": context.task_type.name,
-        },
-        "state": learner.state_dict(),
-    }
+from fewbench.storage.model_file import MODEL_FORMAT, REBUILT, model_record  # noqa: F401
 
 
 def _model_file(source: str | Path, cell: str | None) -> Path:
@@ -63,7 +33,7 @@ def _model_file(source: str | Path, cell: str | None) -> Path:
         return path
     if not path.is_dir():
         raise FewbenchError(f"{path}: no such model file or run directory")
-    from fewbench.store import ResultsStore
+    from fewbench.storage.store import ResultsStore
 
     store = ResultsStore.open_run(path, must_exist=True)
     try:
@@ -94,9 +64,9 @@ def _model_file(source: str | Path, cell: str | None) -> Path:
 class TrainedModel:
     """A trained learner, set up as its cell was, ready to adapt to new episodes."""
 
-    learner: Any  # fewbench.learner.Learner
-    cell: Any  # fewbench.cell.Cell
-    context: Any  # fewbench.learner.LearnerContext
+    learner: Any  # fewbench.plugin.learner.Learner
+    cell: Any  # fewbench.suite.cell.Cell
+    context: Any  # fewbench.plugin.learner.LearnerContext
     record: dict[str, Any]
 
     @property
@@ -111,7 +81,7 @@ class TrainedModel:
         ``context.ways`` classes."""
         import torch
 
-        from fewbench.data import EpisodeBatch
+        from fewbench.plugin.dataset import EpisodeBatch
 
         def batched(t: Any) -> Any:
             return torch.as_tensor(t).to(self.device).unsqueeze(0)
@@ -129,10 +99,10 @@ class TrainedModel:
         it (the same episodes, so the stored values come back exactly)."""
         import torch
 
-        from fewbench.evaluation import EpisodeSpec, dataset_identity, evaluate
-        from fewbench.paths import default_cache_dir
         from fewbench.registry import Registry
-        from fewbench.worker import DatasetCache, source_of_test_episodes
+        from fewbench.running.evaluation import EpisodeSpec, dataset_identity, evaluate
+        from fewbench.running.worker import DatasetCache, source_of_test_episodes
+        from fewbench.storage.paths import default_cache_dir
 
         device = torch.device(self.device)
         datasets = DatasetCache(Registry(), Path(data_root), default_cache_dir(), device)
@@ -167,10 +137,10 @@ def load_learner(
     installed plugins; a missing plugin is named in the error."""
     import torch
 
-    from fewbench.cell import Cell
-    from fewbench.learner import LearnerContext
+    from fewbench.plugin.learner import LearnerContext
+    from fewbench.plugin.task_types import task_type_of
     from fewbench.registry import Registry
-    from fewbench.task_types import task_type_of
+    from fewbench.suite.cell import Cell
 
     path = _model_file(source, cell)
     record = torch.load(path, map_location=device, weights_only=True)
@@ -226,7 +196,7 @@ def load_results(run_dir: str | Path) -> Results:
 
     import pandas as pd
 
-    from fewbench.store import ResultsStore
+    from fewbench.storage.store import ResultsStore
 
     store = ResultsStore.open_run(Path(run_dir), must_exist=True)
     try:
@@ -272,17 +242,17 @@ def run(
     the suite's ``log:`` (``--log``): logger names, or ``{"name": NAME, **its parameters}``."""
     import yaml
 
-    from fewbench.paths import default_data_root, default_run_dir
     from fewbench.registry import Registry
-    from fewbench.runner import RunRequest
-    from fewbench.runner import run as run_suite
+    from fewbench.running.runner import RunRequest
+    from fewbench.running.runner import run as run_suite
+    from fewbench.storage.paths import default_data_root, default_run_dir
 
     sets = tuple(
         f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
         for key, value in (set or {}).items()
     )
     if out is None:
-        from fewbench.suite import load_suite_file
+        from fewbench.suite.loading import load_suite_file
 
         name = load_suite_file(Path(suite), list(sets)).data.get("name", "suite")
         out = default_run_dir(str(name))
@@ -344,13 +314,13 @@ def tune(
 
     import yaml
 
-    from fewbench.paths import default_data_root
     from fewbench.registry import Registry
-    from fewbench.runner import RunRequest
-    from fewbench.search import flow
-    from fewbench.store import ResultsStore
-    from fewbench.tuning import META_KEY, TuneRequest, plan, require_optuna
-    from fewbench.tuning import tune as tune_suite
+    from fewbench.running.runner import RunRequest
+    from fewbench.running.tuning import META_KEY, TuneRequest, plan, require_optuna
+    from fewbench.running.tuning import tune as tune_suite
+    from fewbench.storage.paths import default_data_root
+    from fewbench.storage.store import ResultsStore
+    from fewbench.suite.search import flow
 
     require_optuna()
     registry = Registry()

@@ -8,9 +8,9 @@ from typing import Any
 
 import pluggy
 
-from fewbench import hookspecs
 from fewbench.errors import PluginError
-from fewbench.params import ParamSet, closest
+from fewbench.plugin import hookspecs
+from fewbench.plugin.params import ParamSet, closest
 
 KINDS = ("dataset", "backbone", "learner", "executor", "logger")
 _HOOKS = {

@@ -22,7 +22,7 @@ def run_cli(
     """Run the installed ``fewbench`` command as a user would (a fresh process)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "fewbench.cli", *args],
+        [sys.executable, "-m", "fewbench", *args],
         capture_output=True,
         text=True,
         env=full_env,

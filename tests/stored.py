@@ -9,10 +9,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from fewbench.cell import Cell
-from fewbench.download import Resource
-from fewbench.sink import CellResult
-from fewbench.store import ResultsStore
+from fewbench.data.download import Resource
+from fewbench.storage.sink import CellResult
+from fewbench.storage.store import ResultsStore
+from fewbench.suite.cell import Cell
 
 
 def make_cell(

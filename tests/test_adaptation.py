@@ -1,4 +1,4 @@
-"""The public adaptation API (fewbench.adaptation): meta-gradients against finite
+"""The public adaptation API (fewbench.methods.adaptation): meta-gradients against finite
 differences of an objective written out independently, in float64, for every kind of
 inner loop the MAML family needs; batched equal to loop; first order by hand."""
 
@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fewbench.adaptation import (
+from fewbench.methods.adaptation import (
     Adapter,
     PerStepBatchNorm,
     StepSizes,
     head_names,
     parameter_names,
 )
-from fewbench.data import EpisodeBatch
+from fewbench.plugin.dataset import EpisodeBatch
 
 WAYS, SHOTS, QUERY, FEATURES = 3, 2, 2, 4
 

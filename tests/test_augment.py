@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewbench import augment
-from fewbench.cell import Cell
-from fewbench.data import ClassPool, LabelledBatch
-from fewbench.learner import Learner
-from fewbench.suite import TRAIN
-from fewbench.training import train
+from fewbench.methods import augment
+from fewbench.plugin.dataset import ClassPool, LabelledBatch
+from fewbench.plugin.learner import Learner
+from fewbench.running.training import train
+from fewbench.suite.cell import Cell
+from fewbench.suite.loading import TRAIN
 
 
 def images(count=64, channels=3, size=12, seed=0) -> torch.Tensor:

@@ -9,7 +9,7 @@ from test_maml import make_learner, meta_gradient, random_episodes
 from torch import nn
 
 from fewbench.errors import FewbenchError
-from fewbench.params import ParamSet
+from fewbench.plugin.params import ParamSet
 from fewbench_plugins.backbones import resnets
 from fewbench_plugins.backbones.resnets import (
     DropBlock,

@@ -95,7 +95,7 @@ def test_the_reference_is_higher_on_the_stock_max_pooling_network():
     max-pool), so fewbench's pooling before its ReLU counts as fewbench's gain, not the reference's."""
     from torch import nn
 
-    from fewbench.params import ParamSet
+    from fewbench.plugin.params import ParamSet
     from fewbench_plugins.backbones.standard import Conv4
 
     throughput = load_benchmark()
@@ -118,7 +118,7 @@ def test_the_reference_is_higher_on_the_stock_max_pooling_network():
 
 
 def test_the_heap_variant_is_set_when_the_measuring_process_starts(monkeypatch):
-    from fewbench import cpu_heap
+    from fewbench.running import cpu_heap
 
     throughput = load_benchmark()
     monkeypatch.setattr(cpu_heap, "_state", None)  # this process was never configured

@@ -9,7 +9,7 @@ import pytest
 import torch
 from stored import checked_against, tar_gz
 
-from fewbench import datastore
+from fewbench.data import root as datastore
 from fewbench_plugins.datasets.cifar import (
     CIFAR_FS_TEST,
     CIFAR_FS_VAL,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fewbench.cell import Cell
-from fewbench.data import ClassPool, EpisodeBatch, LabelledBatch
 from fewbench.errors import FewbenchError
-from fewbench.learner import Learner, LearnerContext
-from fewbench.params import ParamSet
-from fewbench.task_types import CLASSIFICATION, REGRESSION
-from fewbench.training import train
+from fewbench.plugin.dataset import ClassPool, EpisodeBatch, LabelledBatch
+from fewbench.plugin.learner import Learner, LearnerContext
+from fewbench.plugin.params import ParamSet
+from fewbench.plugin.task_types import CLASSIFICATION, REGRESSION
+from fewbench.running.training import train
+from fewbench.suite.cell import Cell
 from fewbench_plugins.backbones.standard import MLP, Conv4
 from fewbench_plugins.learners.finetune import FineTune
 from fewbench_plugins.learners.meta_baseline import MetaBaseline, cosine_prototype_logits

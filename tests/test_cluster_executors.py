@@ -271,7 +271,7 @@ def test_the_slurm_job_array_submitted_and_a_later_driver_picking_up(tmp_path, d
 
 def test_collect_copies_finished_cells_into_the_store_once(tmp_path, data_root, cache_dir):
     """A worker's result.json reaches the store through fewbench collect, exactly once."""
-    from fewbench.executor import run_cell_task
+    from fewbench.plugin.executor import run_cell_task
 
     suite = write_suite(tmp_path, 8)
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""fewbench.cpu_heap: glibc keeps large blocks on its heap in processes that train cells."""
+"""fewbench.running.cpu_heap: glibc keeps large blocks on its heap in processes that train cells."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 # a second thread, and report how many more blocks glibc then maps straight from the kernel.
 PROBE = """
 import ctypes, json, sys, threading
-from fewbench import cpu_heap
+from fewbench.running import cpu_heap
 state = cpu_heap.keep_large_blocks_on_heap() if sys.argv[1] == "configure" else cpu_heap.state()
 
 class MallInfo2(ctypes.Structure):

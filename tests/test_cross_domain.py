@@ -15,12 +15,12 @@ from test_cub import fake_cub
 from test_miniimagenet import make_images
 
 import fewbench
-from fewbench import datastore
-from fewbench.grid import expand
+from fewbench.data import root as datastore
+from fewbench.data.check import expand_and_check as expand
+from fewbench.plugin.task_types import CLASSIFICATION
 from fewbench.registry import Registry
-from fewbench.suite import load_suite_file
-from fewbench.task_types import CLASSIFICATION
-from fewbench.worker import DatasetCache, source_of_test_episodes
+from fewbench.running.worker import DatasetCache, source_of_test_episodes
+from fewbench.suite.loading import load_suite_file
 from fewbench_plugins.datasets.cub import CUB
 
 SUITE = """\

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from stored import checked_against, tar_gz
 
-from fewbench import datastore
+from fewbench.data import root as datastore
 from fewbench_plugins.datasets.cub import CUB, chen_split
 
 COUNTS = [3, 5, 4, 6, 3, 4, 5, 6]  # images per class, unequal as in CUB

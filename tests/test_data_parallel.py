@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import REPO, assert_same_trained_conv4, concurrently, run_cli
 
-from fewbench.data import EpisodeBatch
-from fewbench.learner import LearnerContext
-from fewbench.params import ParamSet
+from fewbench.plugin.dataset import EpisodeBatch
+from fewbench.plugin.learner import LearnerContext
+from fewbench.plugin.params import ParamSet
 from fewbench_plugins.backbones.standard import Conv4
 from fewbench_plugins.learners.maml import MAML
 

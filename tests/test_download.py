@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from fewbench import datastore
-from fewbench.data import Dataset
-from fewbench.datacheck import download_missing
-from fewbench.download import DownloadError, Resource
+from fewbench.data import root as datastore
+from fewbench.data.check import download_missing
+from fewbench.data.download import DownloadError, Resource
 from fewbench.errors import DataError
-from fewbench.hookspecs import hookimpl
+from fewbench.plugin.dataset import Dataset
+from fewbench.plugin.hookspecs import hookimpl
 from fewbench.registry import Registry
 
 

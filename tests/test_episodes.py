@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewbench.data import ClassPool, EpisodeBatch
-from fewbench.evaluation import EpisodeSpec, dataset_identity, fixed_episodes
+from fewbench.plugin.dataset import ClassPool, EpisodeBatch
+from fewbench.running.evaluation import EpisodeSpec, dataset_identity, fixed_episodes
 
 
 def labelled_pool(classes=30, examples=20) -> ClassPool:
@@ -132,7 +132,7 @@ class Recorder:
 
 
 def test_every_learner_is_evaluated_on_the_same_episodes():
-    from fewbench.evaluation import evaluate
+    from fewbench.running.evaluation import evaluate
 
     pool = labelled_pool()
     spec = EpisodeSpec(("toy",), "test", ways=5, shots=1, query=3, seed=0)

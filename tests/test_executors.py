@@ -106,7 +106,7 @@ def test_an_unreaped_worker_counts_as_dead():
     """A killed worker stays a zombie until its parent polls it; it must still read as dead."""
     import socket
 
-    from fewbench.worker import worker_is_dead
+    from fewbench.running.worker import worker_is_dead
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 30

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewbench.data import EpisodeBatch, LabelledBatch
-from fewbench.learner import LearnerContext
-from fewbench.params import ParamSet
+from fewbench.plugin.dataset import EpisodeBatch, LabelledBatch
+from fewbench.plugin.learner import LearnerContext
+from fewbench.plugin.params import ParamSet
 from fewbench_plugins.backbones.standard import Conv4
 from fewbench_plugins.learners.finetune import FineTune
 

@@ -12,11 +12,11 @@ import torch
 from grid_runs import results
 from helpers import REPO, run_fewbench
 
-from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
-from fewbench.learner import LearnerContext
-from fewbench.params import ParamSet
-from fewbench.task_types import REGRESSION
+from fewbench.plugin.dataset import EpisodeBatch
+from fewbench.plugin.learner import LearnerContext
+from fewbench.plugin.params import ParamSet
+from fewbench.plugin.task_types import REGRESSION
 from fewbench_plugins.backbones.standard import MLP
 from fewbench_plugins.learners.head_body import ANIL, BOIL
 from fewbench_plugins.learners.mamlpp import MAMLPlusPlus, msl_weights
@@ -352,8 +352,8 @@ def test_running_statistics_give_an_inductive_test_mode():
 def test_a_parameter_added_later_keeps_old_cell_ids(registry, data_root):
     """conv4's ``batch_norm`` came after cells were stored: at its default it stays out of the
     cell's configuration (so ids are unchanged); set, it is in, and the id changes."""
-    from fewbench.grid import expand
-    from fewbench.suite import parse_yaml
+    from fewbench.data.check import expand_and_check as expand
+    from fewbench.suite.loading import parse_yaml
     from fewbench_plugins.backbones.standard import Conv4
 
     def cell(backbone: str):

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewbench.cell import Cell
-from fewbench.data import ClassPool, seeded_generator
 from fewbench.errors import FewbenchError
-from fewbench.graphs import GraphStep, disagreement
-from fewbench.learner import LearnerContext
-from fewbench.training import TrainingFailed, train
+from fewbench.methods.cuda_graphs import GraphStep, disagreement
+from fewbench.plugin.dataset import ClassPool, seeded_generator
+from fewbench.plugin.learner import LearnerContext
+from fewbench.running.training import TrainingFailed, train
+from fewbench.suite.cell import Cell
 from fewbench_plugins.backbones.standard import Conv4
 from fewbench_plugins.learners.maml import MAML
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewbench.environments import TaskBatch, TaskDistribution
 from fewbench.errors import FewbenchError
+from fewbench.plugin.environment import TaskBatch, TaskDistribution
 from fewbench_plugins.environments import halfcheetah
 from fewbench_plugins.environments.halfcheetah import HalfCheetahDir, HalfCheetahVel
 
@@ -329,7 +329,7 @@ def test_workers_end_when_their_parent_is_killed(gymnasium):
     # No main guard in this script: the workers are forked, the script is not run again.
     script = (
         "import os, torch\n"
-        "from fewbench.environments import TaskBatch\n"
+        "from fewbench.plugin.environment import TaskBatch\n"
         "from fewbench_plugins.environments.halfcheetah import HalfCheetahVel\n"
         "env = HalfCheetahVel(workers=3, horizon=3)\n"
         "env.rollout(lambda o, n: n, TaskBatch(torch.ones(2, 1), torch.arange(2), env), 2)\n"
@@ -354,7 +354,7 @@ def test_environment_variables_are_not_needed(gymnasium):
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MUJOCO_GL")}
     script = (
         "import torch\n"
-        "from fewbench.environments import TaskBatch\n"
+        "from fewbench.plugin.environment import TaskBatch\n"
         "from fewbench_plugins.environments.halfcheetah import HalfCheetahDir\n"
         "env = HalfCheetahDir(workers=1, horizon=2)\n"
         "t = env.rollout(lambda o, n: n, TaskBatch(torch.ones(1, 1), torch.arange(1), env), 1)\n"

@@ -16,9 +16,9 @@ import pytest
 from helpers import run_cli
 from stored import checked_against, tar_gz
 
-from fewbench import datastore
-from fewbench.data import Dataset
+from fewbench.data import root as datastore
 from fewbench.errors import DataError
+from fewbench.plugin.dataset import Dataset
 
 ZEROS = 10 << 20  # what the bombs below expand to: far past the test's bound, fast to make
 

@@ -22,10 +22,10 @@ from helpers import run_cli
 from stored import make_cell, store_run
 
 from fewbench.errors import FewbenchError
-from fewbench.journal import CELLS_DIR, checked_result
-from fewbench.sink import CellResult
-from fewbench.status import cell_table
-from fewbench.store import DB_NAME, ResultsStore
+from fewbench.reports.status import cell_table
+from fewbench.storage.journal import CELLS_DIR, checked_result
+from fewbench.storage.sink import CellResult
+from fewbench.storage.store import DB_NAME, ResultsStore
 
 REPO = Path(__file__).resolve().parent.parent
 CELLS = [
@@ -184,7 +184,7 @@ def run_unprivileged(*args: str) -> tuple[int, str, str]:
     if os.geteuid() != 0:
         result = run_cli(*args)
         return result.returncode, result.stdout, result.stderr
-    from fewbench.cli import main
+    from fewbench.cli.parser import main
 
     main(list(args))  # first as root: imports what the command imports lazily
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -199,7 +199,7 @@ def run_unprivileged(*args: str) -> tuple[int, str, str]:
 
 def _main_as_nobody(args: list[str], out: int, err: int) -> None:
     """In a forked child: drop root, run the CLI writing to ``out`` and ``err``, exit."""
-    from fewbench.cli import main
+    from fewbench.cli.parser import main
 
     code = 99
     try:
@@ -258,7 +258,7 @@ def test_standard_output_on_a_full_disk_is_one_line(tmp_path, command):
     run_dir = store_run(tmp_path / "run", CELLS)
     with open("/dev/full", "w") as full:
         result = subprocess.run(
-            [sys.executable, "-m", "fewbench.cli", command, str(run_dir)],
+            [sys.executable, "-m", "fewbench", command, str(run_dir)],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
@@ -386,7 +386,7 @@ def test_a_full_disk_while_storing_is_one_line_naming_the_store(tmp_path):
     """SQLite's 'database or disk is full' becomes DiskFull naming the store; nothing stored
     before is lost (the limit on pages stands in for a full disk)."""
     from fewbench.errors import DiskFull
-    from fewbench.store import ResultsStore
+    from fewbench.storage.store import ResultsStore
 
     store = ResultsStore.open_run(tmp_path)
     store.set_meta("kept", "yes")

@@ -19,7 +19,7 @@ from helpers import REPO, registry_built_once, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fewbench.cli import main
+from fewbench.cli.parser import main
 
 SINUSOID = (REPO / "suites" / "sinusoid.yaml").read_text()
 TINY = """\
@@ -260,9 +260,9 @@ def test_a_cut_suite_yaml_falls_back_to_the_stored_suite(tmp_path, monkeypatch):
 def test_a_full_disk_is_named_with_its_folder(tmp_path, monkeypatch):
     """torch.save on a full disk says '[enforce fail at inline_container.cc] unexpected pos';
     fewbench says the disk is full, and where."""
-    from fewbench import atomic
-    from fewbench.cache import save_atomically
+    from fewbench.data.cache import save_atomically
     from fewbench.errors import DiskFull
+    from fewbench.storage import atomic
 
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
@@ -279,7 +279,7 @@ def test_a_plugin_that_fails_is_named(tmp_path):
     site.mkdir()
     (site / "broken_plugin.py").write_text("raise ImportError('missing dependency zzz')\n")
     (site / "hooky_plugin.py").write_text(
-        "from fewbench.hookspecs import hookimpl\n"
+        "from fewbench.plugin.hookspecs import hookimpl\n"
         "class Listy:\n    name = 'listy'\n    params = ['a']\n"
         "@hookimpl\ndef fewbench_register_learners(register):\n    register(Listy)\n"
     )

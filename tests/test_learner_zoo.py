@@ -53,7 +53,7 @@ def test_every_learner_trains_resumes_exactly_and_runs_under_two_workers(
     workers = tmp_path / "workers"
     with open(tmp_path / "workers.log", "w+") as log:
         shared = subprocess.Popen(
-            [sys.executable, "-m", "fewbench.cli", "run", str(suite), "--out", str(workers),
+            [sys.executable, "-m", "fewbench", "run", str(suite), "--out", str(workers),
              "--workers", "2", "--executor-set", "progress_every=0.5", *common],
             cwd=REPO, env={**os.environ, "FEWBENCH_CACHE": str(cache_dir)},
             stdout=log, stderr=subprocess.STDOUT,

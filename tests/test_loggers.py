@@ -1,4 +1,4 @@
-"""Experiment trackers (fewbench.loggers, fewbench_plugins.loggers): each built-in logger
+"""Experiment trackers (fewbench.plugin.logger, fewbench_plugins.loggers): each built-in logger
 runs for real on a tiny sinusoid suite, and what it wrote is read back with the tracker's
 own reader and compared with results.sqlite. Also: the choice is checked before anything
 trains (unknown names, missing extras), never changes a cell id, reaches worker processes,
@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from fewbench import cli
+from fewbench.cli import main as cli
 from fewbench.errors import FewbenchError
-from fewbench.hookspecs import hookimpl
-from fewbench.loggers import CellLogging, Logger
+from fewbench.plugin.hookspecs import hookimpl
+from fewbench.plugin.logger import CellLogging, Logger
 from fewbench.registry import Registry
-from fewbench.runner import RunRequest, load
-from fewbench.runner import run as run_suite
+from fewbench.running.runner import RunRequest, load
+from fewbench.running.runner import run as run_suite
 from tests.test_architecture import SINUSOID
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -352,8 +352,8 @@ def test_loggers_close_when_a_cell_fails_and_a_raising_logger_leaves_the_others(
     Recorder.calls.clear()
     cell = load(RunRequest(suite=write_suite(tmp_path), data_root=tmp_path), registry)[0].cells[1]
     entries = [{"name": "recorder", "fail": "finish"}, {"name": "recorder", "fail": ""}]
-    from fewbench.sink import NullSink
-    from fewbench.worker import CellFailed, CellRunner, WorkerSettings
+    from fewbench.running.worker import CellFailed, CellRunner, WorkerSettings
+    from fewbench.storage.sink import NullSink
 
     runner = CellRunner(
         WorkerSettings(data_root=str(tmp_path), device="cpu", loggers=entries), registry
@@ -375,7 +375,7 @@ def test_loggers_close_when_a_cell_fails_and_a_raising_logger_leaves_the_others(
 def test_cell_logging_sends_each_point_once_and_a_resumed_attempt_the_whole_curve(tmp_path):
     registry = Registry(extra_plugins=[RecorderPlugin()])
     cell = load(RunRequest(suite=write_suite(tmp_path), data_root=tmp_path), registry)[0].cells[0]
-    from fewbench.task_types import REGRESSION
+    from fewbench.plugin.task_types import REGRESSION
 
     Recorder.calls.clear()
     for attempt in range(2):
@@ -399,7 +399,7 @@ def test_cell_logging_sends_each_point_once_and_a_resumed_attempt_the_whole_curv
 def test_a_resumed_cell_replaces_its_earlier_tensorboard_attempt(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fewbench.loggers import LoggedCell
+    from fewbench.plugin.logger import LoggedCell
     from fewbench_plugins.loggers.trackers import TensorBoardLogger
 
     cell = LoggedCell(tmp_path, "abc123", "x/1w1s/mlp/maml/seed0", {"seed": 0}, "mse", "MSE", False)
@@ -426,14 +426,14 @@ def test_a_resumed_cell_replaces_its_earlier_tensorboard_attempt(tmp_path):
 
 def test_loggers_run_in_the_workers_wherever_the_cells_run(tmp_path, registry):
     """The choice travels with the worker settings: to a cluster task (Ray, SLURM:
-    ``run_cell_task``) and to a local worker process (``python -m fewbench.worker``)."""
+    ``run_cell_task``) and to a local worker process (``python -m fewbench.running.worker``)."""
     import subprocess
 
     import torch
 
-    from fewbench.executor import RunDir, run_cell_task
-    from fewbench.runner import prepare_run_dir
-    from fewbench.worker import WorkerSettings
+    from fewbench.plugin.executor import RunDir, run_cell_task
+    from fewbench.running.runner import prepare_run_dir
+    from fewbench.running.worker import WorkerSettings
 
     out = tmp_path / "run"
     request = RunRequest(suite=write_suite(tmp_path), data_root=tmp_path, log=("tensorboard",))
@@ -454,7 +454,7 @@ def test_loggers_run_in_the_workers_wherever_the_cells_run(tmp_path, registry):
         ]
     assert run_cell_task(str(out), second, settings)["status"] == "done"
     worker = subprocess.run(
-        [sys.executable, "-m", "fewbench.worker", str(out), json.dumps(settings)],
+        [sys.executable, "-m", "fewbench.running.worker", str(out), json.dumps(settings)],
         capture_output=True,
         text=True,
         timeout=300,

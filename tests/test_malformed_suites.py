@@ -14,8 +14,8 @@ from helpers import registry_built_once
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fewbench.cli import main
-from fewbench.suite import REQUIRED, TOP_LEVEL
+from fewbench.cli.parser import main
+from fewbench.suite.loading import REQUIRED, TOP_LEVEL
 
 VALID = {
     "name": "prop",

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fewbench.data import EpisodeBatch
-from fewbench.learner import LearnerContext
-from fewbench.params import ParamSet
+from fewbench.plugin.dataset import EpisodeBatch
+from fewbench.plugin.learner import LearnerContext
+from fewbench.plugin.params import ParamSet
 from fewbench_plugins.backbones.standard import MLP, Conv4
 from fewbench_plugins.learners.maml import MAML, FirstOrderMAML
 from fewbench_plugins.learners.maml_engines import EngineChoice, choose_engine
@@ -131,7 +131,7 @@ def test_auto_engine_follows_the_documented_rule():
 def test_auto_runs_mini_imagenet_sized_tasks_one_at_a_time_when_the_heap_keeps_large_blocks(
     monkeypatch,
 ):
-    from fewbench import cpu_heap
+    from fewbench.running import cpu_heap
 
     large = random_episodes(tasks=2, ways=5, shots=1, query=15, shape=(3, 84, 84))
     omniglot = random_episodes(tasks=2, ways=5, shots=1, query=15, shape=(1, 28, 28))
@@ -141,7 +141,7 @@ def test_auto_runs_mini_imagenet_sized_tasks_one_at_a_time_when_the_heap_keeps_l
         "loop",
         1,
         "auto: CPU, 1693440 input values per task > 20000; one task at a time, its large "
-        "blocks on the main heap (fewbench.cpu_heap)",
+        "blocks on the main heap (fewbench.running.cpu_heap)",
     )
     assert choose_engine("auto", 0, cpu, omniglot).threads == threads
     assert choose_engine("auto", 2, cpu, large).threads == 2  # the suite's threads win

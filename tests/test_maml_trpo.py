@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import fewbench.policy_gradient as pg
-from fewbench.learner import LearnerContext
+import fewbench.methods.policy_gradient as pg
+from fewbench.plugin.learner import LearnerContext
 from fewbench_plugins.backbones.standard import MLP
 from fewbench_plugins.environments.navigation2d import Navigation2D
 from fewbench_plugins.learners.rl import MAMLTRPO, Oracle, PretrainedPolicy

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from fewbench.backbone import Backbone
-from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
-from fewbench.learner import Learner, LearnerContext
-from fewbench.params import ParamSet
-from fewbench.task_types import REGRESSION
+from fewbench.plugin.backbone import Backbone
+from fewbench.plugin.dataset import EpisodeBatch
+from fewbench.plugin.learner import Learner, LearnerContext
+from fewbench.plugin.params import ParamSet
+from fewbench.plugin.task_types import REGRESSION
 from fewbench_plugins.backbones.standard import MLP, Conv4
 from fewbench_plugins.learners.matchingnet import MatchingNet
 from fewbench_plugins.learners.protonet import ProtoNet

@@ -13,9 +13,9 @@ import torch
 from helpers import run_cli
 from PIL import Image
 
-from fewbench import datastore
-from fewbench.data import ClassPool
+from fewbench.data import root as datastore
 from fewbench.errors import DataError
+from fewbench.plugin.dataset import ClassPool
 from fewbench_plugins.datasets.imaging import channel_statistics
 from fewbench_plugins.datasets.miniimagenet import MiniImageNet, read_cache
 

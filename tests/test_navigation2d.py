@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fewbench.environments import TaskBatch, TaskDistribution, Trajectories
+from fewbench.plugin.environment import TaskBatch, TaskDistribution, Trajectories
 from fewbench_plugins.environments.navigation2d import Navigation2D
 
 # E||g|| for g ~ U([-0.5, 0.5]^2): the mean distance from a unit square's centre.

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fewbench.data import ClassPool
-from fewbench.evaluation import dataset_identity
-from fewbench.grid import expand
-from fewbench.suite import parse_yaml
+from fewbench.data.check import expand_and_check as expand
+from fewbench.plugin.dataset import ClassPool
+from fewbench.running.evaluation import dataset_identity
+from fewbench.suite.loading import parse_yaml
 from fewbench_plugins.datasets.omniglot import (
     BACKGROUND,
     DRAWINGS_PER_CHARACTER,

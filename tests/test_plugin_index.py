@@ -17,9 +17,10 @@ import pytest
 from helpers import REPO
 
 import fewbench.registry
-from fewbench import datastore, plugin_index
-from fewbench.cli import main
-from fewbench.commands import human_size
+from fewbench.cli import plugin_index
+from fewbench.cli.commands import human_size
+from fewbench.cli.parser import main
+from fewbench.data import root as datastore
 from fewbench.registry import KINDS, Registry
 
 # -- the listings as the commands printed them before the index (straight from the registry)
@@ -147,7 +148,7 @@ def test_the_real_data_root_lists_the_same_from_the_index(cache, loads, capsys, 
 # Runs the command line's main, then says whether torch was imported.
 PROBE = """\
 import sys
-from fewbench.cli import main
+from fewbench.cli.parser import main
 code = main(sys.argv[1:])
 print("TORCH=" + str("torch" in sys.modules), file=sys.stderr)
 sys.exit(code)
@@ -188,7 +189,7 @@ def test_the_second_call_imports_no_torch(tmp_path):
 # -- invalidation ------------------------------------------------------------------------------
 
 PLUGIN = """\
-from fewbench.hookspecs import hookimpl
+from fewbench.plugin.hookspecs import hookimpl
 
 
 class Thing:
@@ -277,8 +278,10 @@ def test_an_editable_install_is_followed_to_its_source(tmp_path, monkeypatch, ca
     if spec is None or not spec.origin or not spec.origin.startswith(str(REPO)):
         pytest.skip("fewbench is not installed editable from this checkout")
     files = plugin_index.source_files()
-    assert str(REPO / "plugins" / "datasets" / "omniglot.py") in files
-    assert str(REPO / "fewbench" / "params.py") in files  # the core renders the parameters
+    assert str(REPO / "fewbench_plugins" / "datasets" / "omniglot.py") in files
+    assert (
+        str(REPO / "fewbench" / "plugin" / "params.py") in files
+    )  # the core renders the parameters
 
 
 def test_a_missing_plugin_module_disables_the_index(tmp_path, monkeypatch, cache):

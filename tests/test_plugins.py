@@ -12,7 +12,7 @@ import pytest
 from helpers import run_cli
 
 from fewbench.errors import PluginError
-from fewbench.hookspecs import hookimpl
+from fewbench.plugin.hookspecs import hookimpl
 from fewbench.registry import Registry
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def test_builtins_come_through_the_entry_point_group(registry):
 
 
 def test_core_never_imports_the_builtin_plugins():
-    for path in (HERE.parent / "fewbench").glob("*.py"):
+    for path in (HERE.parent / "fewbench").rglob("*.py"):
         assert "fewbench_plugins" not in path.read_text(), path
 
 

@@ -1,4 +1,4 @@
-"""fewbench.policy_gradient: the policy, returns and advantages, the linear feature baseline,
+"""fewbench.methods.policy_gradient: the policy, returns and advantages, the linear feature baseline,
 the inner step and TRPO, against numpy, closed forms, finite differences and direct solves."""
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import fewbench.policy_gradient as pg
-from fewbench.environments import Environment, TaskBatch, Trajectories
-from fewbench.policy_gradient import (
+import fewbench.methods.policy_gradient as pg
+from fewbench.methods.policy_gradient import (
     Distribution,
     GaussianMLPPolicy,
     LinearFeatureBaseline,
@@ -34,6 +33,7 @@ from fewbench.policy_gradient import (
     trpo_step,
     vector_to_params,
 )
+from fewbench.plugin.environment import Environment, TaskBatch, Trajectories
 
 T, N, H, OBS, ACT = 2, 3, 4, 2, 2
 

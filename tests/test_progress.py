@@ -8,8 +8,8 @@ import re
 import pytest
 from test_graphs import maml, run
 
-from fewbench import training
-from fewbench.worker import run_progress
+from fewbench.running import training
+from fewbench.running.worker import run_progress
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,8 +14,8 @@ from helpers import concurrently, run_cli
 from scipy import stats
 from stored import make_cell, store_run
 
-from fewbench.rank_summary import rank_column, summarize
-from fewbench.report import FORMATS, Options, render
+from fewbench.reports.ranks import rank_column, summarize
+from fewbench.reports.table import FORMATS, Options, render
 
 
 def test_ties_missing_settings_and_averages_by_hand():

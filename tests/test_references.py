@@ -10,11 +10,11 @@ import pytest
 import yaml
 from stored import make_cell, store_run
 
-from fewbench import references as refs
 from fewbench.errors import FewbenchError
+from fewbench.plugin.task_types import REINFORCEMENT, task_type_of
 from fewbench.registry import Registry
-from fewbench.report import Options, render
-from fewbench.task_types import REINFORCEMENT, task_type_of
+from fewbench.reports import references as refs
+from fewbench.reports.table import Options, render
 
 HEADER = """
 papers:

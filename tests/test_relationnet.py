@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from fewbench.data import EpisodeBatch
 from fewbench.errors import FewbenchError
-from fewbench.learner import LearnerContext
-from fewbench.params import ParamSet
-from fewbench.task_types import REGRESSION
+from fewbench.plugin.dataset import EpisodeBatch
+from fewbench.plugin.learner import LearnerContext
+from fewbench.plugin.params import ParamSet
+from fewbench.plugin.task_types import REGRESSION
 from fewbench_plugins.backbones.resnets import ResNet12
 from fewbench_plugins.backbones.standard import MLP, Conv4
 from fewbench_plugins.learners import relationnet

@@ -365,7 +365,7 @@ def test_a_cell_resumed_under_another_layout_keeps_its_thread_count(
 
 
 def test_pinned_threads_keep_the_first_attempts_count(tmp_path):
-    from fewbench.worker import pinned_threads
+    from fewbench.running.worker import pinned_threads
 
     saved = torch.get_num_threads()
     with pinned_threads(tmp_path / "a") as threads:

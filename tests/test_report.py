@@ -14,9 +14,9 @@ from scipy import stats
 from stored import make_cell, store_run
 
 from fewbench.errors import FewbenchError
-from fewbench.references import all_references
-from fewbench.report import Options, render
-from fewbench.stats import mean_ci95
+from fewbench.reports.references import all_references
+from fewbench.reports.stats import mean_ci95
+from fewbench.reports.table import Options, render
 
 SMALL = [
     (make_cell("maml"), [0.8, 0.9, 1.0, 0.9, 0.9]),

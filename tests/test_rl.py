@@ -18,7 +18,7 @@ import yaml
 
 import fewbench
 from fewbench.errors import FewbenchError
-from fewbench.task_types import REINFORCEMENT
+from fewbench.plugin.task_types import REINFORCEMENT
 from tests.helpers import run_cli, run_fewbench
 
 LEARNER = {"meta_batch_size": 4, "trajectories": 3, "eval_trajectories": 4, "eval_steps": 2}
@@ -173,7 +173,7 @@ def test_the_reinforcement_task_type():
 
 
 def test_the_published_returns_match_only_the_protocol_they_were_measured_with():
-    from fewbench import references
+    from fewbench.reports import references
 
     code_reward = {"name": "navigation2d", "reward": "distance"}
     (table4,) = references.matching(code_reward, 1, 1, {"name": "maml_trpo"})

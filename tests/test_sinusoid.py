@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import run_cli
 
-from fewbench.evaluation import EpisodeSpec, fixed_episodes
+from fewbench.running.evaluation import EpisodeSpec, fixed_episodes
 from fewbench_plugins.datasets.sinusoid import Sinusoid
 
 

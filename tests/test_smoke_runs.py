@@ -8,7 +8,7 @@ import sqlite3
 
 from helpers import run_cli
 
-from fewbench.cell import cell_id
+from fewbench.suite.cell import cell_id
 
 # An override and a learner's own count (finetune's iterations) both set the steps.
 SUITE = """\

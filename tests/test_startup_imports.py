@@ -19,15 +19,15 @@ import pytest
 from helpers import REPO
 from stored import make_cell, store_run
 
-from fewbench import status
-from fewbench.journal import CELLS_DIR
+from fewbench.reports import status
+from fewbench.storage.journal import CELLS_DIR
 
 HEAVY = ("torch", "scipy", "pandas", "matplotlib")
 
 # Runs the command line's main in this interpreter, then names the heavy modules loaded.
 PROBE = f"""\
 import sys
-from fewbench.cli import main
+from fewbench.cli.parser import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:  # --help leaves through argparse

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fewbench.stats import mean_ci95
+from fewbench.reports.stats import mean_ci95
 
 
 def test_one_seed_is_the_student_t_interval_by_hand():

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fewbench.data.check import expand_and_check as expand
 from fewbench.errors import DataError, SuiteError
-from fewbench.grid import cell_id, expand
-from fewbench.suite import apply_set, load_suite_file, parse_yaml
+from fewbench.suite.grid import cell_id
+from fewbench.suite.loading import apply_set, load_suite_file, parse_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 

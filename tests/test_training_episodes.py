@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fewbench.cell import Cell
-from fewbench.data import ClassPool
+from fewbench.data.check import expand_and_check as expand
 from fewbench.errors import SuiteError
-from fewbench.grid import expand
-from fewbench.suite import parse_yaml
+from fewbench.plugin.dataset import ClassPool
+from fewbench.suite.cell import Cell
+from fewbench.suite.loading import parse_yaml
 
 BASE = """\
 name: t
@@ -56,7 +56,7 @@ def test_training_episodes_are_checked_against_the_training_split(registry, data
 
 def test_maml_refuses_training_episodes_of_other_ways(registry, data_root):
     from fewbench.errors import FewbenchError
-    from fewbench.learner import LearnerContext
+    from fewbench.plugin.learner import LearnerContext
     from fewbench_plugins.backbones.standard import Conv4
     from fewbench_plugins.learners.maml import MAML
 
@@ -68,8 +68,8 @@ def test_maml_refuses_training_episodes_of_other_ways(registry, data_root):
 
 
 def test_the_training_loop_draws_the_training_episodes():
-    from fewbench.learner import Learner
-    from fewbench.training import train
+    from fewbench.plugin.learner import Learner
+    from fewbench.running.training import train
 
     class Recording(Learner):
         name = "recording"

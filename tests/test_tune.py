@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 import fewbench
-from fewbench.cli import main
+from fewbench.cli.parser import main
 from fewbench.errors import SuiteError
-from fewbench.sink import CellResult
-from fewbench.store import ResultsStore
-from fewbench.suite import check_suite, parse_yaml
+from fewbench.storage.sink import CellResult
+from fewbench.storage.store import ResultsStore
+from fewbench.suite.check import check_suite
+from fewbench.suite.loading import parse_yaml
 
 optuna = pytest.importorskip("optuna")
 
@@ -149,8 +150,8 @@ def test_without_optuna_the_command_names_the_extra(tmp_path, capsys, monkeypatc
 def test_a_trial_is_judged_on_best_validation_never_on_test_results(tmp_path):
     """Two cells whose test results say the opposite of their validation: the trial value
     is the mean best validation value, whatever the test columns and episodes hold."""
-    from fewbench.cell import Cell
-    from fewbench.tuning import validation_of
+    from fewbench.running.tuning import validation_of
+    from fewbench.suite.cell import Cell
 
     store = ResultsStore.open_run(tmp_path)
     cells = []
@@ -315,7 +316,7 @@ def test_help_and_reports_do_not_import_optuna(tuned):
     _, run_dir, _ = tuned
     probe = (
         "import sys, contextlib, io\n"
-        "from fewbench.cli import main\n"
+        "from fewbench.cli.parser import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n"
         "        main(['--help'])\n"

@@ -9,9 +9,7 @@ import os
 
 import torch
 
-from fewbench.data import ClassPool, Dataset, SplitSize
-from fewbench.hookspecs import hookimpl
-from fewbench.params import Param
+from fewbench.plugin import ClassPool, Dataset, Param, SplitSize, hookimpl
 
 CLASSES, EXAMPLES = 6, 8
 

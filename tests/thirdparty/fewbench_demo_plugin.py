@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewbench.hookspecs import hookimpl
-from fewbench.learner import Learner
-from fewbench.params import Param
+from fewbench.plugin import Learner, Param, hookimpl
 
 
 class ProtoNet(Learner):

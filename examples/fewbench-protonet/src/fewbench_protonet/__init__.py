@@ -9,7 +9,7 @@ loads it and calls the hooks below, which register
 
 from __future__ import annotations
 
-from fewbench.hookspecs import hookimpl
+from fewbench.plugin import hookimpl
 
 from .learner import ProtoNetExample
 from .shapes import ShapesExample

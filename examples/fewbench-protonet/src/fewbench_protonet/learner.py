@@ -19,7 +19,7 @@ decay of the learning rate (the paper halves it every 2,000 episodes; the built-
 one forward pass, so a batch-norm backbone normalises them with that episode's
 statistics, as the authors' code does.
 
-Contract points (see ``fewbench/learner.py``): the core sets neither grad mode nor
+Contract points (see ``fewbench/plugin/learner.py``): the core sets neither grad mode nor
 train/eval mode, so :meth:`train_step` calls ``train()`` and :meth:`predict` runs under
 ``torch.no_grad()`` with the network in ``eval()`` mode; the network and optimizer are
 the learner's state (``state_attributes``).
@@ -30,10 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fewbench.data import EpisodeBatch
-from fewbench.errors import FewbenchError
-from fewbench.learner import Learner, LearnerContext
-from fewbench.params import Param
+from fewbench.plugin import EpisodeBatch, FewbenchError, Learner, LearnerContext, Param
 
 
 class ProtoNetExample(Learner):

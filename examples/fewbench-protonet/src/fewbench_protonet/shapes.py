@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewbench.data import ClassPool, Dataset, EpisodeSource, SplitSize
-from fewbench.params import Param
-from fewbench.task_types import CLASSIFICATION
+from fewbench.plugin import CLASSIFICATION, ClassPool, Dataset, EpisodeSource, Param, SplitSize
 
 SIZE = 28  # image side, pixels
 ARC_SEGMENTS = 6  # an arc is drawn as this many straight segments

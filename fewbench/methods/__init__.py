@@ -1,0 +1,3 @@
+"""Mathematics that learners share: the MAML family's inner loop (``adaptation``), policy
+gradients and TRPO (``policy_gradient``), a training step captured as one CUDA graph
+(``cuda_graphs``) and the training-time augmentations (``augment``)."""

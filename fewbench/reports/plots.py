@@ -1,0 +1,234 @@
+"""Figures from stored results (matplotlib, PNG and PDF), for papers and the HTML report.
+
+* training curves: loss and validation metric by iteration, one line per method,
+  the band spanning the seeds (mean line, min-max band);
+* accuracy against shots and against ways, with 95% CI error bars (when the runs
+  hold more than one value of that axis);
+* the distribution of per-episode results per method (box plots, mean ± CI marked).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fewbench.plugin.task_types import by_metric  # noqa: E402
+from fewbench.reports.results import Results, Setting  # noqa: E402
+from fewbench.reports.stats import mean_ci95  # noqa: E402
+
+UNITS = {"accuracy": "accuracy (%)", "mse": "mean squared error", "return": "average return"}
+STEPS_NAME = re.compile(r"return_after_(\d+)_steps")
+FIGURE_FORMATS = ("png", "pdf")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def method_name(s: Setting, with_backbone: bool) -> str:
+    return f"{s.keys['learner']} / {s.keys['backbone']}" if with_backbone else s.keys["learner"]
+
+
+def setting_name(s: Setting) -> str:
+    if not by_metric(s.metric).has_ways:  # an environment's tasks have no ways or shots
+        return str(s.keys["dataset"])
+    return f"{s.keys['dataset']} {s.keys['ways']}-way {s.keys['shots']}-shot"
+
+
+def _save(fig: plt.Figure, out_dir: Path, name: str, formats: tuple[str, ...]) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = out_dir / f"{name}.{fmt}"
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _legend_outside(ax: plt.Axes) -> None:
+    """Right of the plot, where it cannot cover a line."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9)
+
+
+def training_curves(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> list[Path]:
+    paths: list[Path] = []
+    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
+    by_setting: dict[str, list[Setting]] = {}
+    for s in results.settings:
+        by_setting.setdefault(setting_name(s), []).append(s)
+    for name, settings in by_setting.items():
+        fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        drawn = False
+        metric = next((s.metric for s in settings if s.done), "accuracy")
+        scale = by_metric(metric).scale
+        for s in settings:
+            curves = [results.curves[c] for c in s.cell_ids if c in results.curves]
+            if not curves:
+                continue
+            drawn = True
+            label = method_name(s, several_backbones)
+            for ax, column, factor in ((loss_ax, "loss", 1.0), (val_ax, "val_metric", scale)):
+                frames = [
+                    c[["iteration", column]].dropna().set_index("iteration")[column] for c in curves
+                ]
+                table = pd.concat(frames, axis=1).dropna() * factor
+                if table.empty:
+                    continue
+                (line,) = ax.plot(table.index, table.mean(axis=1), label=label, linewidth=1.5)
+                if table.shape[1] > 1:
+                    ax.fill_between(
+                        table.index, table.min(axis=1), table.max(axis=1),
+                        color=line.get_color(), alpha=0.2, linewidth=0,
+                    )  # fmt: skip
+        if not drawn:
+            plt.close(fig)
+            continue
+        seeds = max((s.values.shape[0] for s in settings if s.done), default=1)
+        band = " (band: min-max over seeds)" if seeds > 1 else ""
+        loss_ax.set(title="Training loss", xlabel="training iteration", ylabel="loss (per batch)")
+        loss_ax.set_yscale("log")
+        val_ax.set(
+            title=f"Validation {UNITS[metric]}",
+            xlabel="training iteration",
+            ylabel=f"validation {UNITS[metric]}",
+        )
+        for ax in (loss_ax, val_ax):
+            ax.grid(alpha=0.3)
+        _legend_outside(val_ax)
+        fig.suptitle(f"Training curves: {name}{band}")
+        paths += _save(fig, out_dir, f"curves-{slug(name)}", formats)
+    return paths
+
+
+def metric_against(
+    axis: str, results: Results, out_dir: Path, formats=FIGURE_FORMATS
+) -> list[Path]:
+    """Accuracy against ``axis`` (shots or ways), one line per method, CI error bars."""
+    other = "ways" if axis == "shots" else "shots"
+    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
+    groups: dict[tuple, list[Setting]] = {}
+    for s in results.settings:
+        if s.done:
+            groups.setdefault((s.keys["dataset"], s.keys[other]), []).append(s)
+    paths: list[Path] = []
+    for (dataset, fixed), settings in groups.items():
+        if len({s.keys[axis] for s in settings}) < 2:
+            continue
+        metric = settings[0].metric
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        methods: dict[str, list[Setting]] = {}
+        for s in settings:
+            methods.setdefault(method_name(s, several_backbones), []).append(s)
+        values = sorted({s.keys[axis] for s in settings})
+        position = {v: i for i, v in enumerate(values)}  # evenly spaced, labelled by value
+        for number, (label, members) in enumerate(methods.items()):
+            members.sort(key=lambda s: s.keys[axis])
+            estimates = [s.estimate() for s in members]
+            dodge = (number - (len(methods) - 1) / 2) * 0.06  # error bars side by side
+            ax.errorbar(
+                [position[s.keys[axis]] + dodge for s in members], [m for m, _ in estimates],
+                yerr=[c for _, c in estimates], marker="o", capsize=4, label=label,
+            )  # fmt: skip
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlim(-0.4, len(values) - 0.6)
+        fixed_text = f"{fixed}-way" if other == "ways" else f"{fixed}-shot"
+        ax.set(
+            title=f"{dataset} {fixed_text}: {UNITS[metric]} against {axis}",
+            xlabel=f"{axis} ({'examples per class in the support set' if axis == 'shots' else 'classes per episode'})",
+            ylabel=f"test {UNITS[metric]} (mean ± 95% CI)",
+        )
+        ax.grid(alpha=0.3)
+        _legend_outside(ax)
+        paths += _save(
+            fig, out_dir, f"{metric}-vs-{axis}-{slug(dataset)}-{slug(fixed_text)}", formats
+        )
+    return paths
+
+
+def episode_distributions(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> list[Path]:
+    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
+    by_setting: dict[str, list[Setting]] = {}
+    for s in results.settings:
+        if s.done:
+            by_setting.setdefault(setting_name(s), []).append(s)
+    paths: list[Path] = []
+    for name, settings in by_setting.items():
+        metric = settings[0].metric
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(settings) + 2), 4))
+        data = [s.scale * s.per_episode for s in settings]
+        labels = [method_name(s, several_backbones) for s in settings]
+        ax.boxplot(data, showfliers=True, widths=0.5, flierprops={"markersize": 3, "alpha": 0.4})
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        for i, s in enumerate(settings, start=1):
+            mean, ci = s.estimate()
+            ax.errorbar(
+                [i + 0.32], [mean], yerr=[ci], fmt="D", color="tab:red", capsize=3, markersize=4
+            )
+        episodes = settings[0].values.shape[1]
+        ax.set(
+            title=f"Per-episode test {UNITS[metric]}: {name} ({episodes} episodes)",
+            xlabel="method",
+            ylabel=f"per-episode {UNITS[metric]}",
+        )
+        ax.plot([], [], "D", color="tab:red", label="mean ± 95% CI")
+        _legend_outside(ax)
+        ax.grid(axis="y", alpha=0.3)
+        paths += _save(fig, out_dir, f"episodes-{slug(name)}", formats)
+    return paths
+
+
+def returns_by_steps(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> list[Path]:
+    """Average return against the number of gradient steps at test time, one line per
+    learner, mean ± 95% CI over tasks and seeds (Finn et al. 2017, figure 5)."""
+    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
+    by_setting: dict[str, list[Setting]] = {}
+    for s in results.settings:
+        if s.done and any(STEPS_NAME.fullmatch(name) for name in s.extras):
+            by_setting.setdefault(setting_name(s), []).append(s)
+    paths: list[Path] = []
+    for name, settings in by_setting.items():
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for number, s in enumerate(settings):
+            steps = _steps_of(s)
+            estimates = [mean_ci95(s.extras[key]) for _, key in steps]
+            dodge = (number - (len(settings) - 1) / 2) * 0.04
+            ax.errorbar(
+                [k + dodge for k, _ in steps], [e.mean for e in estimates],
+                yerr=[e.ci95 for e in estimates], marker="o", capsize=4,
+                label=method_name(s, several_backbones),
+            )  # fmt: skip
+        ax.set_xticks(sorted({k for s in settings for k, _ in _steps_of(s)}))
+        tasks = settings[0].values.shape[1]
+        ax.set(
+            title=f"{name}: return after adaptation ({tasks} test tasks)",
+            xlabel="number of gradient steps",
+            ylabel="average return (mean ± 95% CI)",
+        )
+        ax.grid(alpha=0.3)
+        _legend_outside(ax)
+        paths += _save(fig, out_dir, f"return-vs-steps-{slug(name)}", formats)
+    return paths
+
+
+def _steps_of(s: Setting) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), k) for k in s.extras if (m := STEPS_NAME.fullmatch(k)))
+
+
+def plot_all(
+    results: Results, out_dir: Path, formats: tuple[str, ...] = FIGURE_FORMATS
+) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return (
+        training_curves(results, out_dir, formats)
+        + metric_against("shots", results, out_dir, formats)
+        + metric_against("ways", results, out_dir, formats)
+        + episode_distributions(results, out_dir, formats)
+        + returns_by_steps(results, out_dir, formats)
+    )

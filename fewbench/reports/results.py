@@ -1,0 +1,206 @@
+"""Stored results of one or more run directories, merged, as reports need them.
+
+Reports read the results store and nothing else: they never rerun anything. A
+cell that failed or has not finished is kept (with its status), never dropped.
+Runs merge by setting, so a new method run later can be compared with an earlier
+baseline run; the same cell (same id) stored in two runs counts once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fewbench.errors import FewbenchError
+from fewbench.plugin.task_types import by_metric
+from fewbench.reports.stats import mean_ci95
+from fewbench.storage.store import ResultsStore, damage_reported
+
+# What a report can lay out as rows and columns; seeds are always merged.
+DIMENSIONS = ("dataset", "ways", "shots", "backbone", "learner")
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    suite_text: str
+    environment: dict[str, Any]
+
+
+@dataclass
+class Setting:
+    """One entry of a report: a setting with its seeds merged."""
+
+    keys: dict[str, Any]  # the DIMENSIONS
+    metric: str  # accuracy | mse
+    status: str  # done, or e.g. "1 done, 1 failed"
+    values: np.ndarray  # [seeds, episodes] of the done cells; empty when none is done
+    episode_key: str  # which fixed episodes: pairing needs the same key
+    engine: str
+    learner_config: dict[str, Any]
+    dataset_config: dict[str, Any]
+    cell_ids: list[str] = field(default_factory=list)
+    # Further per-episode values by name, [seeds, episodes] each (a reinforcement-learning
+    # setting's return after 0, 1, 2, 3 gradient steps); empty for classification.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.values.size > 0
+
+    @property
+    def per_episode(self) -> np.ndarray:
+        """Per-episode values averaged over seeds: what paired tests compare."""
+        return self.values.mean(axis=0)
+
+    @property
+    def scale(self) -> float:
+        return by_metric(self.metric).scale
+
+    def estimate(self) -> tuple[float, float]:
+        """Mean and 95% CI half-width, in report units (percent for accuracy)."""
+        estimate = mean_ci95(self.values)
+        return self.scale * estimate.mean, self.scale * estimate.ci95
+
+
+@dataclass
+class Results:
+    runs: list[RunInfo]
+    settings: list[Setting]
+    curves: dict[str, pd.DataFrame]  # cell id -> iteration, loss, val_metric
+    cells: pd.DataFrame  # one row per cell (with seed and status)
+
+
+def _episode_key(config: dict[str, Any]) -> str:
+    """Everything that fixes a cell's test episodes."""
+    tasks, evaluation = config.get("tasks", {}), config.get("eval", {})
+    return json.dumps(
+        {
+            "dataset": config.get("dataset"),
+            "ways": tasks.get("ways"),
+            "shots": tasks.get("shots"),
+            "query": evaluation.get("query"),
+            "seed": evaluation.get("seed"),
+        },
+        sort_keys=True,
+    )
+
+
+def load_runs(run_dirs: list[Path]) -> Results:
+    """Read every cell, curve and per-episode value of ``run_dirs``."""
+    if not run_dirs:
+        raise FewbenchError("give at least one run directory")
+    runs, rows, values, curves, extras = [], {}, {}, {}, {}
+    for run_dir in run_dirs:
+        store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
+        try:
+            with damage_reported(store.path):
+                runs.append(RunInfo(Path(run_dir), store.meta("suite") or "", _environment(store)))
+                _read_cells(store, Path(run_dir), rows, values, curves, extras)
+        finally:
+            store.close()
+    cells = _frame(list(rows.values()))
+    return Results(runs, _settings(cells, values, extras), curves, cells)
+
+
+def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The cells as a DataFrame; the run directory stays a Python string (object column):
+    a path that is not UTF-8 (its bytes as surrogates) cannot become an Arrow string, which
+    pandas uses for text when pyarrow is installed."""
+    cells = pd.DataFrame([{k: v for k, v in r.items() if k != "run"} for r in records])
+    if records:
+        cells["run"] = pd.Series([r["run"] for r in records], dtype=object, index=cells.index)
+    return cells
+
+
+def _read_cells(
+    store: ResultsStore,
+    run_dir: Path,
+    rows: dict[str, dict[str, Any]],
+    values: dict[str, np.ndarray],
+    curves: dict[str, pd.DataFrame],
+    extras: dict[str, dict[str, list[float]]],
+) -> None:
+    """Add one run's cells; a cell an earlier run holds (same id) counts once."""
+    for cell in store.cells():
+        if cell["id"] in rows:
+            continue
+        rows[cell["id"]] = {**dict(cell), "run": str(run_dir)}
+        if cell["status"] == "done":
+            values[cell["id"]] = np.asarray(store.episode_values(cell["id"]))
+            extras[cell["id"]] = store.episode_extras(cell["id"])
+        curve = store.curve(cell["id"])
+        if curve:
+            curves[cell["id"]] = pd.DataFrame([dict(r) for r in curve])
+
+
+def _environment(store: ResultsStore) -> dict[str, Any]:
+    """The stored environment; a damaged record is a note, not a lost report."""
+    try:
+        environment = json.loads(store.meta("environment") or "{}")
+    except ValueError:
+        return {"unreadable": "the stored environment is not valid JSON"}
+    return environment if isinstance(environment, dict) else {"environment": environment}
+
+
+def printable_path(path: Path) -> str:
+    """``path`` as text that encodes as UTF-8: bytes of a name that is not UTF-8 show as
+    ``\\xNN`` instead of failing when the report is written."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _settings(
+    cells: pd.DataFrame,
+    values: dict[str, np.ndarray],
+    extras: dict[str, dict[str, list[float]]] | None = None,
+) -> list[Setting]:
+    extras = extras or {}
+    if cells.empty:
+        return []
+    settings = []
+    for key, group in cells.groupby(list(DIMENSIONS), sort=False):
+        done = group[group["status"] == "done"]
+        counts = group["status"].value_counts()
+        status = (
+            "done" if len(done) == len(group) else ", ".join(f"{n} {s}" for s, n in counts.items())
+        )
+        arrays = [values[cell_id] for cell_id in done["id"]]
+        if arrays:
+            episodes = min(len(a) for a in arrays)
+            matrix = np.stack([a[:episodes] for a in arrays])
+        else:
+            matrix = np.empty((0, 0))
+        names = _common_extras(extras, list(done["id"]))
+        extra_matrices = {
+            name: np.stack([np.asarray(extras[c][name])[: matrix.shape[1]] for c in done["id"]])
+            for name in names
+        }
+        config = json.loads(group["config"].iloc[0])
+        settings.append(
+            Setting(
+                keys=dict(zip(DIMENSIONS, key, strict=True)),
+                metric=done["metric"].iloc[0] if len(done) else "accuracy",
+                status=status,
+                values=matrix,
+                episode_key=_episode_key(config),
+                engine=" | ".join(sorted(set(done["engine"].dropna()))),
+                learner_config=config["learner"],
+                dataset_config=config["dataset"],
+                cell_ids=list(group["id"]),
+                extras=extra_matrices,
+            )
+        )
+    return settings
+
+
+def _common_extras(extras: dict[str, dict[str, list[float]]], cell_ids: list[str]) -> list[str]:
+    """The names of the further values every one of ``cell_ids`` holds, in name order."""
+    if not cell_ids:
+        return []
+    common = set.intersection(*(set(extras.get(cell_id, {})) for cell_id in cell_ids))
+    return sorted(common)

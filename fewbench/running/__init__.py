@@ -1,0 +1,5 @@
+"""Running cells: the driver of ``fewbench run`` (``runner``), the one worker path
+(``worker``), the training loop (``training``), evaluation on fixed episodes
+(``evaluation``), choosing the executor (``executor_setup``), ``fewbench tune``
+(``tuning``), experiment trackers (``trackers``), torchrun ranks (``torchrun``), provenance
+(``provenance``), interrupts, heartbeats and the CPU heap setting."""

@@ -1,0 +1,135 @@
+"""CUB-200-2011 (Wah et al. 2011) with the split of Chen et al. (2019): 100 / 50 / 50 classes.
+
+The official archive ``CUB_200_2011.tgz`` (published MD5
+97eceeb196236b17998738112f37df78) unpacks to ``CUB_200_2011/images/<class>/*.jpg``
+with 200 class folders and 11,788 images (41 to 60 per class). Chen et al. sort
+the class folders by name and take every even-numbered class for training, class
+``i`` with ``i % 4 == 1`` for validation and ``i % 4 == 3`` for testing.
+
+Images are resized for the backbone as in Chen et al.'s evaluation transform
+(shorter side to 1.15 x ``image_size``, then a centred ``image_size`` square),
+decoded once into a memory-mapped uint8 cache, and normalised with the training
+classes' per-channel statistics. Classes keep all their images: the pool is
+padded to the largest class and only real images are ever drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewbench.plugin import (
+    SPLITS,
+    ClassPool,
+    DataError,
+    Dataset,
+    EpisodeSource,
+    Param,
+    Resource,
+    SplitSize,
+    hookimpl,
+    load_array_cache,
+    save_array_cache,
+)
+from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb
+
+ARCHIVE = Resource(
+    "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+    "CUB_200_2011.tgz",
+    "97eceeb196236b17998738112f37df78",
+)
+CLASSES, IMAGES = 200, 11788
+
+
+def chen_split(index: int) -> str | None:
+    if index % 2 == 0:
+        return "train"
+    return "val" if index % 4 == 1 else "test"
+
+
+class CUB(Dataset):
+    name = "cub"
+    description = "CUB-200-2011 birds, Chen et al. 2019 split (100/50/50 classes)"
+    folder = "cub"
+    resources = (ARCHIVE,)
+    how_to_get = (
+        "run: fewbench data download cub; or, offline, get CUB_200_2011.tgz from "
+        "www.vision.caltech.edu/datasets/cub_200_2011 and run: fewbench data import cub PATH"
+    )
+    params = {
+        "image_size": Param(84, minimum=8, help="side of the square images, in pixels"),
+        "normalize": Param(True, help="per-channel mean/std of the training classes"),
+    }
+    episode_identity = ()
+
+    @classmethod
+    def verify(cls, folder: Path) -> list[str]:
+        images = folder / "CUB_200_2011" / "images"
+        if not images.is_dir():
+            return [f"{images} does not exist"]
+        classes = [c for c in images.iterdir() if c.is_dir()]
+        count = sum(len(list(c.glob("*.jpg"))) for c in classes)
+        if (len(classes), count) != (CLASSES, IMAGES):
+            return [
+                f"{images} holds {len(classes)} classes and {count} images, expected {CLASSES} and {IMAGES}"
+            ]
+        return []
+
+    def _classes(self, root: Path) -> dict[str, list[Path]]:
+        images = Path(root) / self.folder_name() / "CUB_200_2011" / "images"
+        if not images.is_dir():
+            raise DataError(f"CUB not found: {images} does not exist; {self.how_to_get}")
+        folders = sorted(c for c in images.iterdir() if c.is_dir())
+        splits: dict[str, list[Path]] = {s: [] for s in SPLITS}
+        for i, folder in enumerate(folders):
+            splits[chen_split(i)].append(folder)
+        return splits
+
+    def split_sizes(self, root: Path) -> dict[str, SplitSize]:
+        return {
+            split: SplitSize(
+                len(folders), min((len(list(f.glob("*.jpg"))) for f in folders), default=0)
+            )
+            for split, folders in self._classes(root).items()
+        }
+
+    def _split_array(self, split: str, folders: list[Path], cache_dir: Path):
+        size = self.config["image_size"]
+        files = [sorted(str(p) for p in f.glob("*.jpg")) for f in folders]
+        counts = [len(f) for f in files]
+        path = Path(cache_dir) / "cub" / f"{split}-{size}.npy"
+        key = f"{len(folders)}-{sum(counts)}-{folders[0].name if folders else ''}"
+        cached = load_array_cache(path, {"key": key})
+        if cached is not None:
+            return cached
+        flat = [p for f in files for p in f]
+        every = decode_rgb(flat, size, crop_ratio=1.15)  # Chen et al.'s test transform
+        array = np.zeros((len(folders), max(counts), 3, size, size), dtype=np.uint8)
+        start = 0
+        for c, n in enumerate(counts):
+            array[c, :n] = every[start : start + n]
+            start += n
+        meta = {"key": key, "counts": counts}
+        if split == "train":
+            real = np.concatenate([array[c, :n] for c, n in enumerate(counts)])[None]
+            meta["mean"], meta["std"] = channel_statistics(real)
+        save_array_cache(path, array, meta)
+        return load_array_cache(path, {"key": key})
+
+    def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
+        arrays = {s: self._split_array(s, f, cache_dir) for s, f in self._classes(root).items()}
+        mean = std = None
+        if self.config["normalize"]:
+            meta = arrays["train"][1]
+            mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
+        return {
+            split: ClassPool(torch.from_numpy(array), mean, std, torch.tensor(meta["counts"]))
+            for split, (array, meta) in arrays.items()
+        }
+
+
+@hookimpl
+def fewbench_register_datasets(register):
+    register(CUB)

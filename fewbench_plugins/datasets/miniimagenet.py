@@ -1,0 +1,347 @@
+"""mini-ImageNet (Vinyals et al. 2016) with the Ravi & Larochelle split, in either common form.
+
+Under the data root, ``miniimagenet/`` holds one of:
+
+* ``images/<filename>.jpg`` (84x84 crops of ILSVRC-2012) and
+  ``splits/ravi/{train,val,test}.csv`` (columns ``filename,label``), or
+* ``mini-imagenet-cache-{train,val,test}.pkl``: pickled dicts with ``image_data``
+  (uint8 ``[N, 84, 84, 3]``) and ``class_dict`` (label -> image indices).
+
+There is no download: the images derive from ImageNet, whose terms forbid
+redistribution. Each split is decoded once into a uint8 ``.npy`` cache that is
+memory-mapped at run time (episodes read only the images they draw, and a second
+run starts in seconds). The pickles are received files: they are read with an
+unpickler that builds only dicts, lists and numpy arrays (a pickle naming any
+other callable is refused, so it cannot run code), and checked (keys, dtype,
+shape, class indices) on import and on loading. Classes are ordered by label in both forms, so the
+fixed episodes are the same whichever form was installed. Images are normalised
+with the per-channel mean and standard deviation of the training classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fewbench.plugin import (
+    SPLITS,
+    ClassPool,
+    DataError,
+    Dataset,
+    EpisodeSource,
+    Param,
+    SplitSize,
+    hookimpl,
+    load_array_cache,
+    save_array_cache,
+)
+from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb
+
+STANDARD = {"train": 64, "val": 16, "test": 20}  # classes; 600 images each
+IMAGES_PER_CLASS = 600
+HOW_TO_GET = (
+    "mini-ImageNet cannot be downloaded (ImageNet's terms forbid redistribution). Build it from "
+    "ILSVRC-2012 with the Ravi & Larochelle split (84x84 images as images/<filename>.jpg and "
+    "splits/ravi/{train,val,test}.csv), or obtain the pickle files "
+    "mini-imagenet-cache-{train,val,test}.pkl; then run: fewbench data import miniimagenet PATH"
+)
+
+
+def _pickle_path(folder: Path, split: str) -> Path:
+    return folder / f"mini-imagenet-cache-{split}.pkl"
+
+
+# -- reading the pickles without running what they name -------------------------------------
+try:  # numpy 2
+    from numpy._core.multiarray import _reconstruct, scalar
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct, scalar
+    from numpy.core.numeric import _frombuffer
+
+
+class _Global:
+    """A callable a pickle may use, which the pickle cannot modify (no ``__dict__``; the
+    BUILD opcode, which would set attributes on it, is refused)."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[..., Any]):
+        self._function = function
+
+    def __call__(self, *args: Any) -> Any:
+        return self._function(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("a pickle tried to modify an allowed numpy function")
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it, for latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+# Exactly the globals numpy's own pickling names (protocols 2 to 5, numpy 1 and 2).
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _Global(_latin1),
+    **{
+        (f"numpy.{core}.{module}", name): _Global(function)
+        for core in ("core", "_core")
+        for module, name, function in (
+            ("multiarray", "_reconstruct", _reconstruct),
+            ("multiarray", "scalar", scalar),
+            ("numeric", "_frombuffer", _frombuffer),
+        )
+    },
+}
+
+
+class _CacheUnpickler(pickle.Unpickler):
+    """Builds only what the official files hold: dicts, lists, ints, strings, numpy arrays."""
+
+    def __init__(self, file: BinaryIO, path: Path):
+        super().__init__(file, encoding="latin1")  # latin1: pickles written by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"{self.path}: refused to load the global {module}.{name} (a mini-ImageNet "
+                f"pickle holds only numpy arrays, lists and dicts; this one could run code)"
+            ) from None
+
+
+def read_cache(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """The images and classes of one ``mini-imagenet-cache-*.pkl``, read safely and checked."""
+    try:
+        with open(path, "rb") as f:
+            data = _CacheUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as exc:  # anything else a malformed pickle raises; nothing can run
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        raise DataError(f"{path}: not a mini-ImageNet pickle ({reason})") from None
+    return _check_cache(path, data)
+
+
+def _check_cache(path: Path, data: Any) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Keys, dtype and shape of the images, and class indices covering every image."""
+    if not isinstance(data, dict) or not {"image_data", "class_dict"} <= set(data):
+        raise DataError(f"{path}: expected a dict with 'image_data' and 'class_dict'")
+    images, class_dict = data["image_data"], data["class_dict"]
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        kind = getattr(images, "dtype", type(images).__name__)
+        raise DataError(f"{path}: 'image_data' must be a uint8 numpy array, not {kind}")
+    if images.ndim != 4 or images.shape[1:] != (84, 84, 3) or not len(images):
+        raise DataError(f"{path}: 'image_data' has shape {images.shape}, expected [N, 84, 84, 3]")
+    if not isinstance(class_dict, dict) or not class_dict:
+        raise DataError(f"{path}: 'class_dict' must be a non-empty dict of label -> indices")
+    return images, _check_classes(path, class_dict, len(images))
+
+
+def _check_classes(path: Path, class_dict: dict, count: int) -> dict[str, list[int]]:
+    """label -> indices, each an int naming one of the ``count`` images, every image in a class.
+    Messages show types rather than values: a hostile value may be huge."""
+    seen = np.zeros(count, dtype=bool)
+    classes = {}
+    for label, indices in class_dict.items():
+        if not isinstance(label, str):
+            raise DataError(f"{path}: class_dict has a {type(label).__name__} label, not a string")
+        where = f"{path}: class_dict[{label[:60]!r}]"
+        if isinstance(indices, np.ndarray) and indices.ndim == 1 and indices.dtype.kind in "iu":
+            indices = indices.tolist()
+        if not isinstance(indices, (list, tuple)) or not indices:
+            raise DataError(f"{where} must be a non-empty list of image indices")
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise DataError(f"{where} holds a {type(i).__name__}, not an image index")
+            if not 0 <= i < count:
+                raise DataError(f"{where} holds an index outside the {count} images")
+        seen[indices] = True
+        classes[label] = [int(i) for i in indices]
+    if not seen.all():
+        raise DataError(
+            f"{path}: image {int(np.argmin(seen))} (of {count}) is in no class of class_dict"
+        )
+    return classes
+
+
+def _csv_path(folder: Path, split: str) -> Path:
+    return folder / "splits" / "ravi" / f"{split}.csv"
+
+
+def read_split(path: Path) -> dict[str, list[str]]:
+    """label -> file names, from a Ravi split CSV."""
+    classes: dict[str, list[str]] = {}
+    with open(path, newline="") as f:
+        for number, row in enumerate(csv.reader(f), start=1):
+            if number == 1 and row[:2] == ["filename", "label"]:
+                continue
+            if len(row) < 2:
+                raise DataError(f"{path}:{number}: expected 'filename,label', got {row!r}")
+            classes.setdefault(row[1], []).append(row[0])
+    return classes
+
+
+class MiniImageNet(Dataset):
+    name = "miniimagenet"
+    description = (
+        "mini-ImageNet, Ravi & Larochelle split (64/16/20 classes); image folder or pickles"
+    )
+    params = {
+        "image_size": Param(84, minimum=8, help="side of the square images, in pixels"),
+        "normalize": Param(True, help="per-channel mean/std of the training classes"),
+    }
+    episode_identity = ()  # the split is fixed; image size and normalisation change no episode
+    how_to_get = HOW_TO_GET
+
+    def _folder(self, root: Path) -> Path:
+        folder = Path(root) / self.folder_name()
+        if not folder.is_dir():
+            raise DataError(f"mini-ImageNet not found: {folder} does not exist; {HOW_TO_GET}")
+        return folder
+
+    @staticmethod
+    def _form(folder: Path) -> str:
+        if all(_pickle_path(folder, s).is_file() for s in SPLITS):
+            return "pickle"
+        if all(_csv_path(folder, s).is_file() for s in SPLITS) and (folder / "images").is_dir():
+            return "images"
+        raise DataError(
+            f"{folder} holds neither images/ with splits/ravi/*.csv nor the three "
+            f"mini-imagenet-cache-*.pkl files; {HOW_TO_GET}"
+        )
+
+    @classmethod
+    def verify(cls, folder: Path) -> list[str]:
+        try:
+            form = cls._form(folder)
+        except DataError as exc:
+            return [str(exc).split(";")[0]]
+        if form == "pickle":
+            return cls._verify_pickles(folder)
+        problems = []
+        for split, expected in STANDARD.items():
+            classes = read_split(_csv_path(folder, split))
+            if len(classes) != expected:
+                problems.append(f"{split}.csv lists {len(classes)} classes, expected {expected}")
+            missing = next(
+                (
+                    n
+                    for names in classes.values()
+                    for n in names
+                    if not (folder / "images" / n).is_file()
+                ),
+                None,
+            )
+            if missing:
+                problems.append(
+                    f"{folder / 'images' / missing} is listed in {split}.csv but missing"
+                )
+        return problems
+
+    @staticmethod
+    def _verify_pickles(folder: Path) -> list[str]:
+        """Read every pickle (safely: it is received data) and count its classes."""
+        problems = []
+        for split, expected in STANDARD.items():
+            try:
+                _, classes = read_cache(_pickle_path(folder, split))
+            except DataError as exc:
+                problems.append(str(exc))
+                continue
+            if len(classes) != expected:
+                problems.append(
+                    f"{_pickle_path(folder, split).name} holds {len(classes)} classes, "
+                    f"expected {expected}"
+                )
+        return problems
+
+    def split_sizes(self, root: Path) -> dict[str, SplitSize]:
+        folder = self._folder(root)
+        if self._form(folder) == "pickle":
+            return {s: SplitSize(STANDARD[s], IMAGES_PER_CLASS) for s in SPLITS}
+        sizes = {}
+        for split in SPLITS:
+            classes = read_split(_csv_path(folder, split))
+            sizes[split] = SplitSize(len(classes), min(len(v) for v in classes.values()))
+        return sizes
+
+    # -- decoding into the memory-mapped cache --------------------------------------------------
+    def _source_key(self, folder: Path, form: str, split: str) -> str:
+        source = _pickle_path(folder, split) if form == "pickle" else _csv_path(folder, split)
+        stat = source.stat()
+        return hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[
+            :16
+        ]
+
+    def _decode_split(self, folder: Path, form: str, split: str) -> np.ndarray:
+        size = self.config["image_size"]
+        if form == "pickle":
+            images, class_dict = read_cache(_pickle_path(folder, split))
+            labels = sorted(class_dict)
+            per_class = min(len(class_dict[c]) for c in labels)
+            picked = images[[i for c in labels for i in list(class_dict[c])[:per_class]]]
+            picked = picked.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+            if picked.shape[-1] != size:
+                picked = np.stack([_resize(x, size) for x in picked])
+            return picked.reshape(len(labels), per_class, 3, size, size)
+        classes = read_split(_csv_path(folder, split))
+        labels = sorted(classes)
+        per_class = min(len(classes[c]) for c in labels)
+        # Within a class, images in file-name order (the pickles keep the same order).
+        paths = [str(folder / "images" / n) for c in labels for n in sorted(classes[c])[:per_class]]
+        out = decode_rgb(paths, size)
+        return out.reshape(len(labels), per_class, 3, size, size)
+
+    def _split_array(
+        self, folder: Path, cache_dir: Path, form: str, split: str
+    ) -> tuple[np.ndarray, dict]:
+        path = Path(cache_dir) / "miniimagenet" / f"{split}-{form}-{self.config['image_size']}.npy"
+        key = self._source_key(folder, form, split)
+        cached = load_array_cache(path, {"key": key})
+        if cached is not None:
+            return cached
+        array = self._decode_split(folder, form, split)
+        meta = {"key": key}
+        if split == "train":  # per-channel statistics of the training classes, on [0, 1]
+            meta["mean"], meta["std"] = channel_statistics(array)
+        save_array_cache(path, array, meta)
+        return load_array_cache(path, {"key": key})
+
+    def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
+        folder = self._folder(root)
+        form = self._form(folder)
+        arrays = {s: self._split_array(folder, cache_dir, form, s) for s in SPLITS}
+        mean = std = None
+        if self.config["normalize"]:
+            train_meta = arrays["train"][1]
+            mean, std = torch.tensor(train_meta["mean"]), torch.tensor(train_meta["std"])
+        return {
+            split: ClassPool(torch.from_numpy(array), mean, std)
+            for split, (array, _) in arrays.items()
+        }
+
+
+def _resize(image_chw: np.ndarray, size: int) -> np.ndarray:
+    image = Image.fromarray(image_chw.transpose(1, 2, 0))
+    return np.asarray(image.resize((size, size), resample=Image.BILINEAR)).transpose(2, 0, 1)
+
+
+@hookimpl
+def fewbench_register_datasets(register):
+    register(MiniImageNet)
