@@ -75,7 +75,8 @@ def test_a_mutant_plugin_import_is_caught(tmp_path):
 
 def module_graph(root: Path) -> dict[str, set[str]]:
     """fewbench's modules and the fewbench modules each imports, at any depth (function-level
-    imports included), leaving out imports under ``if TYPE_CHECKING:`` (they never run)."""
+    imports included), leaving out imports under ``if TYPE_CHECKING:`` (they never run) and
+    in a module's ``__getattr__`` (they run when a name is asked for, not while importing)."""
     paths = {}
     for path in root.rglob("*.py"):
         parts = path.relative_to(root.parent).with_suffix("").parts
@@ -83,13 +84,22 @@ def module_graph(root: Path) -> dict[str, set[str]]:
     graph = {}
     for name, path in paths.items():
         found = imports_in(ast.parse(path.read_text()), set(paths))
+        # Importing fewbench.a.b runs fewbench/__init__ and fewbench/a/__init__ first.
+        found |= {parent for module in found for parent in parents(module)}
         graph[name] = {module for module in found if module in paths and module != name}
     return graph
+
+
+def parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:end]) for end in range(1, len(parts))]
 
 
 def imports_in(node: ast.AST, modules: set[str]) -> set[str]:
     found: set[str] = set()
     for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.FunctionDef) and child.name == "__getattr__":
+            continue  # a package's names loaded on first use (PEP 562), never while importing
         if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
             found |= imports_in(ast.Module(body=child.orelse, type_ignores=[]), modules)
         elif isinstance(child, ast.Import):
@@ -144,6 +154,22 @@ def test_no_import_cycle_among_fewbench_modules():
     graph = module_graph(REPO / "fewbench")
     assert len(graph) > 60
     assert import_cycles(graph) == []
+
+
+def test_no_cycle_through_a_package_that_loads_its_modules_up_front(tmp_path):
+    """A package whose __init__ imports a module that imports back into the package is a
+    cycle at run time (Python runs a package's __init__ before any of its modules)."""
+    package = tmp_path / "fewbench" / "plugin"
+    package.mkdir(parents=True)
+    (tmp_path / "fewbench" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("from fewbench.methods import graphs\n")
+    (package / "dataset.py").write_text("")
+    (tmp_path / "fewbench" / "methods.py").write_text("")
+    (tmp_path / "fewbench" / "graphs.py").write_text("from fewbench.plugin.dataset import x\n")
+    (package / "__init__.py").write_text("from fewbench.graphs import y\n")
+    assert import_cycles(module_graph(tmp_path / "fewbench")) == [
+        ["fewbench.graphs", "fewbench.plugin"]
+    ]
 
 
 def test_the_cycle_check_finds_a_cycle():

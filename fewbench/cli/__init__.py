@@ -2,14 +2,16 @@
 (``commands``) and the cached plugin listing (``plugin_index``). ``fewbench.cli:main`` is the
 ``fewbench`` command."""
 
+import importlib
 from typing import Any
-
-from fewbench.cli.parser import main
 
 __all__ = ["main"]
 
 
 def __getattr__(name: str) -> Any:
+    # Loaded on use: the package imports nothing, so that its modules never import it half-way.
+    if name == "main":
+        return importlib.import_module("fewbench.cli.parser").main
     # fewbench 0.1's module fewbench.cli is now fewbench.cli.parser.
     from fewbench._moved import forward
 
