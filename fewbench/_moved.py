@@ -119,7 +119,10 @@ def install() -> None:
 def forward(package: str, old_module: str, new_module: str, name: str) -> Any:
     """An old module's attribute, asked of the package that took its name: warn, then give
     it from the module's new place (``AttributeError`` when the old module had no such name)."""
-    if name.startswith("__"):
+    if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
+        # A submodule's name is asked before it is imported (``from fewbench.data import root``
+        # probes the package first): say "not an attribute" so the import system loads the
+        # submodule, rather than loading the old module's new place (and torch with it).
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     module = importlib.import_module(new_module)
     if not hasattr(module, name):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from fewbench.cli import main as cli
+from fewbench import cli
 from fewbench.errors import FewbenchError
 from fewbench.plugin.hookspecs import hookimpl
 from fewbench.plugin.logger import CellLogging, Logger

@@ -144,6 +144,30 @@ def test_old_names_of_the_three_modules_that_became_packages():
         from fewbench.data import no_such_name  # noqa: F401
 
 
+def test_importing_a_submodule_does_not_load_the_old_module_it_replaced():
+    """``from fewbench.data import root`` probes the package's attributes first: the forwarder
+    must leave submodule names to the import system, not import fewbench.plugin.dataset (and
+    with it torch, which ``fewbench data list`` must not load)."""
+    code = (
+        "import sys, warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+        "from fewbench.data import root\n"
+        "from fewbench.suite import grid\n"
+        "from fewbench.cli import plugin_index\n"
+        "print(root.__name__, grid.__name__, plugin_index.__name__,"
+        " 'fewbench.plugin.dataset' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert result.stdout.split() == [
+        "fewbench.data.root",
+        "fewbench.suite.grid",
+        "fewbench.cli.plugin_index",
+        "False",
+        "False",
+    ]
+
+
 def test_old_paths_warn_in_a_fresh_process_as_a_user_sees_them():
     code = (
         "import warnings; warnings.simplefilter('error')\n"
