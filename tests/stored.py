@@ -25,17 +25,20 @@ def make_cell(
     eval_seed: int = 0,
     backbone: str = "conv4",
     params: dict[str, Any] | None = None,
+    dataset_params: dict[str, Any] | None = None,
+    backbone_params: dict[str, Any] | None = None,
+    eval_query: int = 15,
 ) -> Cell:
     label = (
         learner if not params else f"{learner}[{','.join(f'{k}={v}' for k, v in params.items())}]"
     )
     config = {
-        "dataset": {"name": dataset},
-        "backbone": {"name": backbone},
+        "dataset": {"name": dataset, **(dataset_params or {})},
+        "backbone": {"name": backbone, **(backbone_params or {})},
         "learner": {"name": learner, **(params or {})},
         "tasks": {"ways": ways, "shots": shots, "query": 1},
         "train": {},
-        "eval": {"query": 15, "seed": eval_seed},
+        "eval": {"query": eval_query, "seed": eval_seed},
         "seed": seed,
     }
     return Cell.from_config(

@@ -329,3 +329,21 @@ def test_the_channels_last_max_pool_falls_back_to_torchs_under_vmap():
     stock_grad = torch.func.vmap(torch.func.grad(lambda t: nn.MaxPool2d(2)(t).square().sum()))(x)
     ours_grad = torch.func.vmap(torch.func.grad(lambda t: MaxPool2x2()(t).square().sum()))(x)
     assert torch.equal(ours_grad, stock_grad)
+
+
+def test_relation_network_embedding_pools_in_the_first_two_blocks_only():
+    """Sung et al. 2018's embedding: four conv blocks, 2x2 max-pooling after the first two
+    only, so a 28x28 Omniglot image leaves a 7x7 map for the relation module (pooling in all
+    four leaves 1x1)."""
+    sung, _ = make(Conv4, hidden=64, pool="max", pool_blocks=2).build_feature_map((1, 28, 28))
+    every, _ = make(Conv4, hidden=64, pool="max").build_feature_map((1, 28, 28))
+    x = torch.randn(3, 1, 28, 28)
+    assert sung(x).shape == (3, 64, 7, 7)
+    assert every(x).shape == (3, 64, 1, 1)
+    pools = [type(m).__name__ for m in sung]
+    assert pools.count("MaxPool2x2") == 2
+
+
+def test_pool_blocks_without_max_pooling_is_refused_in_one_line():
+    with pytest.raises(FewbenchError, match="pool_blocks 2 needs pool: max"):
+        make(Conv4, pool="stride", pool_blocks=2).check()

@@ -142,7 +142,9 @@ def known_learner(name: str) -> bool:
 
 
 def test_every_shipped_entry_says_what_it_is():
-    text = resources.files("fewbench").joinpath("references.yaml").read_text(encoding="utf-8")
+    text = (
+        resources.files("fewbench.reports").joinpath("references.yaml").read_text(encoding="utf-8")
+    )
     data = yaml.safe_load(text)
     registry = Registry()
     datasets = set(registry.names("dataset"))
@@ -194,3 +196,52 @@ def test_shipped_numbers_for_the_method_zoo():
 def returns_of(registry, dataset: str) -> bool:
     """Whether a dataset is an environment (its results are returns, not accuracies)."""
     return task_type_of(registry.get("dataset", dataset).cls.task_type) is REINFORCEMENT
+
+
+def test_every_shipped_protocol_names_keys_a_cell_has():
+    """A misspelt requirement ("backbone.pooling") would refuse every cell silently: each key
+    must be a parameter of the plugin the reference names, or a field of tasks/train/eval."""
+    from dataclasses import fields
+
+    from fewbench.suite.cell import EvalSettings, Tasks, TrainSettings
+
+    registry = Registry()
+    sections = {
+        "tasks": {f.name for f in fields(Tasks)},
+        "train": {f.name for f in fields(TrainSettings)},
+        "eval": {f.name for f in fields(EvalSettings)},
+    }
+    for r in refs.all_references():
+        assert r.requires, f"{r.source}: protocol {r.protocol_name} requires nothing"
+        backbone = r.requires.get("backbone.name")
+        for key in r.requires:
+            section, name = key.split(".", 1)
+            if section in sections:
+                assert name in sections[section], f"{r.protocol_name}: {key}"
+                continue
+            plugin = {"dataset": r.dataset, "learner": r.learner, "backbone": backbone}[section]
+            if name == "name":
+                continue
+            assert plugin, f"{r.protocol_name}: {key} without backbone.name"
+            params = registry.get(section, plugin).params.params
+            assert name in params, f"{r.protocol_name}: {key} is not a {plugin} parameter"
+
+
+def test_a_requirement_outside_a_cell_configuration_is_refused():
+    text = HEADER.replace(
+        'proto: "Conv-4, 84x84, 600 test episodes"',
+        'proto: {text: "Conv-4", requires: {pooling: max}}',
+    )
+    with pytest.raises(FewbenchError, match="requires 'pooling': name a key .* as section.key"):
+        refs.parse(text + "  - " + BASE + "}\n")
+    reference = refs.parse(
+        HEADER.replace(
+            'proto: "Conv-4, 84x84, 600 test episodes"',
+            'proto: {text: "Conv-4", requires: {backbone.pool: max}}',
+        )
+        + "  - "
+        + BASE
+        + ", pm_means: none, requires: {eval.query: 15}}\n"
+    )[0]
+    assert reference.requires == {"backbone.pool": "max", "eval.query": 15}
+    assert reference.protocol == "Conv-4" and reference.protocol_name == "proto"

@@ -156,13 +156,34 @@ def test_layout_is_chosen_and_checked(tmp_path):
         render(path, "markdown", Options(rows=("seed",)))
 
 
+FINN_OMNIGLOT = {"split": "finn", "image_size": 28}
+FINN_CONV4 = {"hidden": 64, "pool": "stride", "batch_norm": "batch"}
+
+
 def test_published_numbers_beside_the_measured_ones(tmp_path):
     values = [1.0] * 5 + [0.9] * 5
     path = store_run(
         tmp_path,
         [
-            (make_cell("maml", dataset="omniglot"), values),
-            (make_cell("finetune", dataset="cub", params={"head": "cosine"}), [0.6, 0.62]),
+            (
+                make_cell(
+                    "maml",
+                    dataset="omniglot",
+                    dataset_params=FINN_OMNIGLOT,
+                    backbone_params=FINN_CONV4,
+                ),
+                values,
+            ),
+            (
+                make_cell(
+                    "finetune",
+                    dataset="cub",
+                    params={"head": "cosine"},
+                    backbone_params={"hidden": 64, "pool": "max"},
+                    eval_query=16,
+                ),
+                [0.6, 0.62],
+            ),
         ],
     )
     text = render(
@@ -184,6 +205,7 @@ def test_published_numbers_beside_the_measured_ones(tmp_path):
         "Model-Agnostic Meta-Learning" in text
         and "A Closer Look at Few-shot Classification" in text
     )
+    assert "another protocol" not in text
     record = next(
         e
         for e in json.loads(
@@ -201,6 +223,45 @@ def test_published_numbers_beside_the_measured_ones(tmp_path):
     )
     assert record["published"][0]["mean"] == 98.7
     assert record["published"][0]["difference"] == pytest.approx(delta)
+    assert record["published_under_another_protocol"] == []
+
+
+def test_a_published_number_is_not_shown_beside_a_cell_of_another_protocol(tmp_path):
+    """Finn et al.'s Omniglot rows were measured on their own random split with the
+    stride-2 Conv-4: a Vinyals-split cell, or one on a max-pooling Conv-4, does not get
+    them beside it; the caption and the JSON say what differs instead."""
+    path = store_run(
+        tmp_path,
+        [
+            (
+                make_cell(
+                    "maml",
+                    dataset="omniglot",
+                    dataset_params={**FINN_OMNIGLOT, "split": "vinyals"},
+                    backbone_params={**FINN_CONV4, "pool": "max"},
+                ),
+                [1.0, 0.9, 1.0],
+            )
+        ],
+    )
+    options = Options(
+        rows=("learner",), cols=("dataset", "ways", "shots", "backbone"), with_reference=True
+    )
+    text = render(path, "markdown", options)
+    assert "published: Finn et al. 2017" not in text
+    assert (
+        "Not shown, published under another protocol: Finn et al. 2017, Table 1, 5-way 1-shot "
+        "maml (dataset.split: published finn, this cell vinyals; backbone.pool: published "
+        "stride, this cell max)." in text
+    )
+    (record,) = json.loads(render(path, "json", options))["entries"]
+    assert record["published"] == []
+    (refused,) = record["published_under_another_protocol"]
+    assert refused["mean"] == 98.7
+    assert refused["differs"] == [
+        "dataset.split: published finn, this cell vinyals",
+        "backbone.pool: published stride, this cell max",
+    ]
 
 
 def test_every_shipped_reference_is_complete(registry):

@@ -175,14 +175,28 @@ def test_the_reinforcement_task_type():
 def test_the_published_returns_match_only_the_protocol_they_were_measured_with():
     from fewbench.reports import references
 
-    code_reward = {"name": "navigation2d", "reward": "distance"}
-    (table4,) = references.matching(code_reward, 1, 1, {"name": "maml_trpo"})
+    def cell(dataset: dict, learner: str) -> dict:
+        return {
+            "dataset": dataset,
+            "backbone": {"name": "mlp"},
+            "learner": {"name": learner},
+            "tasks": {"ways": 1, "shots": 1},
+        }
+
+    code_reward = {"name": "navigation2d", "reward": "distance", "horizon": 100}
+    (table4,) = references.matching(cell(code_reward, "maml_trpo"))
     assert table4.mean == -11.68 and table4.verified and table4.pm_means == "none"
     # The paper's text reward (squared distance) gives returns on another scale.
-    squared = {"name": "navigation2d", "reward": "squared"}
-    assert references.matching(squared, 1, 1, {"name": "maml_trpo"}) == []
-    assert references.matching(code_reward, 1, 1, {"name": "pretrain_rl"}) == []
-    (figure,) = references.matching({"name": "halfcheetah_vel"}, 1, 1, {"name": "maml_trpo"})
+    squared = {**code_reward, "reward": "squared"}
+    assert references.matching(cell(squared, "maml_trpo")) == []
+    assert references.matching(cell(code_reward, "pretrain_rl")) == []
+    # Another horizon is another protocol: the number is a candidate, but not shown.
+    longer = {**code_reward, "horizon": 200}
+    assert references.matching(cell(longer, "maml_trpo")) == []
+    ((refused, differs),) = references.refused(cell(longer, "maml_trpo"))
+    assert refused is table4 and differs == ["dataset.horizon: published 100, this cell 200"]
+    cheetah = {"name": "halfcheetah_vel", "horizon": 200}
+    (figure,) = references.matching(cell(cheetah, "maml_trpo"))
     assert not figure.verified and "read from the figure" in figure.table
 
 

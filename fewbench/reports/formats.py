@@ -269,9 +269,7 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
                 engine=s.engine,
             )
             if table.options.with_reference:
-                matched = refs.matching(
-                    s.dataset_config, s.keys["ways"], s.keys["shots"], s.learner_config
-                )
+                matched = refs.matching(s.config)
                 measured = entry.mean is not None
                 record["published"] = [
                     {"source": r.source, "method": r.method, "mean": r.mean, "pm": r.pm,
@@ -282,6 +280,10 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
                      "inside_ci": r.inside(entry.mean, entry.ci95) if measured else None}
                     for r in matched
                 ]  # fmt: skip
+                record["published_under_another_protocol"] = [
+                    {"source": r.source, "method": r.method, "mean": r.mean, "differs": differs}
+                    for r, differs in refs.refused(s.config)
+                ]
             out.append(record)
     return out
 

@@ -1,8 +1,15 @@
 """Published reference numbers shipped with fewbench (``references.yaml``), and matching.
 
-A reference matches a measured setting when dataset, ways, shots and learner name
-agree and the learner's configuration holds the reference's ``params`` (so
-Baseline is ``finetune`` with ``head: linear`` and Baseline++ the cosine head).
+A reference is a *candidate* for a measured cell when dataset, ways, shots and
+learner name agree and the learner's configuration holds the reference's
+``params`` (so Baseline is ``finetune`` with ``head: linear`` and Baseline++ the
+cosine head). It *matches* only when the cell also ran under the published
+protocol: every key the protocol ``requires`` (a dotted path into the cell's
+configuration, such as ``dataset.split``, ``backbone.pool`` or
+``learner.eval_inner_steps``) holds the published value. A candidate that does not
+match is not printed beside the cell; :func:`differences` says what differs
+("dataset.split: published finn, this cell vinyals"), so a number is never shown
+beside a cell that ran under another split, backbone or test-time protocol.
 
 Papers do not agree on what their ± is: most give a 95% confidence interval over
 the test episodes, some a standard deviation over training seeds, some nothing.
@@ -32,8 +39,10 @@ PM_MEANS = {
 REQUIRED = ("paper", "table", "protocol", "dataset", "ways", "shots", "learner", "mean")
 OPTIONAL = (
     "pm", "pm_means", "ci95", "episodes", "verified", "source", "method", "params",
-    "dataset_params",
+    "dataset_params", "requires",
 )  # fmt: skip
+SECTIONS = ("dataset", "backbone", "learner", "tasks", "train", "eval")  # of a cell's config
+NOT_SET = "not set"  # how a difference names a key the cell's configuration lacks
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,10 @@ class Reference:
     params: dict[str, Any] = field(default_factory=dict)
     # Dataset parameters the published protocol fixes (navigation2d's reward: distance).
     dataset_params: dict[str, Any] = field(default_factory=dict)
+    protocol_name: str = ""  # the key under ``protocols`` (``protocol`` is its text)
+    # The protocol as checkable keys: dotted paths into a cell's configuration
+    # ("backbone.pool") and the published values; the protocol's and the entry's own.
+    requires: dict[str, Any] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -86,6 +99,33 @@ class Reference:
     def inside(self, mean: float, ci95: float) -> bool:
         """Whether the published mean lies inside the measured 95% interval."""
         return abs(mean - self.mean) <= ci95
+
+
+def _protocol(name: str, entry: Any) -> tuple[str, dict[str, Any]]:
+    """A protocol's text and requirements; the plain-text form requires nothing."""
+    where = f"references.yaml: protocols.{name}"
+    if isinstance(entry, str):
+        return entry, {}
+    if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
+        raise FewbenchError(f"{where}: expected its text, or a mapping with 'text' and 'requires'")
+    unknown = sorted(set(entry) - {"text", "requires"})
+    if unknown:
+        raise FewbenchError(f"{where}: unknown key '{unknown[0]}'; a protocol has text, requires")
+    return entry["text"], _requires(entry.get("requires", {}), where)
+
+
+def _requires(requires: Any, where: str) -> dict[str, Any]:
+    """Checked requirements: ``{section.key: value}`` over a cell's configuration."""
+    if not isinstance(requires, dict):
+        raise FewbenchError(f"{where}: 'requires' must be a mapping of section.key: value")
+    for key in requires:
+        section, _, rest = str(key).partition(".")
+        if section not in SECTIONS or not rest:
+            raise FewbenchError(
+                f"{where}: requires '{key}': name a key of a cell's configuration as "
+                f"section.key, with section one of {', '.join(SECTIONS)}"
+            )
+    return dict(requires)
 
 
 def _where(index: int, entry: Any) -> str:
@@ -160,11 +200,13 @@ def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
         if not isinstance(value, dict):
             raise FewbenchError(f"{where}: '{key}' must be a mapping")
     paper = papers[r["paper"]]
+    text, requires = protocols[r["protocol"]]
+    requires = {**requires, **_requires(r.get("requires", {}), where)}
     return Reference(
         paper=paper["short"],
         citation=paper["citation"],
         table=str(r["table"]),
-        protocol=protocols[r["protocol"]],
+        protocol=text,
         dataset=r["dataset"],
         ways=_number(r["ways"], where, "ways", integer=True),
         shots=_number(r["shots"], where, "shots", integer=True),
@@ -178,6 +220,8 @@ def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
         method=r.get("method", ""),
         params=params,
         dataset_params=dataset_params,
+        protocol_name=r["protocol"],
+        requires=requires,
     )
 
 
@@ -188,27 +232,108 @@ def parse(text: str) -> tuple[Reference, ...]:
     data = yaml.safe_load(text)
     if not isinstance(data, dict) or not all(k in data for k in ("papers", "protocols", "results")):
         raise FewbenchError("references.yaml: expected the keys 'papers', 'protocols', 'results'")
-    papers, protocols = data["papers"], data["protocols"]
+    papers = data["papers"]
+    protocols = {name: _protocol(name, entry) for name, entry in (data["protocols"] or {}).items()}
     return tuple(_reference(i, r, papers, protocols) for i, r in enumerate(data["results"] or []))
+
+
+def _shipped_text() -> str:
+    return resources.files("fewbench.reports").joinpath("references.yaml").read_text("utf-8")
 
 
 @cache
 def all_references() -> tuple[Reference, ...]:
-    text = resources.files("fewbench").joinpath("references.yaml").read_text(encoding="utf-8")
-    return parse(text)
+    return parse(_shipped_text())
 
 
-def matching(
-    dataset: str | dict[str, Any], ways: int, shots: int, learner_config: dict[str, Any]
-) -> list[Reference]:
-    """The published results for one measured setting; ``dataset`` is its name or its
-    configuration (then a reference's ``dataset_params`` must match it too)."""
-    config = dataset if isinstance(dataset, dict) else {"name": dataset}
+@cache
+def known_papers_and_protocols() -> tuple[frozenset[str], frozenset[str]]:
+    """The keys of the shipped file's ``papers`` and ``protocols`` (a reproduction suite
+    names one of each)."""
+    import yaml
+
+    data = yaml.safe_load(_shipped_text())
+    return frozenset(data["papers"]), frozenset(data["protocols"])
+
+
+@cache
+def paper_citation(key: str) -> tuple[str, str]:
+    """A shipped paper's short name and full citation."""
+    import yaml
+
+    paper = yaml.safe_load(_shipped_text())["papers"][key]
+    return paper["short"], paper["citation"]
+
+
+def _value(config: dict[str, Any], key: str) -> Any:
+    """The cell's value of ``section.key``; a plugin parameter a cell does not record
+    (one added later, at its default: :attr:`fewbench.plugin.params.Param.added_later`)
+    has the plugin's default."""
+    section, _, name = key.partition(".")
+    values = config.get(section) or {}
+    if not isinstance(values, dict):
+        return NOT_SET
+    if name in values:
+        return values[name]
+    if section in ("dataset", "backbone", "learner") and "name" in values:
+        return _plugin_default(section, values["name"], name)
+    return NOT_SET
+
+
+@cache
+def _plugin_default(kind: str, plugin: str, key: str) -> Any:
+    # Loaded only for a key a cell lacks: the registry imports the plugins (and torch).
+    registry = _registry()
+    if not registry.has(kind, plugin):
+        return NOT_SET
+    param = registry.get(kind, plugin).params.params.get(key)
+    return NOT_SET if param is None else param.default
+
+
+@cache
+def _registry() -> Any:
+    from fewbench.registry import Registry
+
+    return Registry()
+
+
+def differences(reference: Reference, config: dict[str, Any]) -> list[str]:
+    """What in a cell's configuration differs from the reference's protocol, one
+    ``"key: published X, this cell Y"`` per key; empty when the cell ran under it."""
+    out = []
+    for key, published in reference.requires.items():
+        measured = _value(config, key)
+        if measured != published:
+            out.append(f"{key}: published {_show(published)}, this cell {_show(measured)}")
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "-".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def candidates(config: dict[str, Any]) -> list[Reference]:
+    """The published results for a cell's method and setting (dataset, ways, shots,
+    learner and its ``params``), whatever the protocol; ``config`` is a cell's
+    configuration (sections dataset, backbone, learner, tasks, eval)."""
+    dataset, learner, tasks = config["dataset"], config["learner"], config["tasks"]
     return [
         r
         for r in all_references()
         if (r.dataset, r.ways, r.shots, r.learner)
-        == (config["name"], ways, shots, learner_config.get("name"))
-        and all(learner_config.get(k) == v for k, v in r.params.items())
-        and all(config.get(k) == v for k, v in r.dataset_params.items())
+        == (dataset["name"], tasks["ways"], tasks["shots"], learner.get("name"))
+        and all(learner.get(k) == v for k, v in r.params.items())
+        and all(dataset.get(k) == v for k, v in r.dataset_params.items())
     ]
+
+
+def matching(config: dict[str, Any]) -> list[Reference]:
+    """The published results measured under the cell's own protocol."""
+    return [r for r in candidates(config) if not differences(r, config)]
+
+
+def refused(config: dict[str, Any]) -> list[tuple[Reference, list[str]]]:
+    """The candidates published under another protocol, with what differs."""
+    return [(r, d) for r in candidates(config) if (d := differences(r, config))]

@@ -48,6 +48,9 @@ class Setting:
     # Further per-episode values by name, [seeds, episodes] each (a reinforcement-learning
     # setting's return after 0, 1, 2, 3 gradient steps); empty for classification.
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # The whole configuration of the setting's first cell (its seeds differ only in seed):
+    # what a published number's protocol is checked against.
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -193,6 +196,7 @@ def _settings(
                 dataset_config=config["dataset"],
                 cell_ids=list(group["id"]),
                 extras=extra_matrices,
+                config=config,
             )
         )
     return settings

@@ -129,7 +129,7 @@ def _reference_rows(row: tuple, entries: dict[tuple, Entry], options: Options) -
     found: dict[tuple[str, str], refs.Reference] = {}
     for col, entry in entries.items():
         s = entry.setting
-        for r in refs.matching(s.dataset_config, s.keys["ways"], s.keys["shots"], s.learner_config):
+        for r in refs.matching(s.config):
             key = (r.source, r.method)
             by_source.setdefault(key, {})[col] = ReferenceEntry(r, entry)
             found[key] = r
@@ -192,7 +192,26 @@ def caption(table: ReportTable) -> str:
     ]
     if published:
         parts.append(_published_caption(published))
+    if o.with_reference:
+        parts += _refused_caption(table.settings)
     return " ".join(parts)
+
+
+def _refused_caption(settings: list) -> list[str]:
+    """One sentence per published number left out because its cell ran under another
+    protocol, saying what differs: the reader learns the number exists and why it is
+    not beside the measured one."""
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for s in settings:
+        for r, differs in refs.refused(s.config):
+            name = f"{r.method} ({r.source})" if r.method else r.source
+            key = (name, f"{s.keys['ways']}-way {s.keys['shots']}-shot", "; ".join(differs))
+            out.setdefault(key, []).append(str(s.keys["learner"]))
+    return [
+        f"Not shown, published under another protocol: {name}, {setting} {', '.join(sorted(set(learners)))}"
+        f" ({differs})."
+        for (name, setting, differs), learners in out.items()
+    ]
 
 
 def _published_caption(published: list[refs.Reference]) -> str:

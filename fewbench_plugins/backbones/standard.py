@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fewbench.plugin import Backbone, Param, hookimpl
+from fewbench.plugin import Backbone, FewbenchError, Param, hookimpl
 from fewbench_plugins.backbones.pooling import MaxPool2x2
 
 
@@ -34,7 +34,21 @@ class Conv4(Backbone):
             "mode at test time (the inductive mode; MAML's loop engine)",
             added_later=True,
         ),
+        "pool_blocks": Param(
+            4,
+            choices=(0, 1, 2, 3, 4),
+            help="pool: max: max-pool in the first this many blocks only (Sung et al. 2018's "
+            "relation-network embedding: 2, so the relation module still has a map to read)",
+            added_later=True,
+        ),
     }
+
+    def check(self) -> None:
+        if self.config["pool"] != "max" and self.config["pool_blocks"] != 4:
+            raise FewbenchError(
+                f"backbone conv4: pool_blocks {self.config['pool_blocks']} needs pool: max "
+                "(pool: stride downsamples in every block)"
+            )
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         blocks, _ = self.build_feature_map(input_shape)
@@ -54,14 +68,14 @@ class Conv4(Backbone):
         hidden, pool = self.config["hidden"], self.config["pool"]
         layers: list[nn.Module] = []
         channels = input_shape[0]
-        for _ in range(4):
+        for block in range(4):
             stride = 2 if pool == "stride" else 1
             layers += [
                 nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
                 # batch: statistics of the batch at hand, as the original MAML (transductive).
                 nn.BatchNorm2d(hidden, track_running_stats=self.config["batch_norm"] == "running"),
             ]
-            if pool == "max":
+            if pool == "max" and block < self.config["pool_blocks"]:
                 # Finn et al.'s block is conv, batch norm, ReLU, 2x2 max-pool. Pooling before
                 # the ReLU gives the same values and gradients to the bit (the two commute, ties
                 # included: tests/test_backbones.py) with the ReLU's forward, backward and

@@ -22,8 +22,10 @@ Choices and deviations:
   (see the README). Support and query of an episode are embedded together in one
   forward pass, as in the authors' code (which concatenates ``xs`` and ``xq``), so
   the query set shares the episode's statistics; different episodes never share
-  a pass. The authors' code evaluates with running averages instead (``eval()``),
-  which fewbench's transductive backbones do not keep.
+  a pass. The authors' code evaluates with running averages instead (``eval()``):
+  a backbone with ``batch_norm: running`` keeps them and :meth:`predict` uses them
+  (inductive: a query's prediction then depends on no other query), as
+  ``suites/reproduce/snell2017-omniglot.yaml`` does.
 * The learning-rate decay counts training episodes (steps x ``meta_batch_size``),
   so it matches the paper's schedule whatever the meta-batch; it is computed from
   the iteration number, so a run resumed from a checkpoint continues it exactly.
