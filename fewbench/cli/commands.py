@@ -206,6 +206,33 @@ def cmd_status(run_dir: Path) -> int:
     return 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    """``fewbench ledger add|write``: export reproduction runs; write (or check) the page."""
+    from fewbench.reports import ledger
+
+    if args.action == "add":
+        for run_dir in args.run_dirs:
+            written = ledger.export_run(run_dir, args.into)
+            print(f"fewbench: exported {len(written)} cells of {run_dir} to {written[0].parent}")
+        return 0
+    text = ledger.render(ledger.load(args.source), args.source.as_posix())
+    if args.check:
+        current = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
+        if current != text:
+            print(
+                f"fewbench: {args.out} differs from what {args.source}/ gives; "
+                f"run: fewbench ledger write --from {args.source} --out {args.out}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"fewbench: {args.out} is what {args.source}/ gives")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(f"fewbench: wrote {args.out} from {args.source}/")
+    return 0
+
+
 def cmd_collect(run_dir: Path) -> int:
     from fewbench.storage.journal import collect
 

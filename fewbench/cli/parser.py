@@ -245,6 +245,37 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
     for action in (listing, get, bring):  # --data-root after the action works too
         action.add_argument("--data-root", type=Path, default=argparse.SUPPRESS)
 
+    ledger = commands.add_parser(
+        "ledger", help="the reproduction ledger: export reproduction runs, write its page"
+    )
+    steps = ledger.add_subparsers(dest="action", required=True)
+    add = steps.add_parser(
+        "add", help="export the finished cells of reproduction runs as committed files"
+    )
+    add.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    add.add_argument(
+        "--into", type=Path, default=Path("reproduction"), help="folder (default: reproduction)"
+    )
+    write = steps.add_parser("write", help="write the ledger page from the exported files")
+    write.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=Path("reproduction"),
+        help="folder of exports (default: reproduction)",
+    )
+    write.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/reproduction.md"),
+        help="default: docs/reproduction.md",
+    )
+    write.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 when the page differs from what the exports give",
+    )
+
     plugins = commands.add_parser(
         "plugins", help="list datasets, backbones and learners with their providers"
     )
@@ -323,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_export(args.run_dir, args.cell, args.out)
         if args.command == "collect":
             return commands.cmd_collect(args.run_dir)
+        if args.command == "ledger":
+            return commands.cmd_ledger(args)
         if args.command == "plugins":
             return commands.cmd_plugins(refresh=args.refresh)
         if args.command == "data":

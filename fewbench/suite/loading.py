@@ -20,6 +20,7 @@ from fewbench.errors import FewbenchError, PluginError, SuiteError
 from fewbench.plugin.params import Param, check_value, closest
 from fewbench.registry import Registered, Registry
 from fewbench.suite.cell import EvalSettings, Tasks, TrainSettings, schema
+from fewbench.suite.reproduces import Reproduces, parse_reproduces
 from fewbench.suite.search import SearchSpace, parse_search
 
 # The public suite format: the names below are part of the interface.
@@ -45,6 +46,11 @@ TOP_LEVEL = {
     "log": Param(
         [],
         help="experiment trackers: logger names or {name: NAME, ...its parameters}; not part of cells",
+    ),
+    "reproduces": Param(
+        {},
+        help="the published protocol a reproduction suite follows: {paper, tables, protocol, "
+        "split, backbone, training, batch_norm, test_time, deviations}; not part of cells",
     ),
 }
 REQUIRED = ("name", "datasets", "tasks", "backbones", "learners")
@@ -378,6 +384,8 @@ class CheckedSuite:
     search: SearchSpace | None = None
     # The ``log:`` list, checked: [{"name": logger, **its parameters, defaults filled}].
     log: list[dict[str, Any]] = field(default_factory=list)
+    # The ``reproduces:`` section, checked; None when the suite reproduces no paper.
+    reproduces: Reproduces | None = None
 
 
 def check_structure(source: SuiteSource, registry: Registry) -> CheckedSuite:
@@ -420,8 +428,19 @@ def check_structure(source: SuiteSource, registry: Registry) -> CheckedSuite:
         overrides=_check_overrides(source),
         execution=_check_execution(source, registry),
         log=_check_log(source, registry),
+        reproduces=_check_reproduces(source),
     )
     return replace(checked, search=parse_search(source))
+
+
+def _check_reproduces(source: SuiteSource) -> Reproduces | None:
+    if "reproduces" not in source.data:
+        return None
+    try:
+        return parse_reproduces(source.data["reproduces"])
+    except FewbenchError as exc:  # "reproduces.KEY: what is wrong": point at that line
+        path, _, message = str(exc).partition(": ")
+        raise source.error(path, message) from None
 
 
 def _checked_eval(source: SuiteSource, registry: Registry, settings: dict[str, Any]) -> dict:
