@@ -8,7 +8,8 @@
 #
 # Estimates: MAML 5-way on Finn et al.'s protocol measured 234 s for 60,000 iterations on an
 # H200 (docs/results.md); the others are not measured on a GPU yet and their estimates are
-# guesses, to be replaced by the times this script prints.
+# guesses, to be replaced by the times this script prints. `timeout` sends SIGINT, which fewbench
+# treats as Ctrl-C: the cell writes a checkpoint and is marked interrupted, so nothing is lost.
 #
 # Usage: benchmarks/reproduce_gpu.sh DATA_ROOT OUT [BUDGET_SECONDS (default 540)]
 #   LEDGER=folder   where the exports go (default: reproduction)
@@ -47,7 +48,7 @@ while IFS='|' read -r name suite estimate arguments; do
   echo "== $name: suites/reproduce/$suite.yaml $arguments (estimate ${estimate} s, ${left} s left)"
   job_start=$(date +%s)
   # shellcheck disable=SC2086  # the arguments are words
-  if timeout "$(( left > 30 ? left - 15 : 15 ))" python3 -m fewbench run "$suites/$suite.yaml" \
+  if timeout -s INT -k 60 "$(( left > 30 ? left - 15 : 15 ))" python3 -m fewbench run "$suites/$suite.yaml" \
       --data-root "$data" --out "$out/$name" --no-progress $arguments "${smoke[@]}"; then
     python3 -m fewbench ledger add "$out/$name" --into "$ledger"
   else
