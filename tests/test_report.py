@@ -322,3 +322,19 @@ def test_report_command_writes_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert r"\textbf{90.0 $\pm$ 8.8}" in out.read_text()
     assert missing.returncode == 2 and "nothing" in missing.stderr
+
+
+def test_a_capped_cell_beside_a_published_number_says_it_is_capped(tmp_path):
+    cell = make_cell(
+        "maml", dataset="omniglot", dataset_params=FINN_OMNIGLOT, backbone_params=FINN_CONV4
+    )
+    config = {**cell.config, "train": {"iterations": 60000, "max_iterations": 30}}
+    capped = type(cell).from_config(config, cell.label, id=cell.id)
+    options = Options(
+        rows=("learner",), cols=("dataset", "ways", "shots", "backbone"), with_reference=True
+    )
+    text = render(store_run(tmp_path / "capped", [(capped, [1.0, 0.9])]), "markdown", options)
+    assert "published: Finn et al. 2017" in text
+    assert "Capped by --max-iterations" in text and "maml 5-way 1-shot (30 of 60,000)" in text
+    text = render(store_run(tmp_path / "full", [(cell, [1.0, 0.9])]), "markdown", options)
+    assert "Capped" not in text

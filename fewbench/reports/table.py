@@ -194,7 +194,28 @@ def caption(table: ReportTable) -> str:
         parts.append(_published_caption(published))
     if o.with_reference:
         parts += _refused_caption(table.settings)
+        parts += _capped_caption(table.settings)
     return " ".join(parts)
+
+
+def _capped_caption(settings: list) -> list[str]:
+    """A smoke run (``--max-iterations``) set beside a published number trained in full
+    says so: its Δ measures the budget, not the method."""
+    capped = sorted(
+        {
+            f"{s.keys['learner']} {s.keys['ways']}-way {s.keys['shots']}-shot "
+            f"({s.config['train']['max_iterations']:,} of {s.config['train']['iterations']:,})"
+            for s in settings
+            if s.config.get("train", {}).get("max_iterations") and refs.matching(s.config)
+        }
+    )
+    if not capped:
+        return []
+    return [
+        "Capped by --max-iterations, so their Δ to the published numbers is a short budget's: "
+        + ", ".join(capped)
+        + " training iterations."
+    ]
 
 
 def _refused_caption(settings: list) -> list[str]:
