@@ -125,6 +125,11 @@ def test_exported_cells_give_the_ledger_table_with_verdicts(tmp_path):
     assert "### `omniglot/20w1s/conv4/protonet[distance=euclidean]/seed0`: -46.00" in page
     assert "Validation accuracy by training iteration: 1: 50.0, 2: 60.0." in page
     assert "- **Deviation:** Trained on the training characters only" in page
+    assert "Cause: not yet named" in page
+    causes = {
+        ("snell2017-omniglot", "omniglot/20w1s/conv4/protonet[distance=euclidean]/seed0"): "x"
+    }
+    assert "Cause: x" in ledger.render(ledger.load(tmp_path / "exports"), "exports", causes)
 
 
 def test_the_verdict_rules():
@@ -166,7 +171,7 @@ def test_ledger_write_check_fails_on_a_hand_edited_page(tmp_path):
 def test_docs_reproduction_page_is_what_the_committed_exports_give():
     """docs/reproduction.md is generated: regenerate it from reproduction/ and compare."""
     measured = ledger.load(REPO / "reproduction")
-    expected = ledger.render(measured, "reproduction")
+    expected = ledger.render(measured, "reproduction", ledger.load_causes(REPO / "reproduction"))
     assert (REPO / "docs" / "reproduction.md").read_text(encoding="utf-8") == expected, (
         "docs/reproduction.md is stale: run fewbench ledger write"
     )

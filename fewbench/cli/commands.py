@@ -215,7 +215,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             written = ledger.export_run(run_dir, args.into)
             print(f"fewbench: exported {len(written)} cells of {run_dir} to {written[0].parent}")
         return 0
-    text = ledger.render(ledger.load(args.source), args.source.as_posix())
+    text = ledger.render(
+        ledger.load(args.source), args.source.as_posix(), ledger.load_causes(args.source)
+    )
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
         if current != text:

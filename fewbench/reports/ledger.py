@@ -275,9 +275,30 @@ def verdict(reference: refs.Reference | None, mean: float, ci95: float) -> str:
     return "not reproduced: neither interval holds the other's mean, no overlap"
 
 
-def render(measured: list[Measured], source: str) -> str:
+NOTES = "causes.yaml"  # in the exports' folder: {suite: {cell label: the named cause of a miss}}
+
+
+def load_causes(folder: Path) -> dict[tuple[str, str], str]:
+    """The named cause of each miss, written by whoever looked at its curve
+    (``reproduction/causes.yaml``); a miss without one is listed as not yet explained."""
+    import yaml
+
+    path = folder / NOTES
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise FewbenchError(f"{path}: expected {{suite: {{cell label: cause}}}}")
+    return {(suite, label): " ".join(str(text).split()) for suite, cells in data.items()
+            for label, text in cells.items()}  # fmt: skip
+
+
+def render(
+    measured: list[Measured], source: str, causes: dict[tuple[str, str], str] | None = None
+) -> str:
     """``docs/reproduction.md``: the ledger table, each suite's protocol and deviations,
-    and each miss with its validation curve. ``source`` names the exports' folder."""
+    and each miss with its validation curve and named cause. ``source`` names the exports'
+    folder."""
     table_rows = rows(measured)
     lines = [
         "# Reproduction ledger",
@@ -324,7 +345,7 @@ def render(measured: list[Measured], source: str) -> str:
     if missed:
         lines += ["## Misses and their validation curves", ""]
         for row in missed:
-            lines += _miss(row)
+            lines += _miss(row, (causes or {}).get((row.first.suite, row.first.label)))
     other = [r for r in table_rows if r.reference is None and r.other_protocol]
     if other:
         lines += ["## Published under another protocol", ""]
@@ -389,7 +410,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _miss(row: Row) -> list[str]:
+def _miss(row: Row, cause: str | None) -> list[str]:
     m, r = row.first, row.reference
     assert r is not None
     gap = row.mean - r.mean
@@ -399,5 +420,7 @@ def _miss(row: Row) -> list[str]:
         f"### `{m.label}`: {gap:+.2f} against {r.source}",
         "",
         f"Validation {m.metric} by training iteration: {curve}.",
+        "",
+        f"Cause: {cause}" if cause else f"Cause: not yet named (add it to `{NOTES}`).",
         "",
     ]
