@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -306,3 +307,46 @@ def test_execution_section_does_not_change_cells(registry, data_root):
     assert [c.id for c in slurm.cells] == [c.id for c in plain.cells]
     assert slurm.execution == {"executor": "slurm", "partition": "gpu"}
     assert plain.execution == {}
+
+
+def test_a_grid_beyond_the_bound_is_refused_before_it_is_built(registry, tmp_path):
+    """A ten-line suite of 300 seeds x 300 ways x 299 shots (26.9 million cells) grew memory
+    without end: the product is counted before anything is expanded, and refused in one line
+    naming the axes; so is one entry whose list-valued parameters multiply past the bound."""
+    import time
+    import tracemalloc
+
+    numbers = ", ".join(str(i) for i in range(1, 301))
+    text = f"""\
+        name: huge
+        seeds: [{", ".join(str(i) for i in range(300))}]
+        datasets: [{{name: sinusoid}}]
+        tasks: {{ways: [{numbers}], shots: [{numbers[3:]}], query: 1}}
+        backbones: [{{name: mlp}}]
+        learners: [{{name: maml}}]
+        """
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(SuiteError) as info:
+        grid(text, registry, tmp_path, require_data=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "the grid has 26,910,000 cells (300 seeds x 300 ways x 299 shots x 1 datasets)" in str(
+        info.value
+    )
+    assert "100,000" in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - started < 60 and peak < 200 * 2**20
+    values = ", ".join(f"0.{i:03d}" for i in range(1, 60))
+    entry = f"learners: [{{name: maml, inner_lr: [{values}], meta_lr: [{values}], inner_steps: [{', '.join(str(i) for i in range(1, 31))}]}}]"
+    text = (
+        text.replace("learners: [{name: maml}]", entry)
+        .replace(numbers, "1")
+        .replace(numbers[3:], "1")
+    )
+    with pytest.raises(
+        SuiteError,
+        match=re.escape(
+            "104,430 cells (59 inner_lr values x 59 meta_lr values x 30 inner_steps values)"
+        ),
+    ):
+        grid(text, registry, tmp_path, require_data=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -424,7 +425,7 @@ def check_structure(source: SuiteSource, registry: Registry) -> CheckedSuite:
         train_tasks={k: v for k, v in tasks.items() if k.startswith("train_") and v is not None},
         train=check_mapping(source, "train", data.get("train"), TRAIN),
         eval=_checked_eval(source, registry, check_mapping(source, "eval", data.get("eval"), EVAL)),
-        entries={key: _expand_entries(source, registry, key) for key in PLUGIN_LISTS},
+        entries=_bounded_entries(source, registry, seeds, tasks),
         overrides=_check_overrides(source),
         execution=_check_execution(source, registry),
         log=_check_log(source, registry),
@@ -448,6 +449,10 @@ def _checked_eval(source: SuiteSource, registry: Registry, settings: dict[str, A
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+# The most cells one suite may expand to: counted before anything is expanded, so a few lines
+# of lists cannot make the driver build millions of cells (26.9 million from a ten-line file
+# grew memory without end). A larger study is several suites, or one run per seed.
+MAX_CELLS = 100_000
 MAX_INTEGER = 2**63 - 1  # what the results store's INTEGER columns hold
 
 
@@ -468,6 +473,32 @@ def _int_list(source: SuiteSource, path: str, value: Any, minimum: int) -> list[
     if len(set(values)) != len(values):
         raise source.error(path, f"repeated values in {values}")
     return values
+
+
+def _bounded_entries(
+    source: SuiteSource, registry: Registry, seeds: list[int], tasks: dict[str, Any]
+) -> dict[str, list[PluginEntry]]:
+    """The plugin entries, once the grid they span is known to stay under MAX_CELLS."""
+    axes = {"seeds": len(seeds)}
+    for key in ("ways", "shots"):
+        axes[key] = len(tasks[key]) if isinstance(tasks[key], list) else 1
+    entries = {}
+    for key in PLUGIN_LISTS:
+        entries[key] = _expand_entries(source, registry, key)
+        axes[key] = len(entries[key])
+        _refuse_too_many(source, key, axes)
+    return entries
+
+
+def _refuse_too_many(source: SuiteSource, path: str, axes: dict[str, int]) -> None:
+    cells = math.prod(axes.values())
+    if cells > MAX_CELLS:
+        product = " x ".join(f"{n:,} {name}" for name, n in axes.items())
+        raise source.error(
+            path,
+            f"the grid has {cells:,} cells ({product}), more than the {MAX_CELLS:,} one suite "
+            "may hold; split it into several suites",
+        )
 
 
 def _expand_entries(source: SuiteSource, registry: Registry, key: str) -> list[PluginEntry]:
@@ -529,6 +560,8 @@ def _entry_variants(
                 raise source.error(param_path, problem)
             checked.append((param_name, option))
         choices.append(checked)
+    variants = {f"{c[0][0]} values": len(c) for c in choices if len(c) > 1}
+    _refuse_too_many(source, path, variants)
     for combination in itertools.product(*choices):
         given = dict(combination)
         params = {**plugin.params.defaults_in_cells(), **given}
