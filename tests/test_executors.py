@@ -115,3 +115,34 @@ def test_an_unreaped_worker_counts_as_dead():
     assert worker_is_dead(f"{socket.gethostname()}:{child.pid}")  # exited, not yet reaped
     assert child.poll() == 0
     assert not worker_is_dead(f"{socket.gethostname()}:{os.getpid()}")
+
+
+def test_workers_are_bounded_by_the_cores_and_by_the_cells_to_run(tmp_path, data_root, cache_dir):
+    """workers: 100000 in a suite file started 266 processes before it was killed: more
+    workers than cores is refused in one line before anything starts, and a run never starts
+    more workers than it has cells to run."""
+    cores = os.cpu_count() or 1
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        (REPO / "suites/sinusoid.yaml").read_text()
+        + "\nexecution: {executor: local, workers: 100000}\n"
+    )
+    out = tmp_path / "refused"
+    result = run_cli("run", str(suite), "--out", str(out), "--max-iterations", "2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "fewbench: error: local executor: workers 100000 asks for 100,000 worker processes; "
+        f"this machine has {cores} cores, so at most {cores}"
+    ]
+    assert not out.exists()
+    one_cell = write_suite(tmp_path, 1)
+    out = tmp_path / "clamped"
+    result = run_cli(
+        "run", str(one_cell), "--out", str(out), "--data-root", str(data_root), "--workers",
+        str(min(2, cores)), "--set", "learners=[{name: protonet}]", "--set", "seeds=[0]",
+        *FAST_POLL, env={"FEWBENCH_CACHE": str(cache_dir)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    if cores >= 2:
+        assert "2 workers asked for 1 cells to run: starting 1" in result.stderr
+        assert sorted(p.name for p in (out / "logs").iterdir()) == ["worker-0.log"]

@@ -40,6 +40,20 @@ class LocalExecutor(Executor):
         return self.config["workers"] <= 1 and not self.config["gpus"]
 
     def check(self) -> None:
+        # Bounded by the machine: a suite file cannot start more processes than there are
+        # cores to run them (workers: 100000 once started 266 before it was killed).
+        cores = os.cpu_count() or 1
+        asked = len(self.config["gpus"]) * self.config["cells_per_gpu"] or self.config["workers"]
+        if asked > cores:
+            what = (
+                f"{len(self.config['gpus'])} GPUs x cells_per_gpu {self.config['cells_per_gpu']}"
+                if self.config["gpus"]
+                else f"workers {self.config['workers']}"
+            )
+            raise FewbenchError(
+                f"local executor: {what} asks for {asked:,} worker processes; this machine has "
+                f"{cores} cores, so at most {cores}"
+            )
         if not self.config["gpus"]:
             return
         import torch
@@ -76,6 +90,15 @@ class LocalExecutor(Executor):
 
     def run(self, run: RunDir, log) -> int:
         slots = self.slots()
+        waiting = len(run.to_submit())
+        if len(slots) > max(1, waiting):  # a worker beyond the cells to run would only idle
+            print(
+                f"fewbench: {len(slots)} workers asked for {waiting} cells to run: starting "
+                f"{max(1, waiting)}",
+                file=log,
+                flush=True,
+            )
+            slots = slots[: max(1, waiting)]
         logs = run.path / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         processes = []
