@@ -16,6 +16,7 @@ copies it out; :func:`load_learner` reads it with or without its run directory.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -166,14 +167,41 @@ def load_learner(
     return TrainedModel(learner, stored, context, record)
 
 
-def export_model(run_dir: str | Path, cell: str | None, destination: str | Path) -> Path:
-    """Copy a cell's model file out of its run directory (``fewbench export``)."""
-    import shutil
+def export_model(
+    run_dir: str | Path, cell: str | None, destination: str | Path, *, force: bool = False
+) -> Path:
+    """Copy a cell's model file out of its run directory (``fewbench export``).
+
+    Never destroys a result: an existing destination is replaced only with ``force``, and
+    nothing is written inside a run directory (a folder holding a ``results.sqlite``, or
+    under one). The copy is written atomically and readable by its owner only, as the source."""
+    from fewbench.storage.atomic import write_atomically
+    from fewbench.storage.store import DB_NAME
 
     source = _model_file(run_dir, cell)
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, destination)
+    target = destination.resolve()
+    if destination.is_dir():
+        raise FewbenchError(f"-o {destination}: is a folder; give the model file's path")
+    if target == source.resolve():
+        raise FewbenchError(f"-o {destination}: is the model file itself")
+    for folder in target.parents:
+        if (folder / DB_NAME).is_file():
+            raise FewbenchError(
+                f"-o {destination}: inside the run directory {folder}; fewbench export never "
+                "writes into a run (write the model file elsewhere)"
+            )
+    if not destination.parent.is_dir():
+        raise FewbenchError(f"-o {destination}: the folder {destination.parent} does not exist")
+    if destination.exists() and not force:
+        raise FewbenchError(f"-o {destination}: exists; give --force to replace it")
+    try:
+        with open(source, "rb") as model:
+            write_atomically(destination, lambda out: shutil.copyfileobj(model, out))
+    except PermissionError:
+        raise FewbenchError(
+            f"-o {destination}: cannot write in {destination.parent} (permission denied)"
+        ) from None
     return destination
 
 

@@ -71,7 +71,7 @@ def test_a_reloaded_learner_reproduces_the_stored_results_exactly(sinusoid_run, 
     assert model.record["plugins"]["learner:maml"].startswith("fewbench ")
     assert list(model.evaluate(tmp_path)) == stored_values(sinusoid_run, label)
     # Exported, and loaded without its run directory.
-    exported = fewbench.export_model(sinusoid_run, label, tmp_path / "models" / "maml.pt")
+    exported = fewbench.export_model(sinusoid_run, label, tmp_path / "maml.pt")
     again = fewbench.load_learner(exported)
     assert list(again.evaluate(tmp_path)) == stored_values(sinusoid_run, label)
 
@@ -126,7 +126,7 @@ def test_a_20_way_episode_built_from_image_files_is_classified(data_root, tmp_pa
 def test_the_export_and_plot_commands_need_no_extra_paths(sinusoid_run, tmp_path):
     from helpers import run_cli
 
-    target = tmp_path / "exported" / "maml.pt"
+    target = tmp_path / "maml.pt"
     done = run_cli("export", str(sinusoid_run), "sinusoid/1w5s/mlp/maml/seed0", "-o", str(target))
     assert done.returncode == 0, done.stderr
     assert fewbench.load_learner(target).cell.label == "sinusoid/1w5s/mlp/maml/seed0"
@@ -135,3 +135,42 @@ def test_the_export_and_plot_commands_need_no_extra_paths(sinusoid_run, tmp_path
     plotted = run_cli("plot", str(sinusoid_run))  # figures into the run directory
     assert plotted.returncode == 0, plotted.stderr
     assert any((sinusoid_run / "plots").glob("*.png"))
+
+
+def test_export_never_overwrites_a_run_or_a_file_without_force(sinusoid_run, tmp_path):
+    """fewbench export RUN CELL -o RUN/results.sqlite once exited 0 and destroyed the store."""
+    import os
+    import stat
+
+    from helpers import run_cli
+
+    cell = "sinusoid/1w5s/mlp/maml/seed0"
+    store = sinusoid_run / "results.sqlite"
+    before = store.read_bytes()
+    from fewbench.api import _model_file
+
+    model = _model_file(sinusoid_run, cell)
+    existing = tmp_path / "kept.pt"
+    existing.write_bytes(b"a file worth keeping")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    cases = [
+        (store, "inside the run directory"),
+        (sinusoid_run / "new-model.pt", "inside the run directory"),
+        (model, "is the model file itself"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "m.pt", "does not exist"),
+        (existing, "exists; give --force to replace it"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((tmp_path / "locked" / "m.pt", "permission denied"))
+    for target, message in cases:
+        result = run_cli("export", str(sinusoid_run), cell, "-o", str(target))
+        assert result.returncode == 2, (target, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert store.read_bytes() == before
+    assert existing.read_bytes() == b"a file worth keeping"
+    assert not (sinusoid_run / "new-model.pt").exists()
+    replaced = run_cli("export", str(sinusoid_run), cell, "-o", str(existing), "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    assert fewbench.load_learner(existing).cell.label == cell
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o600  # private, as the run's own files

@@ -183,11 +183,11 @@ def cmd_plugins(registry: Registry | None = None, *, refresh: bool = False) -> i
     return 0
 
 
-def cmd_export(run_dir: Path, cell: str | None, out: Path) -> int:
+def cmd_export(run_dir: Path, cell: str | None, out: Path, force: bool = False) -> int:
     """``fewbench export``: the cell's self-describing model file, for fewbench.load_learner."""
     from fewbench.api import export_model
 
-    written = export_model(run_dir, cell, out)
+    written = export_model(run_dir, cell, out, force=force)
     print(f"fewbench: wrote {written} (load it with fewbench.load_learner)", file=sys.stderr)
     return 0
 

@@ -218,6 +218,7 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("cell", nargs="?", help="label or id (may be left out with one cell)")
     export.add_argument("-o", "--out", type=Path, required=True, help="the model file to write")
+    export.add_argument("--force", action="store_true", help="replace an existing file")
 
     status = commands.add_parser("status", help="every cell of a run directory and where it stands")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return commands.cmd_status(args.run_dir)
         if args.command == "export":
-            return commands.cmd_export(args.run_dir, args.cell, args.out)
+            return commands.cmd_export(args.run_dir, args.cell, args.out, args.force)
         if args.command == "collect":
             return commands.cmd_collect(args.run_dir)
         if args.command == "ledger":
