@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,40 @@ def test_shipped_suites_validate(tmp_path):
     result = run_cli("run", "suites/sinusoid.yaml", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("2 cells")
+
+
+def test_non_finite_predictions_fail_the_evaluation_not_score_as_chance():
+    """finetune_lr: .nan once stored cells as done at exactly chance: predictions that are
+    not finite fail the cell with one line."""
+    from fewbench.errors import FewbenchError
+    from fewbench.plugin.task_types import REGRESSION
+    from fewbench.running.evaluation import evaluate
+
+    class Broken:
+        def predict(self, batch):
+            out = torch.zeros(batch.query_y.shape)
+            out[0, 0] = float("nan")
+            return out
+
+    spec = EpisodeSpec(("sinusoid",), "test", 1, 10, 100, 0)
+    with pytest.raises(FewbenchError, match=r"predictions on test episodes 0 to 3 are not finite"):
+        evaluate(
+            Broken(), sources()["test"], spec, episodes=4, chunk=4, device=torch.device("cpu"),
+            task_type=REGRESSION,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("setting", "where"),
+    [("learners.finetune.finetune_lr=.nan", "finetune_lr"),
+     ("learners.finetune.finetune_weight_decay=.inf", "finetune_weight_decay"),
+     ("train.checkpoint_minutes=.nan", "train.checkpoint_minutes")],
+)  # fmt: skip
+def test_non_finite_settings_are_refused_in_one_line(tmp_path, setting, where):
+    from helpers import run_cli
+
+    suite = Path(__file__).resolve().parents[1] / "suites" / "sinusoid.yaml"
+    result = run_cli("run", str(suite), "--out", str(tmp_path / "o"), "--set", setting, "--dry-run")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert where in line and "must be a finite number" in line

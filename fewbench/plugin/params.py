@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,11 @@ def check_value(param: Param, value: Any) -> tuple[Any, str | None]:
     """Return the value (ints widened to float where a float is expected) or an error."""
     if value is None and (param.nullable or param.default is None):
         return None, None
+    # NaN passes every bound (NaN < minimum is false) and infinity none that matters: a
+    # non-finite setting (finetune_lr: .nan) trained cells to exactly chance, stored as done.
+    bad = _non_finite(value)
+    if bad is not None:
+        return value, f"must be a finite number, got {bad}"
     expected = param.value_type
     if expected is not None:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -84,6 +90,17 @@ def check_value(param: Param, value: Any) -> tuple[Any, str | None]:
         options = ", ".join(repr(c) for c in param.choices)
         return value, f"must be one of {options}, got {value!r}"
     return value, None
+
+
+def _non_finite(value: Any) -> str | None:
+    """``nan``, ``inf`` or ``-inf`` where ``value`` holds one (in lists and mappings too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return next((bad for v in value if (bad := _non_finite(v)) is not None), None)
+    if isinstance(value, dict):
+        return next((bad for v in value.values() if (bad := _non_finite(v)) is not None), None)
+    return None
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:

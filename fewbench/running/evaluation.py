@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewbench.errors import FewbenchError
 from fewbench.plugin.dataset import EpisodeBatch, EpisodeSource, seeded_generator
 from fewbench.plugin.learner import Learner
 from fewbench.plugin.task_types import CLASSIFICATION, TaskType
@@ -107,6 +108,13 @@ def evaluate_with_extras(
     for start in range(0, episodes, chunk):
         batch = fixed_episodes(source, spec, start, min(chunk, episodes - start)).to(device)
         outputs = learner.predict(batch)
+        if isinstance(outputs, torch.Tensor) and not bool(torch.isfinite(outputs).all()):
+            # Non-finite predictions score as a constant (chance): a failed cell, not a result.
+            raise FewbenchError(
+                f"the model's predictions on test episodes {start} to "
+                f"{start + len(batch) - 1} are not finite (NaN or infinite); a setting is "
+                "out of range (a learning rate, a weight decay) or the model diverged"
+            )
         values.append(task_type.episode_metric(outputs, batch.query_y).detach().cpu())
         if task_type.episode_extras is not None:
             for name, value in task_type.episode_extras(outputs).items():
