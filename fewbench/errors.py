@@ -38,9 +38,17 @@ class PluginError(FewbenchError):
     """A plugin conflict or an unknown plugin name."""
 
 
+MAX_LINE = 1000  # characters of an error line: a 1 MB value in a suite is not echoed whole
+
+
 def one_line(text: str) -> str:
-    """Escape line breaks and other control characters (a suite may hold any unicode)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """Escape line breaks and other control characters (a suite may hold any unicode), and
+    cut the middle out of a line longer than MAX_LINE, saying how much was cut."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(line) <= MAX_LINE:
+        return line
+    head, tail = line[: MAX_LINE * 2 // 3], line[-MAX_LINE // 4 :]
+    return f"{head} [... {len(line) - len(head) - len(tail):,} characters cut ...] {tail}"
 
 
 class DiskFull(FewbenchError):

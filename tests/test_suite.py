@@ -350,3 +350,24 @@ def test_a_grid_beyond_the_bound_is_refused_before_it_is_built(registry, tmp_pat
         ),
     ):
         grid(text, registry, tmp_path, require_data=False)
+
+
+def test_names_that_look_right_get_honest_hints(registry, tmp_path):
+    """MAML finds maml (case ignored); a Cyrillic 'а' in 'mаml' is named, not answered with
+    a suggestion that looks identical."""
+    upper = error_of(BASE.replace("{name: maml", "{name: MAML"), registry, tmp_path)
+    assert "unknown learner 'MAML' (did you mean 'maml'?)" in str(upper)
+    cyrillic = error_of(BASE.replace("{name: maml", "{name: m\u0430ml"), registry, tmp_path)
+    assert "contains non-ASCII letters: '\u0430' (U+0430)" in str(cyrillic)
+    assert "did you mean" not in str(cyrillic)
+
+
+def test_a_huge_value_is_not_echoed_whole_in_the_error_line(tmp_path):
+    from helpers import run_cli
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(textwrap.dedent(BASE).replace("{name: maml", "{name: " + "x" * 1_000_000))
+    result = run_cli("run", str(suite), "--dry-run")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert len(line) < 1200 and "characters cut" in line

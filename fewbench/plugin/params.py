@@ -118,8 +118,18 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 
 
 def closest(name: str, known: list[str] | set[str] | tuple[str, ...]) -> str:
-    """A ' (did you mean X?)' hint, or an empty string when nothing is close."""
-    match = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+    """A ' (did you mean X?)' hint, or an empty string when nothing is close. Case is
+    ignored (MAML finds maml), and a name with non-ASCII letters that only look like a known
+    one (a Cyrillic 'а' in 'mаml') is said to contain them, not offered its twin."""
+    name = str(name)
+    foreign = sorted({c for c in name if not c.isascii()})
+    if foreign:
+        letters = ", ".join(f"'{c}' (U+{ord(c):04X})" for c in foreign[:3])
+        return f" (it contains non-ASCII letters: {letters})"
+    lower = {k.lower(): k for k in sorted(known, key=str)}
+    if name.lower() in lower and name not in known:
+        return f" (did you mean '{lower[name.lower()]}'?)"
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
