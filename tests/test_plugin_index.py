@@ -382,3 +382,30 @@ def test_refresh_and_the_environment_variable_load_the_plugins(
     plugin_index.index_path().unlink()
     assert cli(capsys, "plugins") == expected and loads.count == 5
     assert not plugin_index.index_path().exists()  # off: neither read nor written
+
+
+# -- a hostile index file ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "deep", "escapes"])
+def test_a_hostile_index_file_is_rebuilt_not_trusted(cache, kind, capsys):
+    """A FIFO at the index path made `fewbench plugins` hang, a link to /dev/zero gave a
+    MemoryError, a 200,000-deep document a RecursionError, a tampered entry printed terminal
+    escapes: each is a file the index does not read, so the listing is built afresh."""
+    assert main(["plugins"]) == 0
+    expected = capsys.readouterr().out
+    path = plugin_index.index_path()
+    payload = json.loads(path.read_text())
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "deep":
+        path.write_text("[" * 200_000 + "]" * 200_000)
+    else:
+        payload["plugins"]["learner"][0]["description"] = "\x1b[2J\x1b]0;owned\x07"
+        path.write_text(json.dumps(payload))
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert out == expected and "\x1b" not in out

@@ -256,12 +256,31 @@ def verified_path() -> Path:
     return index_folder() / f"verified-{_environment_key()}.json"
 
 
+MAX_INDEX_BYTES = 16 * 2**20  # an index of thousands of plugins is well under 1 MB
+
+
 def _read_json(path: Path) -> Any:
-    """The file's JSON, or None when it is missing, unreadable or not JSON."""
+    """The file's JSON, or None when it is missing, unreadable, not JSON, or not a regular
+    file of a plausible size (a FIFO there would block forever, a link to /dev/zero fill
+    memory, a 200,000-deep document exhaust the recursion limit): the index is then rebuilt."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+        descriptor = os.open(path, flags)
+    except OSError:
         return None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_INDEX_BYTES:
+            return None
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            data = handle.read(MAX_INDEX_BYTES + 1)
+        if len(data) > MAX_INDEX_BYTES:
+            return None
+        return json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(descriptor)
 
 
 def _write_json(path: Path, payload: Any) -> bool:
@@ -386,6 +405,8 @@ def from_json(payload: Any) -> PluginIndex | None:
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r:.40}")
+    if any(not c.isprintable() and c not in "\n\t" for c in value):  # terminal escapes
+        raise ValueError("control characters in an index entry")
     return value
 
 
