@@ -338,3 +338,12 @@ def test_a_capped_cell_beside_a_published_number_says_it_is_capped(tmp_path):
     assert "Capped by --max-iterations" in text and "maml 5-way 1-shot (30 of 60,000)" in text
     text = render(store_run(tmp_path / "full", [(cell, [1.0, 0.9])]), "markdown", options)
     assert "Capped" not in text
+
+
+def test_status_escapes_terminal_control_characters_of_labels(tmp_path):
+    from fewbench.reports.status import render_status
+
+    cell = make_cell("maml")
+    hostile = type(cell).from_config(cell.config, "\x1b[2Jcell\x07", id=cell.id)
+    text = render_status(store_run(tmp_path / "run", [(hostile, [1.0, 0.5])]))
+    assert "\x1b" not in text and "\x07" not in text and "\\x1b[2Jcell\\x07" in text

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fewbench.errors import one_line
 from fewbench.plugin.task_types import by_metric
 from fewbench.storage.journal import journal_states
 from fewbench.storage.store import ResultsStore, damage_reported
@@ -143,11 +144,12 @@ def render_status(run_dir: Path) -> str:
     rows = cell_rows(run_dir)
     if not rows:
         return "no cells in this run\n"
+    # Labels and worker names come from files: escape control characters (terminal escapes).
     shown = {
-        "cell": [row["cell"] for row in rows],
+        "cell": [one_line(row["cell"]) for row in rows],
         "status": [row["status"] for row in rows],
-        "worker": [row["worker"] for row in rows],
-        "note": [row["note"] for row in rows],
+        "worker": [one_line(row["worker"]) for row in rows],
+        "note": [one_line(row["note"]) for row in rows],
         "elapsed": [_duration(row["elapsed_s"]) for row in rows],
         "latest validation": [
             ""
