@@ -371,3 +371,13 @@ def test_a_huge_value_is_not_echoed_whole_in_the_error_line(tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert len(line) < 1200 and "characters cut" in line
+
+
+def test_many_overrides_matching_nothing_are_summarised(registry, tmp_path):
+    overrides = "".join(
+        f"  - when: {{learner: maml, ways: {100 + i}}}\n    set: {{tasks.query: 2}}\n"
+        for i in range(1000)
+    )
+    suite = grid(BASE + "overrides:\n" + overrides, registry, tmp_path, require_data=False)
+    unused = [w for w in suite.warnings if "matches no cell" in w]
+    assert len(unused) == 6 and "and 995 more overrides" in unused[-1]

@@ -80,6 +80,9 @@ def _check_pairing(source: Any, dataset: Any, backbone: Any, learner: Any, label
         )
 
 
+MAX_UNUSED_SHOWN = 5  # overrides that match no cell, named one by one; the rest counted
+
+
 def expand_grid(checked: CheckedSuite) -> Suite:
     """The cells of ``checked``: datasets x ways x shots x backbones x learners x seeds,
     with the overrides applied in order. Pure: no files, no data."""
@@ -151,12 +154,17 @@ def expand_grid(checked: CheckedSuite) -> Suite:
         seen[identifier] = label
         labels = {"dataset": data_label, "backbone": backbone.label, "learner": learner.label}
         cells.append(Cell.from_config(config, label, labels, identifier))
+    unused = [o for o, used in zip(checked.overrides, matched, strict=True) if not used]
     warnings = [
         f"{source.file}:{source.line_of(override['path']) or '?'}: {override['path']}: its "
         f"'when' matches no cell ({override['when']}); it changes nothing"
-        for override, used in zip(checked.overrides, matched, strict=True)
-        if not used
+        for override in unused[:MAX_UNUSED_SHOWN]
     ]
+    if len(unused) > MAX_UNUSED_SHOWN:  # a thousand such overrides once printed 1,000 lines
+        warnings.append(
+            f"{source.file}: and {len(unused) - MAX_UNUSED_SHOWN:,} more overrides whose 'when' "
+            "matches no cell"
+        )
     for (assignment, path, key), labels in replaced.items():
         shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
         warnings.append(
