@@ -205,6 +205,28 @@ def export_model(
     return destination
 
 
+def _checked_arguments(
+    suite: Any, max_iterations: Any, max_episodes: Any, log: Sequence[Any] = ()
+) -> None:
+    """The API's arguments, refused as the command line refuses them (one FewbenchError,
+    not a TypeError from deep inside; ``max_iterations=0`` is not "no cap")."""
+    if not isinstance(suite, str | Path):
+        raise FewbenchError(
+            f"suite: expected the path of a suite file (or run directory), got "
+            f"{type(suite).__name__}; write the suite to a file first"
+        )
+    for name, value in (("max_iterations", max_iterations), ("max_episodes", max_episodes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise FewbenchError(f"{name}: expected a positive integer or None, got {value!r}")
+        if value is not None and value < 1:
+            raise FewbenchError(f"{name}: must be at least 1 (None: no cap), got {value}")
+    for item in log:
+        if not isinstance(item, str | Mapping):
+            raise FewbenchError(
+                f"log: expected logger names or {{'name': NAME, ...}} mappings, got {item!r}"
+            )
+
+
 # -- results -------------------------------------------------------------------------------------
 @dataclass
 class Results:
@@ -275,6 +297,7 @@ def run(
     from fewbench.running.runner import run as run_suite
     from fewbench.storage.paths import default_data_root, default_run_dir
 
+    _checked_arguments(suite, max_iterations, max_episodes, log)
     sets = tuple(
         f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
         for key, value in (set or {}).items()
@@ -350,6 +373,7 @@ def tune(
     from fewbench.storage.store import ResultsStore
     from fewbench.suite.search import flow
 
+    _checked_arguments(suite, max_iterations, max_episodes)
     require_optuna()
     registry = Registry()
     request = TuneRequest(

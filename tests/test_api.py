@@ -3,6 +3,7 @@ from its run directory or from a self-describing model file copied elsewhere."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import numpy as np
@@ -174,3 +175,19 @@ def test_export_never_overwrites_a_run_or_a_file_without_force(sinusoid_run, tmp
     assert replaced.returncode == 0, replaced.stderr
     assert fewbench.load_learner(existing).cell.label == cell
     assert stat.S_IMODE(existing.stat().st_mode) == 0o600  # private, as the run's own files
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"suite": {"name": "x"}}, "suite: expected the path of a suite file"),
+        ({"max_iterations": 0}, "max_iterations: must be at least 1 (None: no cap), got 0"),
+        ({"max_episodes": 2.5}, "max_episodes: expected a positive integer or None"),
+        ({"log": [5]}, "log: expected logger names"),
+    ],
+)
+def test_the_api_refuses_bad_arguments_as_the_command_line_does(tmp_path, arguments, message):
+    suite = arguments.pop("suite", tmp_path / "suite.yaml")
+    with pytest.raises(FewbenchError, match=re.escape(message)):
+        fewbench.run(suite, out=tmp_path / "out", **arguments)
+    assert not (tmp_path / "out").exists()
