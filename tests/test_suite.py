@@ -381,3 +381,18 @@ def test_many_overrides_matching_nothing_are_summarised(registry, tmp_path):
     suite = grid(BASE + "overrides:\n" + overrides, registry, tmp_path, require_data=False)
     unused = [w for w in suite.warnings if "matches no cell" in w]
     assert len(unused) == 6 and "and 995 more overrides" in unused[-1]
+
+
+def test_a_test_dataset_of_another_task_type_is_one_line(registry, tmp_path):
+    """eval.dataset: navigation2d under a sinusoid suite was a KeyError traceback."""
+    text = """\
+        name: cross
+        datasets: [{name: sinusoid}]
+        tasks: {ways: 1, shots: 5, query: 5}
+        backbones: [{name: mlp}]
+        learners: [{name: maml}]
+        eval: {dataset: navigation2d}
+        """
+    error = error_of(text, registry, tmp_path)
+    assert "eval.dataset navigation2d poses reinforcement tasks" in str(error)
+    assert "\n" not in str(error)

@@ -42,9 +42,14 @@ def check_data(
         own = sizes_of(cell.config["dataset"])
         if own is not None:  # a cross-domain cell draws no test episodes from its own dataset
             _check_episodes(suite, cell, own, cell.dataset.name, skip_test=tested_on is not None)
+        if tested_on is not None:
+            _check_tested_on(suite, cell, registry)
         if tested_on is not None and (other := sizes_of(tested_on)) is not None:
             _check_episodes(
-                suite, cell, {"test": other["test"]}, f"{tested_on['name']} (eval.dataset)"
+                suite,
+                cell,
+                {k: v for k, v in other.items() if k == "test"},
+                f"{tested_on['name']} (eval.dataset)",
             )
     return sorted(set(warnings))
 
@@ -70,6 +75,21 @@ def _split_sizes(
             raise
         warnings.append(f"data not checked: {exc}")
         return None
+
+
+def _check_tested_on(suite: Suite, cell: Cell, registry: Registry) -> None:
+    """A cross-domain test dataset must pose the same kind of task as the training one."""
+    from fewbench.plugin.task_types import task_type_of
+
+    tested = cell.eval.dataset["name"]
+    trained = task_type_of(registry.get("dataset", cell.dataset.name).cls.task_type)
+    other = task_type_of(registry.get("dataset", tested).cls.task_type)
+    if other != trained:
+        raise suite.source.error(
+            "eval.dataset",
+            f"cell {cell.label}: eval.dataset {tested} poses {other.name} tasks; a model "
+            f"trained on {cell.dataset.name} ({trained.name}) cannot be tested on it",
+        )
 
 
 def _check_episodes(
