@@ -387,7 +387,8 @@ def _table_line(row: Row) -> str:
         published += ", unverified"
     episodes = len(m.values)
     seeds = len(row.cells)
-    count = f"{episodes:,} episodes" + (f" x {seeds} seeds" if seeds > 1 else "")
+    unit = "episodes" if m.metric == "accuracy" else "tasks"
+    count = f"{episodes:,} {unit}" + (f" x {seeds} seeds" if seeds > 1 else "")
     measured = f"**{row.mean:.{decimals}f} ± {row.ci95:.{decimals}f}** ({count})"
     iterations = f"{m.iterations:,} it." if m.iterations else "?"
     planned = m.config.get("train", {})
