@@ -347,3 +347,20 @@ def test_status_escapes_terminal_control_characters_of_labels(tmp_path):
     hostile = type(cell).from_config(cell.config, "\x1b[2Jcell\x07", id=cell.id)
     text = render_status(store_run(tmp_path / "run", [(hostile, [1.0, 0.5])]))
     assert "\x1b" not in text and "\x07" not in text and "\\x1b[2Jcell\\x07" in text
+
+
+def test_status_shows_a_running_cell_s_validation_in_its_own_unit(tmp_path):
+    """A running reinforcement-learning cell's validation return printed as -1536.42%:
+    the worker records the cell's metric when it starts."""
+    from fewbench.reports.status import render_status
+    from fewbench.storage.store import ResultsStore, StoreSink
+
+    cell = make_cell("maml_trpo", dataset="navigation2d")
+    run = store_run(tmp_path / "run", [(cell, "pending")])
+    store = ResultsStore.open_run(run)
+    sink = StoreSink(store, cell.id, "test-worker")
+    sink.started("test engine", metric="return")
+    sink.save_curve([(10, 1.0, -15.3642)])
+    store.close()
+    text = render_status(run)
+    assert "-15.36 (it 10)" in text and "%" not in text

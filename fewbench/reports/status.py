@@ -95,6 +95,7 @@ def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
         curve = result["curve"]
     elif state and state["updated_at"] > store_updated:
         row.update(status=state["status"], worker=state.get("worker") or "")
+        row["metric"] = row["metric"] or state.get("metric")
         notes += _state_notes(row, state, now)
     notes += [f"unreadable {name}" for name in view["errors"]]
     if notes:

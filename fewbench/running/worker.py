@@ -374,7 +374,7 @@ class CellRunner:
     ) -> CellResult | None:
         setup = self.set_up(cell)
         learner = setup.learner
-        sink.started(learner.describe_engine())
+        sink.started(learner.describe_engine(), metric=setup.task_type.metric)
         trackers.start(setup.task_type)
         outcome = train(
             learner,

@@ -106,8 +106,8 @@ class CellJournal(ResultSink):
             self.state = {**self.state, **changes, "updated_at": time.time()}
             write_json(self.folder / "state.json", self.state)
 
-    def started(self, engine: str) -> None:
-        self._write_state(status="running", error=None, engine=engine)
+    def started(self, engine: str, metric: str | None = None) -> None:
+        self._write_state(status="running", error=None, engine=engine, metric=metric)
 
     def failed(self, reason: str) -> None:
         self._write_state(status="failed", error=reason)
@@ -170,6 +170,7 @@ STATE_FIELDS: dict[str, tuple[type, ...]] = {
     "resumed_from": (int, NONE),
     "error": (str, NONE),
     "engine": (str, NONE),
+    "metric": (str, NONE),
 }
 STATE_REQUIRED = ("status", "updated_at")
 _warned: set[Path] = set()  # executors collect at every poll: warn of a file once

@@ -52,8 +52,9 @@ class ResultSink(ABC):
     """What a worker reports about the one cell it runs."""
 
     @abstractmethod
-    def started(self, engine: str) -> None:
-        """The cell is running; ``engine`` is the learner's description of its code path."""
+    def started(self, engine: str, metric: str | None = None) -> None:
+        """The cell is running; ``engine`` is the learner's description of its code path,
+        ``metric`` what its validation values measure (status prints them in its unit)."""
 
     def resumed(self, iteration: int) -> None:  # noqa: B027 - optional: most sinks ignore it
         """Training picked up the cell's checkpoint at ``iteration``."""
@@ -83,7 +84,7 @@ class NullSink(ResultSink):
 
     curve: list[CurvePoint] = field(default_factory=list)
 
-    def started(self, engine: str) -> None:
+    def started(self, engine: str, metric: str | None = None) -> None:
         pass
 
     def save_curve(self, curve: list[CurvePoint]) -> None:

@@ -277,13 +277,18 @@ class ResultsStore:
         return row[0] if row else None
 
     def mark(
-        self, cell_id: str, status: str, error: str | None = None, engine: str | None = None
+        self,
+        cell_id: str,
+        status: str,
+        error: str | None = None,
+        engine: str | None = None,
+        metric: str | None = None,
     ) -> None:
         with self.transaction():
             self.db.execute(
-                "UPDATE cells SET status = ?, error = ?, engine = COALESCE(?, engine), updated_at = ?"
-                " WHERE id = ? AND status != 'done'",
-                (status, error, engine, time.time(), cell_id),
+                "UPDATE cells SET status = ?, error = ?, engine = COALESCE(?, engine),"
+                " metric = COALESCE(?, metric), updated_at = ? WHERE id = ? AND status != 'done'",
+                (status, error, engine, metric, time.time(), cell_id),
             )
 
     def save_curve(self, cell_id: str, points: list[CurvePoint]) -> None:
@@ -511,8 +516,8 @@ class StoreSink(ResultSink):
     def __init__(self, store: ResultsStore, cell_id: str, worker: str):
         self.store, self.cell_id, self.worker = store, cell_id, worker
 
-    def started(self, engine: str) -> None:
-        self.store.mark(self.cell_id, "running", engine=engine)
+    def started(self, engine: str, metric: str | None = None) -> None:
+        self.store.mark(self.cell_id, "running", engine=engine, metric=metric)
 
     def save_curve(self, curve: list[CurvePoint]) -> None:
         self.store.save_curve(self.cell_id, curve)
