@@ -36,6 +36,7 @@ import numpy as np
 from fewbench.errors import FewbenchError
 from fewbench.reports import references as refs
 from fewbench.reports.stats import mean_ci95
+from fewbench.running.durations import in_words
 from fewbench.suite.reproduces import Reproduces, parse_reproduces, reproduces_of
 
 FORMAT = 1  # of an exported cell file; bumped when its keys change meaning
@@ -395,20 +396,12 @@ def _table_line(row: Row) -> str:
     if planned.get("max_iterations") and m.iterations and m.iterations < planned["iterations"]:
         iterations = f"{m.iterations:,} of {planned['iterations']:,} it."
     seconds = m.train_seconds
-    training = f"{iterations}, {_duration(seconds)}" if seconds is not None else iterations
+    training = f"{iterations}, {in_words(seconds)}" if seconds is not None else iterations
     commit = f"`{m.commit}`" if m.commit else "?"
     return (
         f"| {method} | {paper} | {_setting_words(m)} | {published} | {measured} | "
         f"{row.verdict} | {training} | {m.machine} | {m.date} | {commit} |"
     )
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _miss(row: Row, cause: str | None) -> list[str]:

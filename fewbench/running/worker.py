@@ -42,6 +42,7 @@ from fewbench.plugin.task_types import TaskType, by_metric, task_type_of
 from fewbench.registry import Registry
 from fewbench.reports.stats import mean_ci95
 from fewbench.running import cpu_heap
+from fewbench.running.durations import in_words
 from fewbench.running.evaluation import EpisodeSpec, dataset_identity, evaluate_with_extras
 from fewbench.running.heartbeat import interval_for
 from fewbench.running.interrupts import first_interrupt_stops
@@ -551,16 +552,8 @@ def run_progress(statuses: list[str | None], seconds: list[float]) -> str:
     text += f", {running} running" if running else ""
     if left:
         estimate = sum(seconds) / len(seconds) * left if seconds else None
-        text += f", {left} left" + (f", about {_duration(estimate)} to go" if estimate else "")
+        text += f", {left} left" + (f", about {in_words(estimate)} to go" if estimate else "")
     return text
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def describe(result: CellResult, stored: bool) -> str:
