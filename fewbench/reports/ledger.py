@@ -270,10 +270,13 @@ def verdict(reference: refs.Reference | None, mean: float, ci95: float) -> str:
     if overlap is None:
         if inside:
             return "reproduced: published mean inside ours (no interval published)"
-        return "not reproduced: published mean outside ours (no interval published)"
+        return (
+            f"not reproduced: published mean outside ours, ours {_side(mean, reference.mean)} "
+            "(no interval published)"
+        )
     if inside:
         return "reproduced: published mean inside ours"
-    return "not reproduced: neither interval holds the other's mean, no overlap"
+    return f"not reproduced: no overlap, ours {_side(mean, reference.mean)}"
 
 
 NOTES = "causes.yaml"  # in the exports' folder: {suite: {cell label: the named cause of a miss}}
@@ -292,6 +295,10 @@ def load_causes(folder: Path) -> dict[tuple[str, str], str]:
         raise FewbenchError(f"{path}: expected {{suite: {{cell label: cause}}}}")
     return {(suite, label): " ".join(str(text).split()) for suite, cells in data.items()
             for label, text in cells.items()}  # fmt: skip
+
+
+def _side(mean: float, published: float) -> str:
+    return "higher" if mean > published else "lower"
 
 
 def render(
