@@ -144,27 +144,73 @@ def load_learner(
     from fewbench.suite.cell import Cell
 
     path = _model_file(source, cell)
-    record = torch.load(path, map_location=device, weights_only=True)
+    try:
+        record = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one line
+        raise FewbenchError(
+            f"{path}: not a readable model file ({type(exc).__name__}: {str(exc)[:120]})"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
         raise FewbenchError(
             f"{path}: not a fewbench model file (written before models described themselves? "
             "rerun the cell, or load the bare state_dict with torch.load)"
         )
-    stored = Cell.from_record(record["cell"])
+    _warn_if_newer(path, record.get("fewbench_version"))
     registry = Registry()
-    backbone = registry.get("backbone", stored.backbone.name).build(**stored.backbone.params)
-    learner = registry.get("learner", stored.learner.name).build(**stored.learner.params)
-    saved = {k: v for k, v in record["context"].items() if k not in REBUILT}
-    context = LearnerContext(
-        **{**saved, "input_shape": tuple(saved["input_shape"])},
-        backbone=backbone,
-        device=torch.device(device),
-        task_type=task_type_of(record["context"]["task_type"]),
-    )
-    torch.manual_seed(0)  # setup builds fresh weights; the state below replaces them
-    learner.setup(context)
-    learner.load_state_dict(record["state"])
+    try:
+        stored = Cell.from_record(record["cell"])
+        _refuse_unknown_parameters(path, registry, stored)
+        backbone = registry.get("backbone", stored.backbone.name).build(**stored.backbone.params)
+        learner = registry.get("learner", stored.learner.name).build(**stored.learner.params)
+        saved = {k: v for k, v in record["context"].items() if k not in REBUILT}
+        context = LearnerContext(
+            **{**saved, "input_shape": tuple(saved["input_shape"])},
+            backbone=backbone,
+            device=torch.device(device),
+            task_type=task_type_of(record["context"]["task_type"]),
+        )
+        torch.manual_seed(0)  # setup builds fresh weights; the state below replaces them
+        learner.setup(context)
+        learner.load_state_dict(record["state"])
+    except FewbenchError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise FewbenchError(
+            f"{path}: a damaged or inconsistent model file ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     return TrainedModel(learner, stored, context, record)
+
+
+def _warn_if_newer(path: Path, version: Any) -> None:
+    """A model file from a newer fewbench may hold what this one cannot read right."""
+    import re
+    import warnings
+
+    from fewbench.version import __version__
+
+    def release(text: Any) -> tuple[int, ...] | None:
+        found = re.match(r"\d+(\.\d+)*", str(text))
+        return tuple(int(n) for n in found.group(0).split(".")) if found else None
+
+    written, running = release(version), release(__version__)
+    if written is None or (running is not None and written > running):
+        warnings.warn(
+            f"{path}: written by fewbench {version}, newer than this {__version__}; "
+            "upgrade fewbench if loading or predicting misbehaves",
+            stacklevel=3,
+        )
+
+
+def _refuse_unknown_parameters(path: Path, registry: Any, stored: Any) -> None:
+    """A parameter the installed plugin does not know was silently dropped: refuse it."""
+    for kind, choice in (("backbone", stored.backbone), ("learner", stored.learner)):
+        known = registry.get(kind, choice.name).params.params
+        unknown = sorted(set(choice.params) - set(known))
+        if unknown:
+            raise FewbenchError(
+                f"{path}: the model's {kind} {choice.name} has parameters the installed plugin "
+                f"does not know ({', '.join(unknown)}); install the plugin version that wrote it"
+            )
 
 
 def export_model(

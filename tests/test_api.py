@@ -3,6 +3,7 @@ from its run directory or from a self-describing model file copied elsewhere."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 
@@ -191,3 +192,43 @@ def test_the_api_refuses_bad_arguments_as_the_command_line_does(tmp_path, argume
     with pytest.raises(FewbenchError, match=re.escape(message)):
         fewbench.run(suite, out=tmp_path / "out", **arguments)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_crafted_model_files_are_one_fewbench_error(sinusoid_run, tmp_path):
+    """Truncated, garbage, wrong-typed and inconsistent model files raised EOFError,
+    UnpicklingError, KeyError or TypeError; a parameter the plugin does not know was dropped
+    silently; a file from a newer fewbench loaded without a word."""
+    from fewbench.api import _model_file
+
+    good = _model_file(sinusoid_run, "sinusoid/1w5s/mlp/maml/seed0")
+    record = torch.load(good, weights_only=True)
+    data = good.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "garbage": b"\x80\x04not a model",
+        "empty": b"",
+    }
+    for name, content in cases.items():
+        (tmp_path / f"{name}.pt").write_bytes(content)
+    broken = {
+        "no-cell": {k: v for k, v in record.items() if k != "cell"},
+        "cell-is-a-list": {**record, "cell": [1, 2]},
+        "context-missing-shape": {**record, "context": {"task_type": "regression"}},
+        "wrong-state": {**record, "state": {"network": {"nonsense": torch.zeros(3)}}},
+    }
+    for name, payload in broken.items():
+        torch.save(payload, tmp_path / f"{name}.pt")
+    for name in [*cases, *broken]:
+        with pytest.raises(FewbenchError) as info:
+            fewbench.load_learner(tmp_path / f"{name}.pt")
+        assert "\n" not in str(info.value), name
+    unknown = {**record, "cell": {**record["cell"]}}
+    unknown["cell"]["config"] = json.loads(json.dumps(record["cell"]["config"]))
+    unknown["cell"]["config"]["learner"]["from_the_future"] = 1
+    torch.save(unknown, tmp_path / "unknown.pt")
+    with pytest.raises(FewbenchError, match="parameters the installed plugin does not know"):
+        fewbench.load_learner(tmp_path / "unknown.pt")
+    torch.save({**record, "fewbench_version": "99.0"}, tmp_path / "newer.pt")
+    with pytest.warns(UserWarning, match="written by fewbench 99.0, newer than this"):
+        fewbench.load_learner(tmp_path / "newer.pt")
