@@ -103,3 +103,20 @@ def test_non_finite_settings_are_refused_in_one_line(tmp_path, setting, where):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert where in line and "must be a finite number" in line
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_an_out_folder_under_a_file_is_one_line(tmp_path, command):
+    from helpers import run_cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    suite = "suites/sinusoid.yaml" if command == "run" else "suites/tune-sinusoid.yaml"
+    extra = ["--trials", "1"] if command == "tune" else []
+    result = run_cli(command, suite, "--out", str(blocker / "run"), "--max-iterations", "2", *extra)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"fewbench: error: --out {blocker / 'run'}: cannot create the run directory "
+        "(Not a directory)"
+    )
+    assert "Traceback" not in result.stderr

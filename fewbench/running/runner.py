@@ -31,7 +31,7 @@ from fewbench.running.interrupts import first_interrupt_stops
 from fewbench.running.worker import WorkerSettings, follow, resolve_device, work_through
 from fewbench.storage.atomic import write_text_atomically
 from fewbench.storage.journal import collect
-from fewbench.storage.paths import default_run_dir
+from fewbench.storage.paths import default_run_dir, make_run_dir
 from fewbench.storage.store import DB_NAME, ResultsStore
 from fewbench.suite.cell import Cell
 from fewbench.suite.check import check_suite
@@ -220,7 +220,7 @@ def prepare_run_dir(run_dir: Path, suite: Suite, registry: Registry, device) -> 
     Workers take their cells from here by id; cells already known (same id) keep
     their state, so a rerun resumes.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     store = ResultsStore.open_run(run_dir)  # first: a damaged store stops us before any write
     try:
         suite_text = suite_text_of(suite)

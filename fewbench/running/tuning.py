@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from fewbench.errors import FewbenchError
 from fewbench.reports.tuning import META_KEY, tuning_section
+from fewbench.storage.paths import make_run_dir
 
 MISSING_OPTUNA = "fewbench tune needs Optuna, an optional extra: pip install 'fewbench[tune]'"
 STORAGE_FILE = "tune.sqlite"  # Optuna's storage, in the run directory
@@ -273,7 +274,7 @@ def stop_trial(study: Any, trial: Any, why: str) -> None:
 def locked(run_dir: Path) -> Iterator[None]:
     """One ``fewbench tune`` per run directory at a time (its trials share the directory's
     current cells); the lock goes with the process, however it ends."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     try:
         import fcntl
     except ImportError:  # not on POSIX: no lock

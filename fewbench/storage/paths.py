@@ -21,3 +21,15 @@ def default_cache_dir() -> Path:
 def default_run_dir(suite_name: str) -> Path:
     """``results/<suite name>/<timestamp>`` under the current directory."""
     return Path("results") / suite_name / time.strftime("%Y%m%d-%H%M%S")
+
+
+def make_run_dir(path: Path) -> None:
+    """Create a run directory (and its parents), or say in one line why it cannot be: a
+    path under a file, a read-only file system, no permission."""
+    from fewbench.errors import FewbenchError
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise FewbenchError(f"--out {path}: cannot create the run directory ({reason})") from None
