@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fewbench.errors import FewbenchError
+from fewbench.plugin.task_types import TaskType, by_metric
 from fewbench.reports import references as refs
 from fewbench.reports.stats import mean_ci95
 from fewbench.running.durations import in_words
@@ -64,8 +65,12 @@ class Measured:
     commit: str
 
     @property
+    def task_type(self) -> TaskType:
+        return by_metric(self.metric)
+
+    @property
     def scale(self) -> float:
-        return 100.0 if self.metric == "accuracy" else 1.0
+        return self.task_type.scale
 
     def setting(self) -> str:
         """The cell's configuration without its seed: seeds of one setting merge."""
@@ -245,18 +250,12 @@ def rows(measured: Iterable[Measured]) -> list[Row]:
         episodes = min(len(c.values) for c in cells)
         estimate = mean_ci95(np.stack([c.values[:episodes] for c in cells]))
         mean, ci95 = first.scale * estimate.mean, first.scale * estimate.ci95
-        published = [
-            r for r in refs.matching(first.config) if _paper_key(r) == first.reproduces.paper
-        ] or refs.matching(first.config)
+        matched = refs.matching(first.config)
+        published = [r for r in matched if r.paper_key == first.reproduces.paper] or matched
         refused = refs.refused(first.config)
         for r in published or [None]:
             out.append(Row(cells, r, refused, mean, ci95, verdict(r, mean, ci95)))
     return out
-
-
-def _paper_key(reference: refs.Reference) -> str:
-    papers, _ = refs.known_papers_and_protocols()
-    return next((p for p in papers if refs.paper_citation(p)[0] == reference.paper), "")
 
 
 def verdict(reference: refs.Reference | None, mean: float, ci95: float) -> str:
@@ -395,7 +394,7 @@ def _table_line(row: Row) -> str:
         published += ", unverified"
     episodes = len(m.values)
     seeds = len(row.cells)
-    unit = "episodes" if m.metric == "accuracy" else "tasks"
+    unit = "episodes" if m.task_type.has_ways else "tasks"
     count = f"{episodes:,} {unit}" + (f" x {seeds} seeds" if seeds > 1 else "")
     measured = f"**{row.mean:.{decimals}f} ± {row.ci95:.{decimals}f}** ({count})"
     iterations = f"{m.iterations:,} it." if m.iterations else "?"

@@ -66,6 +66,7 @@ class Reference:
     # Dataset parameters the published protocol fixes (navigation2d's reward: distance).
     dataset_params: dict[str, Any] = field(default_factory=dict)
     protocol_name: str = ""  # the key under ``protocols`` (``protocol`` is its text)
+    paper_key: str = ""  # the key under ``papers`` (``paper`` is its short citation)
     # The protocol as checkable keys: dotted paths into a cell's configuration
     # ("backbone.pool") and the published values; the protocol's and the entry's own.
     requires: dict[str, Any] = field(default_factory=dict)
@@ -221,6 +222,7 @@ def _reference(index: int, r: Any, papers: dict, protocols: dict) -> Reference:
         params=params,
         dataset_params=dataset_params,
         protocol_name=r["protocol"],
+        paper_key=r["paper"],
         requires=requires,
     )
 
@@ -247,21 +249,22 @@ def all_references() -> tuple[Reference, ...]:
 
 
 @cache
+def _shipped_data() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(_shipped_text())
+
+
 def known_papers_and_protocols() -> tuple[frozenset[str], frozenset[str]]:
     """The keys of the shipped file's ``papers`` and ``protocols`` (a reproduction suite
     names one of each)."""
-    import yaml
-
-    data = yaml.safe_load(_shipped_text())
+    data = _shipped_data()
     return frozenset(data["papers"]), frozenset(data["protocols"])
 
 
-@cache
 def paper_citation(key: str) -> tuple[str, str]:
     """A shipped paper's short name and full citation."""
-    import yaml
-
-    paper = yaml.safe_load(_shipped_text())["papers"][key]
+    paper = _shipped_data()["papers"][key]
     return paper["short"], paper["citation"]
 
 
