@@ -16,6 +16,7 @@ copies it out; :func:`load_learner` reads it with or without its run directory.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -160,17 +161,26 @@ def load_learner(
     try:
         stored = Cell.from_record(record["cell"])
         _refuse_unknown_parameters(path, registry, stored)
-        backbone = registry.get("backbone", stored.backbone.name).build(**stored.backbone.params)
-        learner = registry.get("learner", stored.learner.name).build(**stored.learner.params)
         saved = {k: v for k, v in record["context"].items() if k not in REBUILT}
-        context = LearnerContext(
-            **{**saved, "input_shape": tuple(saved["input_shape"])},
-            backbone=backbone,
-            device=torch.device(device),
-            task_type=task_type_of(record["context"]["task_type"]),
-        )
-        torch.manual_seed(0)  # setup builds fresh weights; the state below replaces them
-        learner.setup(context)
+        task_type = task_type_of(record["context"]["task_type"])
+
+        def set_up(on: str) -> Any:
+            backbone = registry.get("backbone", stored.backbone.name).build(
+                **stored.backbone.params
+            )
+            learner = registry.get("learner", stored.learner.name).build(**stored.learner.params)
+            context = LearnerContext(
+                **{**saved, "input_shape": tuple(saved["input_shape"])},
+                backbone=backbone,
+                device=torch.device(on),
+                task_type=task_type,
+            )
+            torch.manual_seed(0)  # setup builds fresh weights; the state below replaces them
+            learner.setup(context)
+            return learner, context
+
+        _refuse_sizes_the_state_does_not_hold(path, set_up, record["state"])
+        learner, context = set_up(device)
         learner.load_state_dict(record["state"])
     except FewbenchError:
         raise
@@ -199,6 +209,47 @@ def _warn_if_newer(path: Path, version: Any) -> None:
             "upgrade fewbench if loading or predicting misbehaves",
             stacklevel=3,
         )
+
+
+def _tensor_shapes(value: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Every tensor in a nested state (dicts, lists), by its path."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {prefix: tuple(value.shape)}
+    if not isinstance(value, dict | list | tuple):
+        return {}
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    found = {}
+    for key, item in items:
+        found.update(_tensor_shapes(item, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
+def _refuse_sizes_the_state_does_not_hold(path: Path, set_up: Any, state: Any) -> None:
+    """Build the model on PyTorch's ``meta`` device first (shapes, no memory) and refuse it
+    unless every tensor it would allocate is in the file, with the same shape: a crafted
+    ``hidden: 1000000`` or a huge ``input_shape`` asked for terabytes before the state was
+    compared. The file's own tensors are already in memory, so this bounds the real build
+    by the file's size. A plugin whose setup cannot run on ``meta`` is built as before."""
+    import torch
+
+    try:
+        with torch.device("meta"):  # modules built outside setup land there too
+            learner, _ = set_up("meta")
+        wanted = _tensor_shapes(learner.state_dict())
+    except (NotImplementedError, RuntimeError):
+        return
+    held = _tensor_shapes(state)
+    for name, shape in wanted.items():
+        if held.get(name) != shape:
+            elements = sum(math.prod(s) for s in wanted.values())
+            raise FewbenchError(
+                f"{path}: the recorded settings build a model of {elements:,} values whose "
+                f"{name} has shape {list(shape)}, but the file holds "
+                + ("no such tensor" if name not in held else f"shape {list(held[name])}")
+                + " (a damaged or crafted model file; nothing was allocated)"
+            )
 
 
 def _refuse_unknown_parameters(path: Path, registry: Any, stored: Any) -> None:

@@ -232,3 +232,28 @@ def test_crafted_model_files_are_one_fewbench_error(sinusoid_run, tmp_path):
     torch.save({**record, "fewbench_version": "99.0"}, tmp_path / "newer.pt")
     with pytest.warns(UserWarning, match="written by fewbench 99.0, newer than this"):
         fewbench.load_learner(tmp_path / "newer.pt")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("where", ["hidden", "input_shape"])
+def test_a_model_file_asking_for_terabytes_is_refused_before_allocating(
+    sinusoid_run, tmp_path, where
+):
+    """`hidden: 1000000` or a huge `input_shape` in a received model file made load_learner
+    try to allocate terabytes; the model is now sized on the meta device against the file's
+    own tensors first."""
+    from fewbench.api import _model_file
+
+    record = torch.load(
+        _model_file(sinusoid_run, "sinusoid/1w5s/mlp/maml/seed0"), weights_only=True
+    )
+    crafted = json.loads(json.dumps({"cell": record["cell"], "context": record["context"]}))
+    if where == "hidden":
+        crafted["cell"]["config"]["backbone"]["hidden"] = [3_000_000, 3_000_000]
+    else:
+        crafted["context"]["input_shape"] = [1_000_000, 1_000_000]
+    torch.save({**record, **crafted}, tmp_path / "huge.pt")
+    with pytest.raises(FewbenchError, match="nothing was allocated") as info:
+        fewbench.load_learner(tmp_path / "huge.pt")
+    values = int(re.search(r"a model of ([\d,]+) values", str(info.value))[1].replace(",", ""))
+    assert values > 10**12 and "\n" not in str(info.value)
