@@ -387,11 +387,14 @@ def test_refresh_and_the_environment_variable_load_the_plugins(
 # -- a hostile index file ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "deep", "escapes"])
+@pytest.mark.parametrize(
+    "kind", ["fifo", "dev-zero", "deep", "escapes", "ghost", "foreign-module", "extra-kind"]
+)
 def test_a_hostile_index_file_is_rebuilt_not_trusted(cache, kind, capsys):
     """A FIFO at the index path made `fewbench plugins` hang, a link to /dev/zero gave a
     MemoryError, a 200,000-deep document a RecursionError, a tampered entry printed terminal
-    escapes: each is a file the index does not read, so the listing is built afresh."""
+    escapes, and one listed a learner that does not exist: each is a file the index does not
+    trust, so the listing is built afresh."""
     assert main(["plugins"]) == 0
     expected = capsys.readouterr().out
     path = plugin_index.index_path()
@@ -404,8 +407,18 @@ def test_a_hostile_index_file_is_rebuilt_not_trusted(cache, kind, capsys):
     elif kind == "deep":
         path.write_text("[" * 200_000 + "]" * 200_000)
     else:
-        payload["plugins"]["learner"][0]["description"] = "\x1b[2J\x1b]0;owned\x07"
+        learners = payload["plugins"]["learner"]
+        if kind == "escapes":
+            learners[0]["description"] = "\x1b[2J\x1b]0;owned\x07"
+        elif kind == "ghost":  # a learner that exists nowhere, fingerprint left intact
+            learners.append({**learners[0], "name": "ghost", "qualname": "GhostLearner"})
+        elif kind == "foreign-module":  # a class the fingerprint does not cover
+            learners.append({**learners[0], "name": "ghost", "module": "json.decoder",
+                             "qualname": "JSONDecoder"})  # fmt: skip
+        else:
+            payload["kinds"].append("ghosts")
+            payload["plugins"]["ghosts"] = []
         path.write_text(json.dumps(payload))
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert out == expected and "\x1b" not in out
+    assert out == expected and "\x1b" not in out and "ghost" not in out

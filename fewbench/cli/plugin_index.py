@@ -20,7 +20,8 @@ keyed by a fingerprint computed without importing any plugin:
   ``sys.path``; a name holds the version), so installing, removing or upgrading any
   package, an optional dependency included, makes a new index; and the Python version.
 
-When the fingerprint matches, the index is the answer; otherwise the registry is loaded as
+When the fingerprint matches and every class the index lists is defined where it says (a
+``class Name`` in a module whose source the fingerprint covers), the index is the answer; otherwise the registry is loaded as
 before, the answer comes from it, and the index is written again (atomically; a write that
 fails is ignored, the command never fails for it). A plugin whose registration depends on
 something else (a file outside its package, an environment variable) can be listed afresh
@@ -40,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 from dataclasses import asdict, dataclass
@@ -414,12 +416,49 @@ def _text_or_none(value: Any) -> str | None:
     return None if value is None else _text(value)
 
 
+def _module_source(module: str, files: list[str]) -> str | None:
+    """The text of ``module``'s file among the fingerprinted ``files``, or None."""
+    tail = module.replace(".", os.sep)
+    for path in files:
+        if path.endswith((f"{os.sep}{tail}.py", f"{os.sep}{tail}{os.sep}__init__.py")):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return handle.read(4 * MAX_INDEX_BYTES)
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _defined_where_it_says(index: PluginIndex, files: list[str] | None) -> bool:
+    """Whether every listed class is defined (``class Name``) in a module whose source the
+    fingerprint covers, and the kinds are the registry's: a tampered index listing a learner
+    that does not exist is rebuilt, not printed. A class made at run time fails the test and
+    is listed afresh each time, which costs time, never a wrong listing."""
+    from fewbench.registry import KINDS
+
+    if files is None or index.kinds != tuple(KINDS) or set(index.plugins) - set(KINDS):
+        return False
+    sources: dict[str, str | None] = {}
+    for infos in index.plugins.values():
+        for info in infos:
+            if info.module not in sources:
+                sources[info.module] = _module_source(info.module, files)
+            text = sources[info.module]
+            name = info.qualname.rsplit(".", 1)[-1]
+            if text is None or not re.search(rf"^\s*class {re.escape(name)}\b", text, re.M):
+                return False
+    return True
+
+
 def cached(fingerprint: str | None) -> PluginIndex | None:
-    """The stored index when it was made for ``fingerprint``; None otherwise."""
+    """The stored index when it was made for ``fingerprint`` and lists only classes that are
+    where it says; None otherwise."""
     if fingerprint is None:
         return None
     index = from_json(_read_json(index_path()))
-    return index if index is not None and index.fingerprint == fingerprint else None
+    if index is None or index.fingerprint != fingerprint:
+        return None
+    return index if _defined_where_it_says(index, source_files()) else None
 
 
 def save(index: PluginIndex) -> bool:
