@@ -338,36 +338,53 @@ class Results:
 
 
 def load_results(run_dir: str | Path) -> Results:
-    """The data the reports use, from a run directory's ``results.sqlite``."""
+    """The data the reports use, from a run directory's ``results.sqlite``, as stored (a
+    cell whose settings are not valid JSON gets ``config`` None, with a warning)."""
     import json
+    import warnings
 
     import pandas as pd
 
-    from fewbench.storage.store import ResultsStore
+    from fewbench.storage.store import ResultsStore, damage_reported
 
-    store = ResultsStore.open_run(Path(run_dir), must_exist=True)
+    store = ResultsStore.open_run(Path(run_dir), must_exist=True, readonly=True)
     try:
-        rows = [dict(row) for row in store.cells()]
-        episodes = [
-            (row["id"], row["label"], i, v)
-            for row in rows
-            for i, v in enumerate(store.episode_values(row["id"]))
-        ]
-        curves = [
-            (row["id"], row["label"], point["iteration"], point["loss"], point["val_metric"])
-            for row in rows
-            for point in store.curve(row["id"])
-        ]
+        with damage_reported(store.path):
+            rows, episodes, curves = _stored_rows(store)
     finally:
         store.close()
     for row in rows:
-        row["config"] = json.loads(row["config"])
+        try:
+            row["config"] = json.loads(row["config"])
+        except (TypeError, ValueError):
+            warnings.warn(
+                f"{store.path}: cell {row['label']}: its stored settings are not valid JSON "
+                "(config is None)",
+                stacklevel=2,
+            )
+            row["config"] = None
     cells = pd.DataFrame(rows).rename(columns={"id": "cell_id"})
     return Results(
         cells,
         pd.DataFrame(episodes, columns=["cell_id", "label", "episode", "value"]),
         pd.DataFrame(curves, columns=["cell_id", "label", "iteration", "loss", "val_metric"]),
     )
+
+
+def _stored_rows(store: Any) -> tuple[list[dict], list[tuple], list[tuple]]:
+    """Cells, per-episode values and curve points as the store holds them."""
+    rows = [dict(row) for row in store.cells()]
+    episodes = [
+        (row["id"], row["label"], i, v)
+        for row in rows
+        for i, v in enumerate(store.episode_values(row["id"]))
+    ]
+    curves = [
+        (row["id"], row["label"], point["iteration"], point["loss"], point["val_metric"])
+        for row in rows
+        for point in store.curve(row["id"])
+    ]
+    return rows, episodes, curves
 
 
 # -- running -------------------------------------------------------------------------------------

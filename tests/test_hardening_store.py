@@ -396,3 +396,64 @@ def test_a_full_disk_while_storing_is_one_line_naming_the_store(tmp_path):
         store.set_meta("big", "x" * 100_000)
     assert store.meta("kept") == "yes" and store.meta("big") is None
     store.close()
+
+
+# -- stores edited by hand: text where numbers belong, settings that are not JSON, a garbage
+# tune record (22 tracebacks across report, plot, compare and the API)
+
+EDITS = {
+    "text episode value": "UPDATE episodes SET value = 'abc' WHERE episode = 2",
+    "text curve point": "UPDATE curve SET loss = x'00ff'",
+    "settings not JSON": "UPDATE cells SET config = '{broken' WHERE learner = 'finetune'",
+    "settings not a mapping": "UPDATE cells SET config = '[1, 2]' WHERE learner = 'finetune'",
+    "garbage tune record": "INSERT OR REPLACE INTO meta (key, value) VALUES ('tune', '{\"best\": 5}')",
+    "tune record not JSON": "INSERT OR REPLACE INTO meta (key, value) VALUES ('tune', 'nope')",
+}
+READERS = [
+    ["report"], ["report", "--format", "json"], ["report", "--format", "html"],
+    ["compare", "--baseline", "maml"], ["status"], ["plot", "--out", "{tmp}/plots"],
+]  # fmt: skip
+
+
+def edited_run(tmp_path: Path, edit: str) -> Path:
+    curves = {make_cell(name).id: [(1, 1.0, 0.5), (2, 0.5, 0.6)] for name in ("maml", "finetune")}
+    run_dir = store_run(tmp_path / "run", CELLS, curves=curves)
+    db = sqlite3.connect(run_dir / DB_NAME)
+    with db:
+        db.execute(EDITS[edit])
+    db.close()
+    return run_dir
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_reports_read_an_edited_store_with_a_warning_not_a_traceback(tmp_path, edit, capsys):
+    from fewbench.cli import main
+
+    run_dir = edited_run(tmp_path, edit)
+    for reader in READERS:
+        args = [a.replace("{tmp}", str(tmp_path)) for a in reader]
+        assert main([args[0], str(run_dir), *args[1:]]) == 0, (edit, reader)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        if "tune" not in edit and reader[0] != "status":
+            warnings = [line for line in err.splitlines() if "warning" in line]
+            assert warnings, (edit, reader)
+            for warning in warnings:
+                assert warning.startswith(f"fewbench: warning: {run_dir / DB_NAME}: cell "), err
+    report = main(["report", str(run_dir)]), capsys.readouterr().out
+    if "tune" in edit:
+        assert "the search record in" in report[1] and "is unreadable" in report[1]
+    if edit == "text episode value":
+        assert "unreadable" in report[1]  # the cell is shown, not as done
+    if edit.startswith("settings"):
+        assert "finetune" not in report[1] and "maml" in report[1]
+
+
+def test_the_api_reads_a_store_whose_settings_are_not_json(tmp_path):
+    import fewbench
+
+    run_dir = edited_run(tmp_path, "settings not JSON")
+    with pytest.warns(UserWarning, match="stored settings are not valid JSON"):
+        results = fewbench.load_results(run_dir)
+    configs = dict(zip(results.cells["learner"], results.cells["config"], strict=True))
+    assert configs["finetune"] is None and configs["maml"]["learner"]["name"] == "maml"

@@ -265,7 +265,7 @@ def test_a_published_number_is_not_shown_beside_a_cell_of_another_protocol(tmp_p
 
 
 def test_every_shipped_reference_is_complete(registry):
-    from tests.test_references import returns_of
+    from test_references import returns_of
 
     references = all_references()
     assert len(references) >= 20

@@ -342,3 +342,16 @@ def test_a_dry_run_shows_the_space_and_a_trial_s_cells(tmp_path, capsys):
     assert "learners.maml.inner_lr: log-uniform in [0.001, 0.5]" in printed
     assert "sinusoid/1w5s/mlp/maml/seed0" in printed and "never on test episodes" in printed
     assert not out.exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
+    """A tune.lock that is a folder gave an IsADirectoryError traceback."""
+    from fewbench.errors import FewbenchError
+    from fewbench.running.tuning import LOCK_FILE, locked
+
+    (tmp_path / "run" / LOCK_FILE).mkdir(parents=True)
+    with (
+        pytest.raises(FewbenchError, match="cannot be opened as tune's lock file"),
+        locked(tmp_path / "run"),
+    ):
+        pass

@@ -9,6 +9,7 @@ baseline run; the same cell (same id) stored in two runs counts once.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fewbench.errors import FewbenchError
+from fewbench.errors import FewbenchError, one_line
 from fewbench.plugin.task_types import by_metric
 from fewbench.reports.stats import mean_ci95
 from fewbench.storage.store import ResultsStore, damage_reported
@@ -129,17 +130,64 @@ def _read_cells(
     curves: dict[str, pd.DataFrame],
     extras: dict[str, dict[str, list[float]]],
 ) -> None:
-    """Add one run's cells; a cell an earlier run holds (same id) counts once."""
+    """Add one run's cells; a cell an earlier run holds (same id) counts once. A cell whose
+    stored record cannot be read (settings that are not JSON, a per-episode value or curve
+    point that is not a number: an edited or damaged store) is named in a warning on stderr:
+    left out when its settings are unreadable, else shown as ``unreadable``, not done."""
     for cell in store.cells():
         if cell["id"] in rows:
             continue
+        problem = _unreadable_settings(cell["config"])
+        if problem:
+            _warn(store, cell, f"{problem}; left out")
+            continue
         rows[cell["id"]] = {**dict(cell), "run": str(run_dir)}
         if cell["status"] == "done":
-            values[cell["id"]] = np.asarray(store.episode_values(cell["id"]))
-            extras[cell["id"]] = store.episode_extras(cell["id"])
-        curve = store.curve(cell["id"])
+            try:
+                values[cell["id"]] = _numbers(store.episode_values(cell["id"]))
+                extras[cell["id"]] = {
+                    name: list(_numbers(v)) for name, v in store.episode_extras(cell["id"]).items()
+                }
+            except ValueError as exc:
+                values.pop(cell["id"], None)
+                rows[cell["id"]]["status"] = "unreadable"
+                _warn(store, cell, f"per-episode results: {exc}; shown as unreadable")
+        curve = [dict(r) for r in store.curve(cell["id"])]
+        try:
+            for point in curve:
+                _numbers([point["iteration"], point["loss"], point["val_metric"]])
+        except ValueError as exc:
+            _warn(store, cell, f"learning curve: {exc}; curve left out")
+            continue
         if curve:
-            curves[cell["id"]] = pd.DataFrame([dict(r) for r in curve])
+            curves[cell["id"]] = pd.DataFrame(curve)
+
+
+def _unreadable_settings(text: Any) -> str | None:
+    """Why a cell's stored settings cannot be used, or None."""
+    try:
+        config = json.loads(text)
+    except (TypeError, ValueError):
+        return "its stored settings are not valid JSON"
+    if not isinstance(config, dict) or not all(
+        isinstance(config.get(part), dict) for part in ("dataset", "learner")
+    ):
+        return "its stored settings lack the dataset or the learner"
+    return None
+
+
+def _numbers(values: list[Any]) -> np.ndarray:
+    """``values`` as floats (None is a missing value); ValueError naming the first that is
+    text or bytes (SQLite keeps whatever was written into a REAL column)."""
+    for index, value in enumerate(values):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"value {index} is {value!r:.40}, not a number")
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _warn(store: ResultsStore, cell: Any, message: str) -> None:
+    label = one_line(str(cell["label"]))
+    print(f"fewbench: warning: {store.path}: cell {label}: {message}", file=sys.stderr)
 
 
 def _environment(store: ResultsStore) -> dict[str, Any]:

@@ -280,7 +280,15 @@ def locked(run_dir: Path) -> Iterator[None]:
     except ImportError:  # not on POSIX: no lock
         yield
         return
-    with open(run_dir / LOCK_FILE, "a+") as handle:
+    lock = run_dir / LOCK_FILE
+    try:
+        handle = open(lock, "a+")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:  # a folder or a file we may not write: one line, not a traceback
+        raise FewbenchError(
+            f"{lock}: cannot be opened as tune's lock file ({exc.strerror or exc}); "
+            "remove or fix it (it holds nothing: fewbench tune makes it again)"
+        ) from None
+    with handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
