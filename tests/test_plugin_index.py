@@ -422,3 +422,12 @@ def test_a_hostile_index_file_is_rebuilt_not_trusted(cache, kind, capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert out == expected and "\x1b" not in out and "ghost" not in out
+
+
+def test_data_list_of_a_folder_with_a_name_that_is_not_utf8(tmp_path, cache, capsys):
+    """A file name that is not UTF-8 (its bytes kept as surrogates) made the folder's digest
+    fail with a UnicodeEncodeError traceback, with the index on or off."""
+    root = data_root(tmp_path)
+    (root / "cub" / os.fsdecode(b"\xe9t\xe9.jpg")).write_bytes(b"")
+    first = cli(capsys, "data", "list", "--data-root", str(root))
+    assert "cub" in first and cli(capsys, "data", "list", "--data-root", str(root)) == first

@@ -537,7 +537,8 @@ def scan_folder(folder: Path) -> tuple[int, str | None]:
         trusted = False
     if not trusted:
         return total, None
-    return total, hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    text = "\n".join(lines).encode("utf-8", "surrogateescape")  # names need not be UTF-8
+    return total, hashlib.sha256(text).hexdigest()
 
 
 def _folder_key(name: str, folder: Path) -> str:
