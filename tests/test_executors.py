@@ -145,3 +145,18 @@ def test_workers_are_bounded_by_the_cores_and_by_the_cells_to_run(tmp_path):
     if cores >= 2:
         assert "2 workers asked for 1 cells to run: starting 1" in result.stderr
         assert sorted(p.name for p in (out / "logs").iterdir()) == ["worker-0.log"]
+
+
+def test_a_failure_with_cpp_frames_is_one_line():
+    """PyTorch errors carry C++ frames after their first line; a failed cell printed all 30."""
+    from fewbench.running.worker import failure_reason
+
+    frames = "\n".join(f"frame #{i}: 0x7f00 in libtorch_cpu.so" for i in range(28))
+    error = RuntimeError(
+        f"shape '[5, -1]' is invalid\nException raised from view at x.cpp\n{frames}"
+    )
+    reason = failure_reason(error)
+    assert "\n" not in reason and "frame #" not in reason
+    assert reason == (
+        "RuntimeError: shape '[5, -1]' is invalid (and 29 more lines in the cell's stored error)"
+    )

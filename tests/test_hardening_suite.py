@@ -348,3 +348,16 @@ def test_fuzzed_set_ends_in_one_line_or_a_valid_suite(key, value):
         code, stderr = dry_run(Path(folder), SINUSOID, f"--set={key}={value}")
     if code != 0:
         assert_one_line_error(code, stderr)
+
+
+@pytest.mark.parametrize("kind", ["under a file", "read-only file system"])
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, kind):
+    """A read-only --cache-dir failed every cell, one by one; now the run stops before any."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(TINY)
+    (tmp_path / "file").write_text("x")
+    cache = tmp_path / "file" / "cache" if kind == "under a file" else Path("/proc/fewbench-cache")
+    out = tmp_path / "run"
+    code, stderr = bounded_main(["run", str(suite), "--out", str(out), "--cache-dir", str(cache)])
+    assert_one_line_error(code, stderr, f"--cache-dir {cache}: cannot write")
+    assert not out.exists()

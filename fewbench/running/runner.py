@@ -31,7 +31,12 @@ from fewbench.running.interrupts import first_interrupt_stops
 from fewbench.running.worker import WorkerSettings, follow, resolve_device, work_through
 from fewbench.storage.atomic import write_text_atomically
 from fewbench.storage.journal import collect
-from fewbench.storage.paths import default_run_dir, make_run_dir
+from fewbench.storage.paths import (
+    check_cache_dir,
+    default_cache_dir,
+    default_run_dir,
+    make_run_dir,
+)
 from fewbench.storage.store import DB_NAME, ResultsStore
 from fewbench.suite.cell import Cell
 from fewbench.suite.check import check_suite
@@ -265,6 +270,12 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
     run_dir = resuming or request.out or default_run_dir(suite.name)
     check_run_dir(run_dir, "--out" if request.out else "the run directory")
     executor, execution = build_executor(request.executor, registry, suite.execution, run_dir)
+    if request.cache_dir or executor.in_process():  # a cluster node has its own default
+        given = request.cache_dir is not None
+        check_cache_dir(
+            Path(request.cache_dir) if given else default_cache_dir(),
+            "--cache-dir" if given else "the cache folder",
+        )
     settings = WorkerSettings(
         data_root=str(Path(request.data_root).resolve()),
         cache_dir=str(Path(request.cache_dir).resolve()) if request.cache_dir else None,

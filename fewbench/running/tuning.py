@@ -332,7 +332,8 @@ def validation_of(run_dir: Path, cell_ids: list[str]) -> Verdict:
         if row is None or row["status"] not in ("done", "failed"):
             unfinished.append(row["label"] if row else cell_id)
         elif row["status"] == "failed":
-            failed.append(f"{row['label']}: {row['error']}")
+            reason = (row["error"] or "no reason stored").splitlines() or [""]
+            failed.append(f"{row['label']}: {reason[0]}")  # the traceback stays in the store
         elif row["best_val"] is None:
             failed.append(f"{row['label']}: no validation value (train.val_episodes is 0)")
         else:

@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import torch
 
 from fewbench.data.cache import save_atomically
-from fewbench.errors import DiskFull, FewbenchError
+from fewbench.errors import DiskFull, FewbenchError, one_line
 from fewbench.plugin.dataset import EpisodeSource, derive_seed
 from fewbench.plugin.learner import Learner, LearnerContext
 from fewbench.plugin.logger import CellLogging
@@ -148,14 +148,26 @@ class CellFailed(Exception):
         self.reason = reason
 
 
+def _first_line(message: str) -> str:
+    """The message's first line: PyTorch appends C++ frames (``Exception raised from ...``,
+    ``frame #0: ...``) that made a failed cell print 30 lines; the stored error keeps all."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return one_line(message.strip())
+    return (
+        one_line(lines[0].strip())
+        + f" (and {len(lines) - 1} more lines in the cell's stored error)"
+    )
+
+
 def failure_reason(exc: BaseException, learner: type[Learner] | None = None) -> str:
     """One line on why a cell failed, for the log and the results."""
     iteration = None
     if isinstance(exc, TrainingFailed):
         exc, iteration = exc.cause, exc.iteration
     if isinstance(exc, FewbenchError):
-        return str(exc)
-    reason = f"{type(exc).__name__}: {exc}"
+        return one_line(str(exc))
+    reason = f"{type(exc).__name__}: {_first_line(str(exc))}"
     if iteration is not None:
         reason += f" (at iteration {iteration})"
     if isinstance(exc, torch.OutOfMemoryError):

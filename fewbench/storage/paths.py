@@ -33,3 +33,22 @@ def make_run_dir(path: Path) -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise FewbenchError(f"--out {path}: cannot create the run directory ({reason})") from None
+
+
+def check_cache_dir(path: Path, option: str) -> None:
+    """Make sure decoded-data caches can be written under ``path`` (created if missing), or
+    say in one line why not: a read-only cache folder failed every cell, one by one."""
+    import tempfile
+
+    from fewbench.errors import FewbenchError
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise FewbenchError(
+            f"{option} {path}: cannot write the decoded-data caches there ({reason}); "
+            "give a writable folder with --cache-dir or FEWBENCH_CACHE"
+        ) from None
