@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli
+from test_architecture import SINUSOID
 
 from fewbench import cli
 from fewbench.errors import FewbenchError
 from fewbench.plugin.hookspecs import hookimpl
-from fewbench.plugin.logger import CellLogging, Logger
+from fewbench.plugin.logger import CellLogging, FinalMetrics, LoggedCell, Logger
 from fewbench.registry import Registry
 from fewbench.running.runner import RunRequest, load
 from fewbench.running.runner import run as run_suite
-from tests.test_architecture import SINUSOID
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -480,3 +480,138 @@ def test_the_python_api_takes_loggers_with_their_parameters(tmp_path):
         fewbench.run(
             write_suite(tmp_path), out=tmp_path / "x", log=[{"name": "tensorboard", "logdir": "x"}]
         )
+
+
+CONFIG = {"learner": {"name": "maml", "inner_lr": 0.4}, "seed": 0}
+FINAL = FinalMetrics("mse", 0.5, 0.1, 10, 4, 3, 0.4, 1.0, 0.5)
+
+
+def mlflow_cell(run_dir: Path) -> LoggedCell:
+    return LoggedCell(run_dir, "abc123", "x/1w1s/mlp/maml/seed0", CONFIG, "mse", "MSE", False)
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """Straight to 127.0.0.1, as the probe goes: no proxy variables, no telemetry."""
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def connections_to(port: int, monkeypatch) -> list[tuple]:
+    """Every connection this process opens to ``port`` from now on (the probe's, urllib3's)."""
+    import socket
+
+    attempts, connect = [], socket.socket.connect
+
+    def counting(sock, address):
+        if address[1] == port:
+            attempts.append(address)
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counting)
+    return attempts
+
+
+def test_an_mlflow_server_that_is_down_costs_one_try_and_one_warning_per_run(
+    tmp_path, capsys, monkeypatch, no_proxy
+):
+    """MLflow's own retries cost about four minutes per cell; the probe refuses at once, and
+    the worker gives up on the server for the rest of the run."""
+    import socket
+
+    closed = socket.socket()  # bound, not listening: connecting is refused at once
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    attempts = connections_to(port, monkeypatch)
+    uri = f"http://127.0.0.1:{port}"
+    suite = write_suite(tmp_path, f"log: [{{name: mlflow, tracking_uri: '{uri}'}}]\n")
+    request = RunRequest(
+        suite=suite, data_root=tmp_path, out=tmp_path / "run", device="cpu", progress=False
+    )
+    try:
+        assert run_suite(request, Registry()) == 0
+    finally:
+        closed.close()
+    cells = stored(tmp_path / "run")
+    assert len(cells) == 2 and {c["status"] for c in cells.values()} == {"done"}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: logger" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: logger mlflow failed in start")
+    assert f"{uri} did not answer" in warnings[0] and "not tried again in this run" in warnings[0]
+    assert attempts == [("127.0.0.1", port)]  # the first cell's probe; the second cell: nothing
+
+
+def test_mlflow_http_calls_retry_briefly_and_a_server_that_drops_them_is_given_up(
+    tmp_path, monkeypatch, no_proxy
+):
+    """The server accepts connections (the probe passes) but its requests fail: MLflow's
+    retries run under fewbench's bounds, once, and the next cell does not try; a variable
+    the user set wins, and none of fewbench's settings stays in the environment."""
+    import socket
+
+    import requests
+    from mlflow.utils import rest_utils
+
+    from fewbench_plugins.loggers.trackers import MlflowLogger, TrackerUnreachable
+
+    calls = []
+
+    def dropped(method, url, max_retries, backoff_factor, backoff_jitter, *args, **kwargs):
+        calls.append((max_retries, backoff_factor, kwargs["timeout"]))
+        raise requests.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(rest_utils, "_get_http_response_with_retries", dropped)
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # the user's own
+    server = socket.create_server(("127.0.0.1", 0))
+    uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+    with server:
+        first = MlflowLogger(tracking_uri=uri, experiment="")
+        with pytest.raises(TrackerUnreachable, match="not tried again in this run"):
+            first.start(mlflow_cell(tmp_path / "run"))
+        first.close("failed")  # as CellLogging does after a failure: no call
+        assert calls == [(2, 0, 10)]  # MLflow's own: (7, 2, 120)
+        later = MlflowLogger(tracking_uri=uri, experiment="")  # the run's next cell: silent
+        later.start(mlflow_cell(tmp_path / "run"))
+        later.log_point(2, 1.0, 0.5)
+        later.finish(FINAL)
+        later.close("done")
+        assert calls == [(2, 0, 10)]
+        other = MlflowLogger(tracking_uri=uri, experiment="")  # another run tries once more
+        with pytest.raises(TrackerUnreachable):
+            other.start(mlflow_cell(tmp_path / "other"))
+    assert calls == [(2, 0, 10), (2, 0, 10)]  # one per run; MLflow's own: (7, 2, 120)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_mlflow_writes_to_a_file_uri_or_a_folder(tmp_path, monkeypatch, no_proxy, where):
+    """``tracking_uri: file:///...`` (or a folder, in the run directory unless absolute) is
+    MLflow's file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set."""
+    from mlflow.tracking import MlflowClient
+
+    from fewbench_plugins.loggers.trackers import MlflowLogger
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "store" if where == "file" else tmp_path / "run" / "tracked"
+    logger = MlflowLogger(tracking_uri=store.as_uri() if where == "file" else "tracked")
+    logger.start(mlflow_cell(tmp_path / "run"))
+    logger.log_point(2, 1.0, None)
+    logger.log_point(3, 0.9, 0.5)
+    logger.finish(FINAL)
+    logger.close("done")
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # set for fewbench's calls only
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read it back
+    client = MlflowClient(tracking_uri=store.as_uri())
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(f"{tmp_path.name}/run").experiment_id]
+    )
+    assert run.info.status == "FINISHED" and run.data.tags["fewbench.cell_id"] == "abc123"
+    assert run.data.params == {"learner.name": "maml", "learner.inner_lr": "0.4", "seed": "0"}
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(2, 1.0), (3, 0.9)]
+    assert run.data.metrics["test/mse"] == 0.5 and run.data.metrics["val/best_mse"] == 0.4

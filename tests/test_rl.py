@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_cli, run_fewbench
 
 import fewbench
 from fewbench.errors import FewbenchError
 from fewbench.plugin.task_types import REINFORCEMENT
-from tests.helpers import run_cli, run_fewbench
 
 LEARNER = {"meta_batch_size": 4, "trajectories": 3, "eval_trajectories": 4, "eval_steps": 2}
 SUITE = {

@@ -17,9 +17,15 @@ fewbench command), and :meth:`check` names the extra to install when it is missi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fewbench.plugin import FewbenchError, FinalMetrics, LoggedCell, Logger, Param, hookimpl
 
@@ -175,6 +181,75 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return values
 
 
+# The (run directory, tracking URI) pairs whose MLflow server did not answer, in this process.
+# Loggers are built afresh for each cell, so the state that spans the cells of a run lives here:
+# the cells a worker process runs after the first failure skip MLflow without trying again.
+# Each worker process (``--workers N``, a Ray or SLURM task) gives up on its own, once.
+UNREACHABLE: set[tuple[str, str]] = set()
+
+# MLflow's own HTTP defaults retry 7 times with a backoff growing to two minutes, each try
+# waiting up to 120 s: about four minutes per call to a server that is down. fewbench's calls
+# retry twice (after at most 1 s, then 3 s) and wait 10 s per try; a variable you set wins.
+MLFLOW_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # MLflow 3 refuses the file store (RUN_DIR/mlruns, file:// or a folder) without it.
+    "MLFLOW_ALLOW_FILE_STORE": "true",
+}
+PROBE_SECONDS = 3.0  # to open a connection to a tracking server before its first run
+
+
+class TrackerUnreachable(FewbenchError):
+    """The tracker's server did not answer: the logger is off for the rest of the run."""
+
+
+@contextlib.contextmanager
+def environ_defaults(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` where not set, for the block only: MLflow reads its
+    settings from the environment at each call, and the user's environment stays theirs."""
+    added = {name: value for name, value in values.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def unanswered(exc: BaseException | None) -> bool:
+    """Whether ``exc`` comes from a connection that failed (refused, timed out, retries spent),
+    however MLflow wrapped it, rather than from a server that answered."""
+    from requests.exceptions import ConnectionError, RetryError, Timeout
+
+    while exc is not None:
+        if isinstance(exc, (ConnectionError, RetryError, Timeout)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def probe(uri: str) -> None:
+    """Open (and close) a TCP connection to an ``http(s)`` tracking server, for
+    :data:`PROBE_SECONDS` at most: a server that is down costs that, not MLflow's retries.
+    Nothing to do for a store on disk or in a database, nor through a proxy (which MLflow's
+    requests would use, so a direct connection proves nothing)."""
+    import requests
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    if requests.utils.get_environ_proxies(uri):
+        return
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=PROBE_SECONDS).close()
+    except OSError as exc:  # refused, timed out, no such host, no route
+        raise requests.ConnectionError(
+            f"cannot connect to {address[0]}:{address[1]}: {exc}"
+        ) from exc
+
+
 class MlflowLogger(Logger):
     """An MLflow run per cell (per attempt of a resumed cell), tagged with the cell's id and
     label, its configuration as flat parameters.
@@ -183,15 +258,24 @@ class MlflowLogger(Logger):
     workers, on any number of nodes sharing the run directory, write side by side with no
     server and no database (SQLite's locks are unsafe on a network file system). MLflow 3
     keeps the file store in maintenance mode and refuses it unless
-    ``MLFLOW_ALLOW_FILE_STORE`` is set: the worker sets it for that default store (unless you
-    set it). ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, sends the runs elsewhere (a
-    server, ``sqlite:///...``)."""
+    ``MLFLOW_ALLOW_FILE_STORE`` is set: fewbench sets it around its own calls (unless you set
+    it), for any file store. ``tracking_uri`` (``file:///...``, a folder, in the run directory
+    unless absolute, a server, ``sqlite:///...``), else ``MLFLOW_TRACKING_URI``, sends the
+    runs elsewhere.
+
+    A server that does not answer costs a few seconds and one warning, then nothing: the
+    first cell probes it (:func:`probe`), MLflow's retries are bounded
+    (:data:`MLFLOW_DEFAULTS`), and the worker gives up on it for the rest of the run
+    (:data:`UNREACHABLE`)."""
 
     name = "mlflow"
     description = "MLflow: one run per cell, in RUN_DIR/mlruns unless told otherwise"
     params = {
         "tracking_uri": Param(
-            "", type=str, help="default: MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns"
+            "",
+            type=str,
+            help="a server, file:///..., a folder (in the run directory unless absolute), "
+            "sqlite:///... (default: MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns)",
         ),
         "experiment": Param(
             "", type=str, help="the experiment (default: the run directory's last two folders)"
@@ -209,33 +293,61 @@ class MlflowLogger(Logger):
             raise missing("mlflow", "mlflow") from None
         return MlflowClient
 
+    def _uri(self, run_dir: Path) -> str:
+        """``tracking_uri`` (a folder as a ``file://`` URI: the same for every worker, whatever
+        its working directory), else ``MLFLOW_TRACKING_URI``, else ``RUN_DIR/mlruns``."""
+        uri = self.config["tracking_uri"]
+        if uri and not urlsplit(uri).scheme:
+            return (run_dir / uri).resolve().as_uri()
+        return (
+            uri or os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        )
+
+    @contextlib.contextmanager
+    def _tracking(self) -> Iterator[None]:
+        """Calls to MLflow, under :data:`MLFLOW_DEFAULTS`. A server that did not answer is
+        given up on for the rest of the run: this cell's warning says so, later cells skip it."""
+        with environ_defaults(MLFLOW_DEFAULTS):
+            try:
+                yield
+            except Exception as exc:
+                if not unanswered(exc):
+                    raise
+                UNREACHABLE.add(self.key)
+                raise TrackerUnreachable(
+                    f"{self.key[1]} did not answer ({type(exc).__name__}: {exc}); "
+                    "not tried again in this run"
+                ) from exc
+
+    def _off(self) -> bool:
+        return getattr(self, "run_id", None) is None or self.key in UNREACHABLE
+
     def start(self, cell: LoggedCell) -> None:
         client_class = self._client_class()
         self.cell = cell
-        uri = self.config["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            folder = (cell.run_dir / "mlruns").resolve()
-            folder.mkdir(parents=True, exist_ok=True)
-            uri = folder.as_uri()
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = client_class(tracking_uri=uri)
         run_dir = cell.run_dir.resolve()
-        name = self.config["experiment"] or f"{run_dir.parent.name}/{run_dir.name}"
-        run = self.client.create_run(
-            self._experiment(name),
-            run_name=cell.label,
-            tags={
-                "fewbench.cell_id": cell.id,
-                "fewbench.label": cell.label,
-                "fewbench.run_dir": str(run_dir),
-                "fewbench.metric": cell.metric,
-            },
-        )
-        self.run_id = run.info.run_id
+        self.key = (str(run_dir), self._uri(run_dir))
+        if self.key in UNREACHABLE:
+            return  # given up on earlier in this run (and said so then)
         from mlflow.entities import Param as MlflowParam
 
-        params = flat(cell.config)
-        self.client.log_batch(self.run_id, params=[MlflowParam(k, v) for k, v in params.items()])
+        with self._tracking():
+            probe(self.key[1])
+            self.client = client_class(tracking_uri=self.key[1])
+            name = self.config["experiment"] or f"{run_dir.parent.name}/{run_dir.name}"
+            run = self.client.create_run(
+                self._experiment(name),
+                run_name=cell.label,
+                tags={
+                    "fewbench.cell_id": cell.id,
+                    "fewbench.label": cell.label,
+                    "fewbench.run_dir": str(run_dir),
+                    "fewbench.metric": cell.metric,
+                },
+            )
+            self.run_id = run.info.run_id
+            params = [MlflowParam(k, v) for k, v in flat(cell.config).items()]
+            self.client.log_batch(self.run_id, params=params)
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -250,14 +362,13 @@ class MlflowLogger(Logger):
             return found.experiment_id
 
     def _log(self, values: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(key, value, now, step) for key, value in values.items()]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        if metrics and not self._off():
+            with self._tracking():
+                self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_point(self, iteration: int, loss: float | None, val: float | None) -> None:
         self._log(self.cell.point(loss, val), iteration)
@@ -266,9 +377,10 @@ class MlflowLogger(Logger):
         self._log(metrics.scalars(), metrics.iterations)
 
     def close(self, outcome: str) -> None:
-        if getattr(self, "run_id", None) is not None:
+        if not self._off():
             status = {"done": "FINISHED", "failed": "FAILED"}.get(outcome, "KILLED")
-            self.client.set_terminated(self.run_id, status=status)
+            with self._tracking():
+                self.client.set_terminated(self.run_id, status=status)
 
 
 @hookimpl
