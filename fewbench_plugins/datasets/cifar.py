@@ -12,7 +12,8 @@ CIFAR-100's train and test images of a class together).
 The archive (``cifar-100-python.tar.gz``, published MD5
 eb9058c3a382ffc7106e4002c42a8d85) is downloaded and unpacked by ``fewbench data
 download fc100`` into ``<root>/cifar100/``; the pickled arrays are read once into
-a uint8 ``.npy`` cache, memory-mapped at run time, and images are normalised with
+a uint8 ``.npy`` cache (keyed by the pickles: folder, sizes, times and first bytes),
+memory-mapped at run time, and images are normalised with
 the training classes' per-channel statistics.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from fewbench.plugin import (
     save_array_cache,
 )
 from fewbench_plugins.datasets.imaging import channel_statistics
+from fewbench_plugins.datasets.safe_pickle import load_numpy_pickle
 
 ARCHIVE = Resource(
     "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -45,6 +48,8 @@ ARCHIVE = Resource(
     "eb9058c3a382ffc7106e4002c42a8d85",
 )
 IMAGES_PER_CLASS = 600  # 500 train + 100 test images of each fine class
+CLASSES = 100
+PICKLES = ("train", "test", "meta")  # the files under cifar-100-python/
 # FC100's superclass split (indices into CIFAR-100's coarse labels, alphabetical order).
 CIFAR_FS_VAL = (
     "beaver", "otter", "flatfish", "shark", "lamp", "television", "beetle", "butterfly", "sea",
@@ -63,8 +68,48 @@ FC100_SUPERCLASSES = {
 
 
 def _read(path: Path) -> dict:
+    """One of the archive's pickles, read without running what it names (a received file:
+    ``pickle.load`` would call any global a crafted one names); one DataError line if not."""
+    data = load_numpy_pickle(path, "a CIFAR-100 pickle")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a CIFAR-100 pickle (holds a {type(data).__name__})")
+    return data
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Builds only plain values (the ``meta`` file holds two lists of strings): a pickle
+    naming any callable is refused, so verifying a received folder cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refused the global {module}.{name}")
+
+
+def _pickle_problem(path: Path) -> str | None:
+    """Whether ``path`` looks like a whole pickle of a dict, from its first and last bytes
+    only: such a pickle starts with PROTO (0x80, protocol 2 and later), MARK (``(``) or
+    EMPTY_DICT (``}``) and ends with STOP (``.``), so an empty, truncated or foreign file
+    is caught without reading 150 MB of pixels."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        first = f.read(1)
+        f.seek(max(size - 1, 0))
+        last = f.read(1)
+    if first not in (b"\x80", b"(", b"}") or last != b".":
+        return f"{path} is not a whole pickle ({size:,} bytes; empty, truncated or another file)"
+    return None
+
+
+def _meta_problem(path: Path) -> str | None:
+    """The small ``meta`` pickle must name the 100 fine classes (read without globals)."""
+    try:
+        with open(path, "rb") as f:
+            meta = _NoGlobals(f, encoding="latin1").load()
+    except Exception as exc:
+        return f"{path} is not CIFAR-100's meta pickle ({type(exc).__name__}: {exc})"[:300]
+    names = meta.get("fine_label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != CLASSES:
+        return f"{path} does not name {CLASSES} fine classes"
+    return None
 
 
 class CifarFewShot(Dataset):
@@ -83,9 +128,19 @@ class CifarFewShot(Dataset):
 
     @classmethod
     def verify(cls, folder: Path) -> list[str]:
+        """The three pickles exist and each is whole (first and last byte), and ``meta``
+        names 100 classes. ``train`` and ``test`` (150 and 30 MB) are not unpickled here:
+        ``data list`` verifies every dataset each time, and the cache build reads them
+        anyway, where one that does not unpickle is one DataError line (and a changed one
+        rebuilds the cache, which is keyed by the files)."""
         base = folder / "cifar-100-python"
-        missing = [n for n in ("train", "test", "meta") if not (base / n).is_file()]
-        return [f"{base / missing[0]} does not exist"] if missing else []
+        missing = [n for n in PICKLES if not (base / n).is_file()]
+        if missing:
+            return [f"{base / missing[0]} does not exist"]
+        problems = [p for n in PICKLES if (p := _pickle_problem(base / n))]
+        if not problems and (meta := _meta_problem(base / "meta")):
+            problems.append(meta)
+        return problems
 
     def split_classes(self, meta: dict | None) -> dict[str, list[int]]:
         """Fine class indices per split; with ``meta`` None, only their counts matter."""
@@ -108,9 +163,10 @@ class CifarFewShot(Dataset):
         """uint8 [100, 600, 3, 32, 32] (fine classes in label order), and each class's
         superclass (``coarse``) and name (``names``)."""
         path = Path(cache_dir) / "cifar100" / "all-classes.npy"
-        stat = (base / "train").stat()
-        key = f"{stat.st_size}-{stat.st_mtime_ns}"
-        cached = load_array_cache(path, {"key": key})
+        # Keyed by the three pickles (folder, sizes, times, first bytes): another data
+        # root or a changed file rebuilds, instead of serving classes cached from others.
+        sources = (base, [base / n for n in PICKLES])
+        cached = load_array_cache(path, {}, sources=sources)
         if cached is not None:
             return cached
         parts = [_read(base / "train"), _read(base / "test")]
@@ -128,8 +184,8 @@ class CifarFewShot(Dataset):
         array = data[order].reshape(100, counts[0], 3, 32, 32)
         coarse_of_fine = [int(coarse[fine == c][0]) for c in range(100)]
         names = list(_read(base / "meta")["fine_label_names"])
-        save_array_cache(path, array, {"key": key, "coarse": coarse_of_fine, "names": names})
-        return load_array_cache(path, {"key": key})
+        save_array_cache(path, array, {"coarse": coarse_of_fine, "names": names}, sources=sources)
+        return load_array_cache(path, {})
 
     def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
         array, meta = self._all_classes(self._base(root), cache_dir)

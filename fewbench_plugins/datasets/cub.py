@@ -8,7 +8,8 @@ the class folders by name and take every even-numbered class for training, class
 
 Images are resized for the backbone as in Chen et al.'s evaluation transform
 (shorter side to 1.15 x ``image_size``, then a centred ``image_size`` square),
-decoded once into a memory-mapped uint8 cache, and normalised with the training
+decoded once into a memory-mapped uint8 cache (keyed by the image files: folder, names,
+sizes, times and sampled bytes), and normalised with the training
 classes' per-channel statistics. Classes keep all their images: the pool is
 padded to the largest class and only real images are ever drawn.
 """
@@ -33,7 +34,7 @@ from fewbench.plugin import (
     load_array_cache,
     save_array_cache,
 )
-from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb
+from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb, unreadable_image
 
 ARCHIVE = Resource(
     "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
@@ -66,16 +67,19 @@ class CUB(Dataset):
 
     @classmethod
     def verify(cls, folder: Path) -> list[str]:
+        """Counts classes and images, and decodes 16 evenly spaced images: counting alone
+        called a tree of empty files complete."""
         images = folder / "CUB_200_2011" / "images"
         if not images.is_dir():
             return [f"{images} does not exist"]
         classes = [c for c in images.iterdir() if c.is_dir()]
-        count = sum(len(list(c.glob("*.jpg"))) for c in classes)
-        if (len(classes), count) != (CLASSES, IMAGES):
+        files = sorted(str(p) for c in classes for p in c.glob("*.jpg"))
+        if (len(classes), len(files)) != (CLASSES, IMAGES):
             return [
-                f"{images} holds {len(classes)} classes and {count} images, expected {CLASSES} and {IMAGES}"
+                f"{images} holds {len(classes)} classes and {len(files)} images, expected {CLASSES} and {IMAGES}"
             ]
-        return []
+        unreadable = unreadable_image(files)
+        return [unreadable] if unreadable else []
 
     def _classes(self, root: Path) -> dict[str, list[Path]]:
         images = Path(root) / self.folder_name() / "CUB_200_2011" / "images"
@@ -95,31 +99,41 @@ class CUB(Dataset):
             for split, folders in self._classes(root).items()
         }
 
-    def _split_array(self, split: str, folders: list[Path], cache_dir: Path):
+    def _split_array(
+        self, base: Path, split: str, folders: list[Path], cache_dir: Path
+    ) -> tuple[np.ndarray, dict]:
+        """One split as uint8 ``[classes, largest class, 3, size, size]``, decoded once.
+
+        The cache is keyed by the split's image files under ``base`` (the data folder):
+        their names, sizes, times and sampled bytes, so another data root or changed
+        files are decoded afresh instead of served images cached from other files."""
         size = self.config["image_size"]
         files = [sorted(str(p) for p in f.glob("*.jpg")) for f in folders]
         counts = [len(f) for f in files]
+        flat = [p for f in files for p in f]
         path = Path(cache_dir) / "cub" / f"{split}-{size}.npy"
-        key = f"{len(folders)}-{sum(counts)}-{folders[0].name if folders else ''}"
-        cached = load_array_cache(path, {"key": key})
+        sources = (base, flat)
+        cached = load_array_cache(path, {"counts": counts}, sources=sources)
         if cached is not None:
             return cached
-        flat = [p for f in files for p in f]
         every = decode_rgb(flat, size, crop_ratio=1.15)  # Chen et al.'s test transform
         array = np.zeros((len(folders), max(counts), 3, size, size), dtype=np.uint8)
         start = 0
         for c, n in enumerate(counts):
             array[c, :n] = every[start : start + n]
             start += n
-        meta = {"key": key, "counts": counts}
+        meta = {"counts": counts}
         if split == "train":
             real = np.concatenate([array[c, :n] for c, n in enumerate(counts)])[None]
             meta["mean"], meta["std"] = channel_statistics(real)
-        save_array_cache(path, array, meta)
-        return load_array_cache(path, {"key": key})
+        save_array_cache(path, array, meta, sources=sources)
+        return load_array_cache(path, {"counts": counts})
 
     def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
-        arrays = {s: self._split_array(s, f, cache_dir) for s, f in self._classes(root).items()}
+        base = Path(root) / self.folder_name()
+        arrays = {
+            s: self._split_array(base, s, f, cache_dir) for s, f in self._classes(root).items()
+        }
         mean = std = None
         if self.config["normalize"]:
             meta = arrays["train"][1]

@@ -8,7 +8,8 @@ Under the data root, ``miniimagenet/`` holds one of:
   (uint8 ``[N, 84, 84, 3]``) and ``class_dict`` (label -> image indices).
 
 There is no download: the images derive from ImageNet, whose terms forbid
-redistribution. Each split is decoded once into a uint8 ``.npy`` cache that is
+redistribution. Each split is decoded once into a uint8 ``.npy`` cache (keyed by the
+split's files: folder, names, sizes, times and sampled bytes) that is
 memory-mapped at run time (episodes read only the images they draw, and a second
 run starts in seconds). The pickles are received files: they are read with an
 unpickler that builds only dicts, lists and numpy arrays (a pickle naming any
@@ -21,11 +22,8 @@ with the per-channel mean and standard deviation of the training classes.
 from __future__ import annotations
 
 import csv
-import hashlib
-import pickle
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +41,8 @@ from fewbench.plugin import (
     load_array_cache,
     save_array_cache,
 )
-from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb
+from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb, unreadable_image
+from fewbench_plugins.datasets.safe_pickle import load_numpy_pickle
 
 STANDARD = {"train": 64, "val": 16, "test": 20}  # classes; 600 images each
 IMAGES_PER_CLASS = 600
@@ -59,83 +58,9 @@ def _pickle_path(folder: Path, split: str) -> Path:
     return folder / f"mini-imagenet-cache-{split}.pkl"
 
 
-# -- reading the pickles without running what they name -------------------------------------
-try:  # numpy 2
-    from numpy._core.multiarray import _reconstruct, scalar
-    from numpy._core.numeric import _frombuffer
-except ImportError:  # numpy 1
-    from numpy.core.multiarray import _reconstruct, scalar
-    from numpy.core.numeric import _frombuffer
-
-
-class _Global:
-    """A callable a pickle may use, which the pickle cannot modify (no ``__dict__``; the
-    BUILD opcode, which would set attributes on it, is refused)."""
-
-    __slots__ = ("_function",)
-
-    def __init__(self, function: Callable[..., Any]):
-        self._function = function
-
-    def __call__(self, *args: Any) -> Any:
-        return self._function(*args)
-
-    def __setstate__(self, state: Any) -> None:
-        raise pickle.UnpicklingError("a pickle tried to modify an allowed numpy function")
-
-
-def _latin1(text: str, encoding: str) -> bytes:
-    """``_codecs.encode`` as protocol-2 pickles of bytes use it, for latin-1 only."""
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin-1")
-
-
-# Exactly the globals numpy's own pickling names (protocols 2 to 5, numpy 1 and 2).
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _Global(_latin1),
-    **{
-        (f"numpy.{core}.{module}", name): _Global(function)
-        for core in ("core", "_core")
-        for module, name, function in (
-            ("multiarray", "_reconstruct", _reconstruct),
-            ("multiarray", "scalar", scalar),
-            ("numeric", "_frombuffer", _frombuffer),
-        )
-    },
-}
-
-
-class _CacheUnpickler(pickle.Unpickler):
-    """Builds only what the official files hold: dicts, lists, ints, strings, numpy arrays."""
-
-    def __init__(self, file: BinaryIO, path: Path):
-        super().__init__(file, encoding="latin1")  # latin1: pickles written by Python 2
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise DataError(
-                f"{self.path}: refused to load the global {module}.{name} (a mini-ImageNet "
-                f"pickle holds only numpy arrays, lists and dicts; this one could run code)"
-            ) from None
-
-
 def read_cache(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
     """The images and classes of one ``mini-imagenet-cache-*.pkl``, read safely and checked."""
-    try:
-        with open(path, "rb") as f:
-            data = _CacheUnpickler(f, path).load()
-    except DataError:
-        raise
-    except Exception as exc:  # anything else a malformed pickle raises; nothing can run
-        reason = f"{type(exc).__name__}: {exc}"[:200]
-        raise DataError(f"{path}: not a mini-ImageNet pickle ({reason})") from None
-    return _check_cache(path, data)
+    return _check_cache(path, load_numpy_pickle(path, "a mini-ImageNet pickle"))
 
 
 def _check_cache(path: Path, data: Any) -> tuple[np.ndarray, dict[str, list[int]]]:
@@ -228,6 +153,9 @@ class MiniImageNet(Dataset):
 
     @classmethod
     def verify(cls, folder: Path) -> list[str]:
+        """The image folder: each split CSV's class count, every listed file present, and
+        16 evenly spaced listed images decoded (counting files called a folder of empty
+        files complete). The pickles: see :meth:`_verify_pickles`."""
         try:
             form = cls._form(folder)
         except DataError as exc:
@@ -235,6 +163,7 @@ class MiniImageNet(Dataset):
         if form == "pickle":
             return cls._verify_pickles(folder)
         problems = []
+        listed: list[str] = []
         for split, expected in STANDARD.items():
             classes = read_split(_csv_path(folder, split))
             if len(classes) != expected:
@@ -252,11 +181,18 @@ class MiniImageNet(Dataset):
                 problems.append(
                     f"{folder / 'images' / missing} is listed in {split}.csv but missing"
                 )
+            listed += [str(folder / "images" / n) for names in classes.values() for n in names]
+        if not problems and (unreadable := unreadable_image(sorted(listed))):
+            problems.append(unreadable)
         return problems
 
     @staticmethod
     def _verify_pickles(folder: Path) -> list[str]:
-        """Read every pickle (safely: it is received data) and count its classes."""
+        """Read every pickle (safely: it is received data) and count its classes.
+
+        That already checks what decoding a sample checks for an image folder: the
+        images are a uint8 array of the right shape, every one in a class (an empty or
+        truncated pickle does not unpickle); no second reading is added."""
         problems = []
         for split, expected in STANDARD.items():
             try:
@@ -282,12 +218,22 @@ class MiniImageNet(Dataset):
         return sizes
 
     # -- decoding into the memory-mapped cache --------------------------------------------------
-    def _source_key(self, folder: Path, form: str, split: str) -> str:
-        source = _pickle_path(folder, split) if form == "pickle" else _csv_path(folder, split)
-        stat = source.stat()
-        return hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[
-            :16
-        ]
+    def _image_paths(self, folder: Path, split: str) -> tuple[list[str], int, list[str]]:
+        """The image folder's split: labels (sorted), images per class (the smallest
+        class's count) and the paths decoded, class by class in file-name order (the
+        pickles keep the same order)."""
+        classes = read_split(_csv_path(folder, split))
+        labels = sorted(classes)
+        per_class = min(len(classes[c]) for c in labels)
+        paths = [str(folder / "images" / n) for c in labels for n in sorted(classes[c])[:per_class]]
+        return labels, per_class, paths
+
+    def _sources(self, folder: Path, form: str, split: str) -> tuple[Path, list[Path | str]]:
+        """The files a split's cache is decoded from, for its key: the pickle, or the split
+        CSV and every image it decodes (so a replaced image rebuilds the cache too)."""
+        if form == "pickle":
+            return folder, [_pickle_path(folder, split)]
+        return folder, [_csv_path(folder, split), *self._image_paths(folder, split)[2]]
 
     def _decode_split(self, folder: Path, form: str, split: str) -> np.ndarray:
         size = self.config["image_size"]
@@ -300,28 +246,27 @@ class MiniImageNet(Dataset):
             if picked.shape[-1] != size:
                 picked = np.stack([_resize(x, size) for x in picked])
             return picked.reshape(len(labels), per_class, 3, size, size)
-        classes = read_split(_csv_path(folder, split))
-        labels = sorted(classes)
-        per_class = min(len(classes[c]) for c in labels)
-        # Within a class, images in file-name order (the pickles keep the same order).
-        paths = [str(folder / "images" / n) for c in labels for n in sorted(classes[c])[:per_class]]
+        labels, per_class, paths = self._image_paths(folder, split)
         out = decode_rgb(paths, size)
         return out.reshape(len(labels), per_class, 3, size, size)
 
     def _split_array(
         self, folder: Path, cache_dir: Path, form: str, split: str
     ) -> tuple[np.ndarray, dict]:
+        """One split as uint8 ``[classes, images, 3, size, size]``, decoded once; the cache
+        is keyed by the split's files (:meth:`_sources`: folder, names, sizes, times and
+        sampled bytes), so another data root or changed files are decoded afresh."""
         path = Path(cache_dir) / "miniimagenet" / f"{split}-{form}-{self.config['image_size']}.npy"
-        key = self._source_key(folder, form, split)
-        cached = load_array_cache(path, {"key": key})
+        sources = self._sources(folder, form, split)
+        cached = load_array_cache(path, {}, sources=sources)
         if cached is not None:
             return cached
         array = self._decode_split(folder, form, split)
-        meta = {"key": key}
+        meta: dict[str, Any] = {}
         if split == "train":  # per-channel statistics of the training classes, on [0, 1]
             meta["mean"], meta["std"] = channel_statistics(array)
-        save_array_cache(path, array, meta)
-        return load_array_cache(path, {"key": key})
+        save_array_cache(path, array, meta, sources=sources)
+        return load_array_cache(path, {})
 
     def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
         folder = self._folder(root)
