@@ -291,3 +291,18 @@ def test_omniglot_imports_from_the_shared_folder_and_is_listed(data_root, tmp_pa
     assert again.returncode == 2 and "already exists" in again.stderr
     empty = run_cli("data", "list", "--data-root", str(tmp_path / "empty")).stdout
     assert "omniglot       missing" in empty and "fewbench data download omniglot" in empty
+
+
+def test_an_endless_response_with_no_size_anywhere_stops_at_the_plausible_bound(
+    server, tmp_path, monkeypatch
+):
+    """No declared size and no Content-Length: the stream was written without end."""
+    import fewbench.data.download as download
+
+    monkeypatch.setattr(download, "PLAUSIBLE_SIZE", 4096)
+    server.routes["/toy.zip"] = ("endless", b"")
+    dataset = toy_dataset(server, size=None)
+    with pytest.raises(DownloadError, match="sent more than a plausible 4,096 bytes") as error:
+        datastore.download(dataset, tmp_path, progress=False)
+    assert "\n" not in str(error.value) and leftovers(tmp_path) == []
+    assert server.sent < ENDLESS

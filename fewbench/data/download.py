@@ -7,12 +7,17 @@ must be the published one. A download cut short is resumed with an HTTP Range
 request; a server that ignores ranges is read again from the start. A server that
 sends more than the declared size is cut off and its ``.part`` deleted, so an
 endless response cannot fill the disk.
+
+A file's size is checked before it is hashed: one that is not its declared size, or,
+when none is declared, one larger than :data:`PLAUSIBLE_SIZE`, is refused unhashed (a
+sparse file of 20 GB costs nothing to make and minutes to hash).
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import stat
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +27,7 @@ from pathlib import Path
 from fewbench.errors import DataError
 
 CHUNK = 1 << 16
+PLAUSIBLE_SIZE = 16 << 30  # bytes: the largest file believed without a declared size (16 GiB)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class Resource:
     ``.tar``, ``.tar.gz``, ``.tgz``) is unpacked there, any other file is copied there.
     ``unpacked_size`` bounds what an archive may unpack to (bytes); without it the
     bound is a multiple of the archive's size (see :mod:`fewbench.data.root`).
+    ``size`` is the file's size in bytes; a file larger than :data:`PLAUSIBLE_SIZE`
+    must declare it, or it is refused before it is hashed.
     """
 
     url: str
@@ -50,17 +58,44 @@ class DownloadError(DataError):
     """A file could not be fetched or failed a check; nothing was kept."""
 
 
-def md5_of(path: Path) -> str:
+def size_bound(resource: Resource) -> int:
+    """The most bytes ``resource``'s file may hold: its declared size, else a plausible one."""
+    return resource.size if resource.size is not None else PLAUSIBLE_SIZE
+
+
+def md5_of(path: Path, limit: int | None = None) -> str:
+    """The MD5 of ``path``; with ``limit``, reading stops (refused) past that many bytes, so
+    a file that grows while it is hashed is not read without end."""
     digest = hashlib.md5(usedforsecurity=False)
+    read = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
+            read += len(block)
+            if limit is not None and read > limit:
+                raise DownloadError(f"{path.name}: grew past {limit:,} bytes while it was hashed")
             digest.update(block)
     return digest.hexdigest()
 
 
+def _check_size_first(path: Path, resource: Resource) -> int:
+    """``path``'s size, refusing a file that is not a regular file (a FIFO would block the
+    read) or, with no declared size, one too large to be plausible: both before any read."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise DownloadError(f"{resource.filename}: {path} is not a regular file")
+    if resource.size is None and info.st_size > PLAUSIBLE_SIZE:
+        raise DownloadError(
+            f"{resource.filename}: {info.st_size:,} bytes, more than the {PLAUSIBLE_SIZE:,} "
+            f"believed without a declared size; refused before hashing it (not the published "
+            f"file, or its plugin must declare Resource.size)"
+        )
+    return info.st_size
+
+
 def check_file(path: Path, resource: Resource) -> None:
-    """Raise :class:`DownloadError` unless ``path`` is ``resource`` (size, HTML, MD5)."""
-    size = path.stat().st_size
+    """Raise :class:`DownloadError` unless ``path`` is ``resource`` (size, HTML, MD5); the
+    size is checked before anything is read, so a huge (or sparse) file is never hashed."""
+    size = _check_size_first(path, resource)
     with open(path, "rb") as f:
         head = f.read(512).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
@@ -73,7 +108,7 @@ def check_file(path: Path, resource: Resource) -> None:
             f"{resource.filename}: wrong size, {size:,} bytes instead of {resource.size:,} "
             f"(truncated or not the published file)"
         )
-    actual = md5_of(path)
+    actual = md5_of(path, size_bound(resource))
     if actual != resource.md5:
         raise DownloadError(
             f"{resource.filename}: MD5 {actual} does not match the published {resource.md5} "
@@ -128,7 +163,8 @@ def _download(resource: Resource, part: Path, have: int, *, progress: bool, time
             length = getattr(response, "length", None)  # None when absent or malformed
             total = have + length if length is not None else None
             known = [n for n in (resource.size, total) if n is not None]
-            _receive(response, part, have, min(known) if known else None, resource, progress)
+            limit = min(known) if known else size_bound(resource)  # never without end
+            _receive(response, part, have, limit, resource, progress, total is not None)
             if total is not None and part.stat().st_size < total:
                 raise DownloadError(
                     f"{resource.filename}: the connection closed after {part.stat().st_size:,} of "
@@ -154,6 +190,7 @@ def _receive(
     limit: int | None,
     resource: Resource,
     progress: bool,
+    total_known: bool = True,
 ) -> None:
     """Append the body to ``part``, never past ``limit`` bytes in all: a server that sends
     more than it declared (an endless stream) is cut off and its ``.part`` deleted, since
@@ -176,7 +213,8 @@ def _receive(
             bar.update(len(block))
     if limit is not None and written > limit:
         part.unlink(missing_ok=True)
+        declared = "the declared" if resource.size is not None or total_known else "a plausible"
         raise DownloadError(
-            f"{resource.filename}: {resource.url} sent more than the declared {limit:,} bytes "
+            f"{resource.filename}: {resource.url} sent more than {declared} {limit:,} bytes "
             f"(not the published file); nothing was kept"
         )

@@ -14,6 +14,21 @@ without symbolic links or paths outside its folder, and any failure is one
 is named after the process that made it (``.incoming-<name>-<pid>@<host>-*``), so
 one left by a killed import is recognised and removed by the next import or
 download, and ``fewbench data list`` shows any that are there.
+
+A folder given to ``data import`` is received data too. It is walked (never with
+:func:`shutil.copytree`, which follows every link) and checked before the dataset's
+``verify`` reads anything in it, then walked and checked again as it is copied:
+
+- a symbolic link to a regular file inside the folder is copied as that file; a link
+  that resolves outside the folder, to a folder (even inside it: following one could
+  loop, ``loop -> .``), to nothing, or to a special file is refused, naming the link
+  and its target;
+- a named pipe, socket or device is refused, and never opened (opening a pipe waits);
+- the copy is bounded: at most :data:`IMPORT_MAX_FILES` files and folders, and
+  :func:`import_limit` bytes, never more than the data root has free.
+
+Any refusal is one :class:`DataError` line; the temporary folder is removed and
+nothing already installed is touched.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +57,8 @@ if TYPE_CHECKING:  # annotations only: `data list` reads statuses without torch
 UNPACK_RATIO = 50  # bound on unpacked bytes per archive byte, unless a Resource declares it
 UNPACK_SLACK = 64 << 20  # plus this, so that small archives of very compressible data pass
 CHUNK = 1 << 20
+IMPORT_MAX_FILES = 10_000_000  # files and folders in a folder given to `data import`
+IMPORT_MAX_BYTES = 1 << 40  # 1 TiB: its bytes, when the dataset's resources declare no sizes
 
 
 @dataclass(frozen=True)
@@ -342,24 +359,235 @@ def import_path(dataset: type[Dataset], root: Path, source: Path) -> Path:
     by_name = {r.filename: r for r in dataset.resources}
     if source.is_file() or (by_name and all((source / n).is_file() for n in by_name)):
         return _import_files(dataset, root, source, by_name)
+    if not source.is_dir():
+        raise DataError(f"{source} is neither a regular file nor a folder")
+    _refuse_root_inside(source, root)
+    limit = _byte_limit(dataset, root)
+    _survey(source, limit)  # links and special files, before the dataset's verify reads them
     problems = dataset.verify(source)
     if problems:
         raise DataError(
             f"{source} is not a complete {dataset.name} folder: {problems[0]}"
             + (f"; {dataset.how_to_get}" if dataset.how_to_get else "")
         )
-    return _build(dataset, root, lambda staging: _copy_folder(source, staging))
+    return _build(dataset, root, lambda staging: _copy_folder(source, staging, limit))
 
 
-def _copy_folder(source: Path, staging: Path) -> None:
-    """Copy an unpacked folder; a file that cannot be read is one line, not a traceback."""
+# -- importing a folder: a walk that follows no folder link and opens no special file ---------
+def _refuse_root_inside(source: Path, root: Path) -> None:
+    """A data root inside the folder would be copied into itself (the temporary folder too)."""
+    top, place = Path(os.path.realpath(source)), Path(os.path.realpath(root))
+    if place == top or top in place.parents:
+        raise DataError(f"{source} holds the data root {root}; give the dataset's own folder")
+
+
+def import_limit(dataset: type[Dataset]) -> int:
+    """The most bytes a folder imported for ``dataset`` may hold: when every resource
+    declares a size, what they unpack to (declared, or the archive ratio) plus the slack,
+    as for an archive; otherwise :data:`IMPORT_MAX_BYTES`."""
+    sizes = [_unpacked_bound(r) for r in dataset.resources]
+    if not sizes or None in sizes:
+        return IMPORT_MAX_BYTES
+    return sum(s for s in sizes if s is not None) + UNPACK_SLACK
+
+
+def _unpacked_bound(resource: Resource) -> int | None:
+    """What ``resource`` puts in the dataset's folder at most, when its plugin says."""
+    if resource.unpacked_size is not None:
+        return resource.unpacked_size
+    if resource.size is None:
+        return None
+    return UNPACK_RATIO * resource.size if resource.is_archive else resource.size
+
+
+def _free_bytes(root: Path) -> int | None:
+    """Free bytes where ``root`` is (or will be made); None when that cannot be read."""
+    place = Path(root).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
     try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-    except shutil.Error as exc:
-        first = exc.args[0][0] if exc.args and exc.args[0] else ("?", "?", str(exc))
-        raise DataError(f"{source}: cannot copy {first[0]} ({first[2]})") from None
+        return shutil.disk_usage(place).free
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """The bytes a folder import may copy, and where that bound comes from (for the error)."""
+
+    bytes: int
+    why: str
+
+
+def _byte_limit(dataset: type[Dataset], root: Path) -> _Limit:
+    """:func:`import_limit`, or the data root's free space when that is less: a copy that
+    cannot fit is refused before it starts, not when the disk is full."""
+    declared = import_limit(dataset)
+    why = "fewbench's bound" if declared == IMPORT_MAX_BYTES else f"what {dataset.name} declares"
+    free = _free_bytes(root)
+    if free is not None and free < declared:
+        return _Limit(free, f"the free space under {root}")
+    return _Limit(declared, why)
+
+
+class _Tally:
+    """Entries and bytes seen in a walk, refused past the bounds with one line."""
+
+    def __init__(self, source: Path, limit: _Limit) -> None:
+        self.source, self.limit = source, limit
+        self.entries = self.bytes = 0
+
+    def entry(self, relative: str) -> None:
+        self.entries += 1
+        if self.entries > IMPORT_MAX_FILES:
+            raise DataError(
+                f"{self.source}: more than {IMPORT_MAX_FILES:,} files and folders (reached at "
+                f"{relative!r}); refused, nothing was kept"
+            )
+
+    def add(self, size: int, relative: str) -> None:
+        self.bytes += size
+        if self.bytes > self.limit.bytes:
+            raise DataError(
+                f"{self.source}: more than {self.limit.bytes:,} bytes ({self.limit.why}; reached "
+                f"at {relative!r}); refused, nothing was kept"
+            )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One thing to copy: a folder, or a file and the path to read it from (for a link to a
+    file inside the folder, the file it resolves to). Strings, not Paths: a dataset can
+    hold millions of files, and each is walked twice."""
+
+    relative: str  # "/"-separated, inside the folder
+    path: str
+    is_folder: bool
+    size: int
+
+
+def _walk(source: Path) -> Iterator[_Entry]:
+    """Every folder and file under ``source`` (itself followed if a link: the user named it),
+    folders before what they hold; a folder link is never followed, so the walk ends."""
+    top = os.path.realpath(source)
+    pending = [(top, "")]
+    while pending:
+        folder, prefix = pending.pop()
+        for item in _listing(source, folder):
+            entry = _entry(source, top, prefix + item.name, item)
+            if entry.is_folder:
+                pending.append((entry.path, entry.relative + "/"))
+            yield entry
+
+
+def _listing(source: Path, folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as items:
+            return sorted(items, key=lambda item: item.name)
     except OSError as exc:
-        raise DataError(f"{source}: cannot copy ({exc})") from None
+        raise DataError(f"{source}: cannot read {folder} ({_reason(exc)})") from None
+
+
+def _entry(source: Path, top: str, relative: str, item: os.DirEntry) -> _Entry:
+    """``item`` as an entry to copy, or a :class:`DataError` saying why it is refused."""
+    try:
+        info = item.stat(follow_symlinks=False)  # lstat: a pipe is looked at, never opened
+    except OSError as exc:
+        raise DataError(f"{source}: cannot read {relative!r} ({_reason(exc)})") from None
+    if stat.S_ISDIR(info.st_mode):
+        return _Entry(relative, item.path, True, 0)
+    if stat.S_ISREG(info.st_mode):
+        return _Entry(relative, item.path, False, info.st_size)
+    if stat.S_ISLNK(info.st_mode):
+        return _linked_file(source, top, relative, item.path)
+    raise DataError(
+        f"{source}: {relative!r} is {_kind(info.st_mode)}; only files and folders are imported"
+    )
+
+
+def _linked_file(source: Path, top: str, relative: str, link: str) -> _Entry:
+    """The regular file inside the folder that ``link`` resolves to; any other link (out of
+    the folder, to a folder, to nothing, to a special file) is refused, naming its target."""
+    try:
+        target = os.readlink(link)
+    except OSError as exc:  # removed or replaced since it was listed
+        raise DataError(f"{source}: cannot read {relative!r} ({_reason(exc)})") from None
+    resolved = os.path.realpath(link)
+    said = f"{source}: {relative!r} is a symbolic link to {target!r}"
+    if not _inside(top, resolved):
+        raise DataError(f"{said}, outside the folder; refused (copy the file into the folder)")
+    try:
+        info = os.lstat(resolved)
+    except OSError:
+        raise DataError(f"{said}, which does not exist") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError(
+            f"{said}, a folder; links to folders are not followed (one can loop), copy the "
+            f"folder instead"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{said}, which is {_kind(info.st_mode)}; refused")
+    return _Entry(relative, resolved, False, info.st_size)
+
+
+def _inside(top: str, path: str) -> bool:
+    """Whether ``path`` is ``top`` or under it (both resolved; another drive is outside)."""
+    try:
+        return os.path.commonpath([top, path]) == top
+    except ValueError:
+        return False
+
+
+def _kind(mode: int) -> str:
+    kinds = {
+        stat.S_IFIFO: "a named pipe",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+        stat.S_IFLNK: "a symbolic link that does not resolve (a loop of links)",
+    }
+    return kinds.get(stat.S_IFMT(mode), "a special file")
+
+
+def _survey(source: Path, limit: _Limit) -> None:
+    """Walk ``source`` once, opening no file: refuse what cannot be imported, and a folder
+    past the bounds, before anything (the dataset's verify included) reads a file."""
+    tally = _Tally(source, limit)
+    for entry in _walk(source):
+        tally.entry(entry.relative)
+        tally.add(entry.size, entry.relative)
+
+
+def _copy_folder(source: Path, staging: Path, limit: _Limit) -> None:
+    """Copy an unpacked folder, walking and checking it again (it may have changed since
+    the survey) and counting the bytes really read against the same bounds."""
+    tally = _Tally(source, limit)
+    for entry in _walk(source):
+        tally.entry(entry.relative)
+        target = os.path.join(staging, entry.relative)
+        if entry.is_folder:
+            os.mkdir(target)
+        else:
+            _copy_file(source, entry, target, tally)
+
+
+def _copy_file(source: Path, entry: _Entry, target: str, tally: _Tally) -> None:
+    """Copy one regular file, keeping its modification time but no mode bits (no set-user-ID
+    file lands in the data root). Opened without following a link or waiting on a pipe, and
+    checked to be a regular file: what was surveyed may have been swapped since."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        with open(os.open(entry.path, flags | getattr(os, "O_BINARY", 0)), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise DataError(f"{source}: {entry.relative!r} is no longer a regular file")
+            with open(target, "xb") as out:
+                while block := f.read(CHUNK):
+                    tally.add(len(block), entry.relative)
+                    out.write(block)
+            os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    except OSError as exc:
+        raise DataError(f"{source}: cannot copy {entry.relative!r} ({_reason(exc)})") from None
 
 
 def _import_files(
