@@ -499,3 +499,17 @@ def test_a_file_that_grows_while_hashed_is_not_read_past_its_bound(tmp_path):
     with pytest.raises(download.DownloadError, match="grew past 1,048,576 bytes"):
         download.md5_of(path, limit=1 << 20)
     assert download.md5_of(path, limit=3 << 20) == hashlib.md5(bytes(3 << 20)).hexdigest()
+
+
+@pytest.mark.parametrize("action", ["import", "download"])
+@pytest.mark.parametrize("where", ["under a file", "read-only file system"])
+def test_a_data_root_that_cannot_be_written_is_one_line(tmp_path, capsys, cli, action, where):
+    """`data import` / `data download` with --data-root under a file gave a
+    NotADirectoryError traceback (import from a read-only one: a misleading free-space line)."""
+    (tmp_path / "file").write_text("x")
+    root = tmp_path / "file" / "data" if where == "under a file" else Path("/proc/fewbench-data")
+    source = [str(cifar_folder(tmp_path / "received"))] if action == "import" else []
+    code, out, err = cli(capsys, "data", action, "cifar_fs", *source, "--data-root", str(root))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"fewbench: error: --data-root {root}: cannot write cifar_fs")

@@ -67,6 +67,10 @@ def cmd_data(args: argparse.Namespace, registry: Registry | None = None) -> int:
     if not dataset.needs_files:
         print(f"{args.name} generates its tasks from the seed: nothing to install")
         return 0
+    from fewbench.storage.paths import check_writable_folder
+
+    where = "--data-root" if args.data_root else "the data root"
+    check_writable_folder(Path(root), where, f"{args.name}", "give a writable --data-root")
     if args.action == "download":
         path = datastore.download(dataset, root, progress=not args.no_progress)
     else:

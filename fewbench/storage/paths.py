@@ -35,9 +35,9 @@ def make_run_dir(path: Path) -> None:
         raise FewbenchError(f"--out {path}: cannot create the run directory ({reason})") from None
 
 
-def check_cache_dir(path: Path, option: str) -> None:
-    """Make sure decoded-data caches can be written under ``path`` (created if missing), or
-    say in one line why not: a read-only cache folder failed every cell, one by one."""
+def check_writable_folder(path: Path, option: str, purpose: str, hint: str = "") -> None:
+    """Make sure files can be written under ``path`` (created if missing), or say in one
+    line why not (under a file, a read-only file system, no permission), before any work."""
     import tempfile
 
     from fewbench.errors import FewbenchError
@@ -49,6 +49,14 @@ def check_cache_dir(path: Path, option: str) -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise FewbenchError(
-            f"{option} {path}: cannot write the decoded-data caches there ({reason}); "
-            "give a writable folder with --cache-dir or FEWBENCH_CACHE"
+            f"{option} {path}: cannot write {purpose} there ({reason})"
+            + (f"; {hint}" if hint else "")
         ) from None
+
+
+def check_cache_dir(path: Path, option: str) -> None:
+    """A read-only cache folder failed every cell, one by one: refuse it before the first."""
+    check_writable_folder(
+        path, option, "the decoded-data caches", "give a writable folder with --cache-dir or "
+        "FEWBENCH_CACHE"
+    )  # fmt: skip
