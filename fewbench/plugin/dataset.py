@@ -12,6 +12,7 @@ example sinusoid regression) implements :class:`EpisodeSource` directly.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,6 +112,21 @@ class EpisodeSource:
         return self
 
 
+def scale_examples(
+    raw: Tensor, example_dims: int, mean: Tensor | None = None, std: Tensor | None = None
+) -> Tensor:
+    """uint8 examples ``[..., *shape]`` (``shape`` of ``example_dims`` axes, channels first) as
+    episodes hold them: scaled to [0, 1], then, with ``mean`` and ``std`` (one value per
+    channel, on the [0, 1] scale), normalised. The one scaling :class:`ClassPool` and
+    :meth:`Dataset.preprocess` share, so a user's prepared images cannot drift from the
+    episodes'."""
+    scaled = raw.float().div_(255.0)
+    if mean is None:
+        return scaled
+    shape = (-1,) + (1,) * (example_dims - 1)  # per channel
+    return scaled.sub_(mean.to(scaled.device).view(shape)).div_(std.to(scaled.device).view(shape))
+
+
 class ClassPool(EpisodeSource):
     """A split held as ``uint8[classes, examples, *shape]``, scaled to [0, 1] on sampling.
 
@@ -147,13 +163,7 @@ class ClassPool(EpisodeSource):
         return ClassPool(self.images.to(device), mean, std, self.counts)
 
     def _scale(self, raw: Tensor) -> Tensor:
-        scaled = raw.float().div_(255.0)
-        if self.mean is None:
-            return scaled
-        shape = (-1,) + (1,) * (len(self.input_shape) - 1)  # per channel
-        mean = self.mean.to(scaled.device).view(shape)
-        std = self.std.to(scaled.device).view(shape)
-        return scaled.sub_(mean).div_(std)
+        return scale_examples(raw, len(self.input_shape), self.mean, self.std)
 
     def sample_episodes(
         self, count: int, ways: int, shots: int, query: int, generator: torch.Generator
@@ -246,6 +256,11 @@ class Dataset(Plugin):
     :meth:`verify` says what is wrong with a folder (missing classes, wrong counts),
     and ``how_to_get`` tells a user what to do when nothing can be downloaded.
     A dataset that generates its tasks sets ``needs_files = False``.
+
+    A user's own examples: an image dataset implements :meth:`decode_examples` with the
+    function its loader decodes each file with, and :meth:`preprocess` (what
+    ``TrainedModel.preprocess`` calls) adds the episodes' scaling and normalisation, so a
+    trained model's inputs are prepared as its episodes were, by the same code.
     """
 
     kind: ClassVar[str] = "dataset"
@@ -269,6 +284,41 @@ class Dataset(Plugin):
 
     def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
         self.not_implemented("load")
+
+    # -- a user's own examples (``TrainedModel.preprocess``) -----------------------------------
+    def decode_examples(self, examples: Sequence[Any]) -> Tensor:
+        """A user's raw examples as :meth:`load` stores its own: uint8 ``[N, *shape]``.
+
+        ``examples`` are file paths, PIL images or arrays ``H x W (x C)`` (uint8 0..255, or
+        floats 0..1). An image dataset implements it with the very function its loader
+        decodes each file with (resizing, colour conversion, inversion), so the two cannot
+        drift; the scaling and normalisation that follow are :meth:`preprocess`'s. A
+        dataset that generates its tasks has no raw form and leaves it out."""
+        self.not_implemented(
+            "decode_examples", "it has no raw examples to prepare; give predict tensors"
+        )
+
+    def normalization(self, root: Path, cache_dir: Path) -> tuple[Tensor, Tensor] | None:
+        """The per-channel ``(mean, std)`` its episodes are normalised with, on [0, 1], or
+        ``None`` when they are only scaled to [0, 1].
+
+        By default, those of the training split that :meth:`load` builds (from ``root``
+        and ``cache_dir``): the statistics of the episodes themselves. A dataset that never
+        normalises returns ``None`` without reading its data, so that preparing images
+        needs no installed copy."""
+        train = self.load(root, cache_dir)["train"]
+        mean, std = getattr(train, "mean", None), getattr(train, "std", None)
+        return None if mean is None or std is None else (mean, std)
+
+    def preprocess(self, examples: Sequence[Any], root: Path, cache_dir: Path) -> Tensor:
+        """A user's raw examples as this dataset's test episodes hold them: float32
+        ``[N, *shape]``, through :meth:`decode_examples` and the scaling and normalisation
+        of :class:`ClassPool` (:func:`scale_examples`) with :meth:`normalization`'s
+        statistics: the test-time transform, with nothing copied from it."""
+        raw = self.decode_examples(examples)
+        statistics = self.normalization(root, cache_dir)
+        mean, std = statistics if statistics is not None else (None, None)
+        return scale_examples(raw, raw.dim() - 1, mean, std)
 
 
 def derive_seed(*parts: Any) -> int:

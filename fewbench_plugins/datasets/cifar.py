@@ -20,11 +20,13 @@ the training classes' per-channel statistics.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fewbench.plugin import (
     SPLITS,
@@ -39,7 +41,7 @@ from fewbench.plugin import (
     load_array_cache,
     save_array_cache,
 )
-from fewbench_plugins.datasets.imaging import channel_statistics
+from fewbench_plugins.datasets.imaging import channel_statistics, decode_examples
 from fewbench_plugins.datasets.safe_pickle import load_numpy_pickle
 
 ARCHIVE = Resource(
@@ -196,6 +198,23 @@ class CifarFewShot(Dataset):
             mean, std = torch.tensor(m), torch.tensor(s)
         images = torch.from_numpy(array)
         return {split: ClassPool(images[classes], mean, std) for split, classes in splits.items()}
+
+    def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
+        """A user's images as the loader stores CIFAR-100's: uint8 ``[N, 3, 32, 32]``, RGB.
+        The dataset's images are 32 x 32 and its loader resizes nothing, so neither does
+        this: another size is refused (resize it yourself, knowingly). :meth:`preprocess`
+        then normalises them with the training classes' statistics."""
+        return torch.from_numpy(decode_examples(examples, _cifar_image))
+
+
+def _cifar_image(image: Image.Image) -> np.ndarray:
+    """An RGB image of CIFAR's size as uint8 ``[3, 32, 32]``."""
+    if image.size != (32, 32):
+        raise DataError(
+            f"an image of {image.width} x {image.height} pixels; CIFAR-100's are 32 x 32 and "
+            "its loader resizes nothing"
+        )
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
 
 
 class FC100(CifarFewShot):

@@ -16,7 +16,10 @@ padded to the largest class and only real images are ever drawn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +37,13 @@ from fewbench.plugin import (
     load_array_cache,
     save_array_cache,
 )
-from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb, unreadable_image
+from fewbench_plugins.datasets.imaging import (
+    channel_statistics,
+    decode_examples,
+    decode_rgb,
+    rgb_square_image,
+    unreadable_image,
+)
 
 ARCHIVE = Resource(
     "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
@@ -142,6 +151,15 @@ class CUB(Dataset):
             split: ClassPool(torch.from_numpy(array), mean, std, torch.tensor(meta["counts"]))
             for split, (array, meta) in arrays.items()
         }
+
+    def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
+        """A user's images as the loader stores CUB's: uint8 ``[N, 3, size, size]`` by Chen et
+        al.'s test transform (shorter side to 1.15 x size, centre square), the very function
+        that decodes the dataset's files. :meth:`preprocess` then normalises them with the
+        training classes' statistics, which it reads from the data root's cache."""
+        size = self.config["image_size"]
+        decoded = decode_examples(examples, partial(rgb_square_image, size=size, crop_ratio=1.15))
+        return torch.from_numpy(decoded)
 
 
 @hookimpl

@@ -2,6 +2,9 @@
 
 :func:`decode_images` is the one process pool; each dataset brings only its per-image
 decoding (:func:`rgb_square` for the natural-image datasets, a grayscale one for Omniglot).
+:func:`decode_examples` runs the same per-image decoding on a user's own images (paths, PIL
+images, arrays) for ``Dataset.decode_examples``, so a model's inputs are prepared as its
+episodes were.
 A file that does not decode is one :class:`DataError` line naming it, never a traceback
 from a worker. :func:`unreadable_image` is the check ``verify`` shares: counting files
 called a folder of empty PNGs complete, so a sample of them is decoded too.
@@ -10,9 +13,10 @@ called a folder of empty PNGs complete, so a sample of them is decoded too.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -49,21 +53,100 @@ def _reason(exc: Exception) -> str:
 
 
 def rgb_square(path: str, size: int, crop_ratio: float | None = None) -> np.ndarray:
-    """An image as uint8 ``[3, size, size]``: resized to the square, or (``crop_ratio``) its
-    shorter side resized to ``crop_ratio * size`` and the centre ``size`` square kept."""
+    """An image file as uint8 ``[3, size, size]`` (see :func:`rgb_square_image`)."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        if crop_ratio is None:
-            if image.size != (size, size):
-                image = image.resize((size, size), resample=Image.BILINEAR)
-        else:
-            scale = round(size * crop_ratio) / min(image.size)
-            width = max(size, round(image.width * scale))
-            height = max(size, round(image.height * scale))
-            image = image.resize((width, height), resample=Image.BILINEAR)
-            left, top = (width - size) // 2, (height - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+        return rgb_square_image(image, size, crop_ratio)
+
+
+def rgb_square_image(image: Image.Image, size: int, crop_ratio: float | None = None) -> np.ndarray:
+    """An image as uint8 ``[3, size, size]``: resized to the square, or (``crop_ratio``) its
+    shorter side resized to ``crop_ratio * size`` and the centre ``size`` square kept. The
+    loaders decode files with it, and ``decode_examples`` a user's images."""
+    image = image.convert("RGB")
+    if crop_ratio is None:
+        if image.size != (size, size):
+            image = image.resize((size, size), resample=Image.BILINEAR)
+    else:
+        scale = round(size * crop_ratio) / min(image.size)
+        width = max(size, round(image.width * scale))
+        height = max(size, round(image.height * scale))
+        image = image.resize((width, height), resample=Image.BILINEAR)
+        left, top = (width - size) // 2, (height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+# -- a user's own examples (Dataset.decode_examples) --------------------------------------------
+def _as_image(example: Any, where: str) -> Image.Image:
+    """An array ``H x W``, ``H x W x 1``, ``H x W x 3`` or ``H x W x 4`` (uint8 0..255, or
+    floats 0..1, rounded to the nearest of the 256 levels a file holds) as a PIL image."""
+    array = np.asarray(example)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise DataError(
+            f"{where}: an array of shape {list(array.shape)}; expected H x W (grey) or "
+            "H x W x 3 / 4 (RGB, RGBA), channels last, one image"
+        )
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise DataError(
+                f"{where}: float values must be finite and in [0, 1] (0 black, 1 white); "
+                f"this one spans [{np.nanmin(array):.3g}, {np.nanmax(array):.3g}] (0..255 values: "
+                "give them as uint8)"
+            )
+        array = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        if array.dtype.kind not in "iub" or array.min() < 0 or array.max() > 255:
+            raise DataError(
+                f"{where}: a {array.dtype} array; expected uint8 (0..255) or floats in [0, 1]"
+            )
+        array = array.astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def decode_examples(
+    examples: Sequence[Any], decode_one: Callable[[Image.Image], np.ndarray]
+) -> np.ndarray:
+    """A user's examples through ``decode_one`` (the loader's own per-image transform), as
+    uint8 ``[N, *shape]``. Each is a file path (opened as the loaders open their files, so
+    a dataset's own file gives exactly what its episodes hold), a PIL image, or an array
+    ``H x W (x C)``, uint8 or floats in [0, 1]. One that is none of these, or that does not
+    decode, is one :class:`DataError` naming it."""
+    if isinstance(examples, str | os.PathLike | Image.Image | np.ndarray) or not isinstance(
+        examples, Sequence
+    ):
+        raise DataError(
+            f"expected a list of images (file paths, PIL images or H x W (x C) arrays), got "
+            f"{type(examples).__name__}"
+            + ("; list(array) if it is a stack of images" if hasattr(examples, "shape") else "")
+        )
+    if not examples:
+        raise DataError("expected a list of images, got an empty one")
+    decoded = []
+    for i, example in enumerate(examples):
+        where = f"image {i}" + (f" ({example})" if isinstance(example, str | os.PathLike) else "")
+        try:
+            if isinstance(example, str | os.PathLike):
+                with Image.open(example) as image:
+                    decoded.append(decode_one(image))
+            elif isinstance(example, Image.Image):
+                decoded.append(decode_one(example))
+            elif hasattr(example, "__array__"):
+                decoded.append(decode_one(_as_image(example, where)))
+            else:
+                raise DataError(
+                    f"{where}: a {type(example).__name__}; expected a file path, a PIL image "
+                    "or an H x W (x C) array"
+                )
+        except DataError as exc:
+            message = str(exc)
+            raise DataError(
+                message if message.startswith(where) else f"{where}: {message}"
+            ) from None
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ...
+            raise DataError(f"{where} is not a readable image ({_reason(exc)})") from None
+    return np.stack(decoded)
 
 
 def _decode_chunk(

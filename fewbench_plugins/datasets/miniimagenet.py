@@ -22,6 +22,8 @@ with the per-channel mean and standard deviation of the training classes.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,13 @@ from fewbench.plugin import (
     load_array_cache,
     save_array_cache,
 )
-from fewbench_plugins.datasets.imaging import channel_statistics, decode_rgb, unreadable_image
+from fewbench_plugins.datasets.imaging import (
+    channel_statistics,
+    decode_examples,
+    decode_rgb,
+    rgb_square_image,
+    unreadable_image,
+)
 from fewbench_plugins.datasets.safe_pickle import load_numpy_pickle
 
 STANDARD = {"train": 64, "val": 16, "test": 20}  # classes; 600 images each
@@ -281,10 +289,19 @@ class MiniImageNet(Dataset):
             for split, (array, _) in arrays.items()
         }
 
+    def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
+        """A user's images as the loader stores mini-ImageNet's: uint8 ``[N, 3, size,
+        size]``, RGB, resized (bilinear, not cropped) to the square unless already that size:
+        the very function that decodes the image-folder form (the pickles' 84 x 84 arrays are
+        resized the same way). :meth:`preprocess` then normalises them with the training
+        classes' statistics, which it reads from the data root's cache."""
+        size = self.config["image_size"]
+        return torch.from_numpy(decode_examples(examples, partial(rgb_square_image, size=size)))
+
 
 def _resize(image_chw: np.ndarray, size: int) -> np.ndarray:
-    image = Image.fromarray(image_chw.transpose(1, 2, 0))
-    return np.asarray(image.resize((size, size), resample=Image.BILINEAR)).transpose(2, 0, 1)
+    """A pickled 84 x 84 image at another size, as the image-folder form decodes its files."""
+    return rgb_square_image(Image.fromarray(image_chw.transpose(1, 2, 0)), size)
 
 
 @hookimpl

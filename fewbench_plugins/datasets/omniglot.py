@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +73,7 @@ from fewbench.plugin import (
     load_tensor_cache,
     save_tensor_cache,
 )
-from fewbench_plugins.datasets.imaging import decode_images, unreadable_image
+from fewbench_plugins.datasets.imaging import decode_examples, decode_images, unreadable_image
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 DRAWINGS_PER_CHARACTER = 20
@@ -89,10 +91,16 @@ HOW_TO_GET = (
 
 
 def _decode(path: str, size: int) -> np.ndarray:
-    """One drawing as uint8 ``[size, size]``, Lanczos-resized, strokes bright (255) on 0."""
+    """One drawing file as uint8 ``[size, size]`` (see :func:`_decode_image`)."""
     with Image.open(path) as image:
-        image = image.convert("L").resize((size, size), resample=Image.LANCZOS)
-        return 255 - np.asarray(image, dtype=np.uint8)
+        return _decode_image(image, size)
+
+
+def _decode_image(image: Image.Image, size: int) -> np.ndarray:
+    """One drawing as uint8 ``[size, size]``: grey, Lanczos-resized, inverted so that the
+    strokes are bright (255) on 0. The loader and :meth:`Omniglot.decode_examples` share it."""
+    image = image.convert("L").resize((size, size), resample=Image.LANCZOS)
+    return 255 - np.asarray(image, dtype=np.uint8)
 
 
 OFFICIAL = "https://github.com/brendenlake/omniglot/raw/master/python"
@@ -361,6 +369,19 @@ class Omniglot(Dataset):
             pool = RotatedCharacters if self.config["split"] == "finn" else ClassPool
             sources[split] = pool(picked.unsqueeze(2).contiguous())  # add a channel axis
         return sources
+
+    def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
+        """A user's drawings (dark strokes on white, as the official PNGs) as the loader
+        stores them: uint8 ``[N, 1, size, size]``, grey, resized and inverted by the very
+        function that decodes the dataset's files (no rotation: that defines classes)."""
+        size = self.config["image_size"]
+        decoded = decode_examples(examples, partial(_decode_image, size=size))
+        return torch.from_numpy(decoded).unsqueeze(1)
+
+    def normalization(self, root: Path, cache_dir: Path) -> None:
+        """None: Omniglot's episodes are only scaled to [0, 1] (strokes 1), so preparing a
+        user's drawings needs no installed copy of the dataset."""
+        return None
 
 
 @hookimpl
