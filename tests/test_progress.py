@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_graphs import maml, run
+from test_graphs import cell, maml, run
 
 from fewbench.running import training
 from fewbench.running.worker import run_progress
@@ -31,3 +31,31 @@ def test_run_progress_counts_every_worker_and_estimates_at_this_workers_pace():
     )
     assert run_progress(["done", "done"], [5.0, 5.0]) == "run: 2/2 done"
     assert run_progress(["done", "pending"], [30.0]) == "run: 1/2 done, 1 left, about 30 s to go"
+
+
+def test_a_terminal_that_reports_no_width_gets_plain_lines(monkeypatch):
+    """Under `script` and some CI runners stderr is a terminal of 0 columns: tqdm drew
+    nothing there and no plain line came either (5 minutes of silence a sinusoid cell)."""
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    master, slave = os.openpty()  # a new pseudo-terminal: 0 rows, 0 columns
+    stream = os.fdopen(slave, "w")
+    try:
+        assert stream.isatty() and os.get_terminal_size(slave).columns == 0
+        assert not training.can_draw_a_bar(stream)
+        monkeypatch.setattr(training.sys, "stderr", stream)
+        monkeypatch.setattr(training, "PLAIN_PROGRESS_SECONDS", 0.0)
+        progress = training.Progress(cell(), total=3, initial=0, enabled=True)
+        assert progress.plain
+        progress.advance(1, 0.5, None, training.CLASSIFICATION)
+        progress.close()
+        stream.flush()
+        assert b"iteration 1/3, loss 0.500" in os.read(master, 4096)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert training.can_draw_a_bar(stream)  # a real width: the bar
+    finally:
+        stream.close()
+        os.close(master)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import sys
 import threading
@@ -43,11 +44,27 @@ from fewbench.suite.cell import Cell
 PLAIN_PROGRESS_SECONDS = 30.0  # between progress lines when output is not a terminal
 
 
+MIN_BAR_COLUMNS = 20  # narrower than this, a bar shows nothing: plain lines instead
+
+
 def _is_terminal(stream: Any) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _columns(stream: Any) -> int:
+    """The terminal's width, 0 when it cannot say: under ``script`` and some CI runners a
+    terminal reports 0 columns, where a bar draws nothing at all."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def can_draw_a_bar(stream: Any) -> bool:
+    return _is_terminal(stream) and _columns(stream) >= MIN_BAR_COLUMNS
 
 
 class Diverged(FewbenchError):
@@ -384,11 +401,12 @@ class TrainingLoop:
 
 class Progress:
     """A cell's progress: a bar in a terminal, a plain line every
-    ``PLAIN_PROGRESS_SECONDS`` elsewhere (a log file, a cluster job), nothing when off."""
+    ``PLAIN_PROGRESS_SECONDS`` wherever a bar cannot be drawn (a log file, a cluster job, a
+    terminal that reports no width), nothing when off."""
 
     def __init__(self, cell: Cell, total: int, initial: int, enabled: bool):
         self.cell, self.total = cell, total
-        self.plain = enabled and not _is_terminal(sys.stderr)
+        self.plain = enabled and not can_draw_a_bar(sys.stderr)
         self.last_line = time.monotonic()
         self.bar = tqdm(
             total=total,
