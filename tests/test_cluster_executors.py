@@ -189,7 +189,7 @@ def test_a_slurm_job_that_dies_fails_its_cell_and_retry_failed_resumes_it(
         "run", str(out), "--retry-failed", "--data-root", str(data_root),
         env={"FEWBENCH_CACHE": str(cache_dir)},
     )  # fmt: skip
-    assert again.returncode == 0 and "1 cells submitted as local processes" in again.stderr
+    assert again.returncode == 0 and "1 cell submitted as local processes" in again.stderr
     assert_every_cell_ran_once(out, attempts=2)
     assert resumed_from(out, victim) >= 4
     assert results(out) == sequential(60, tmp_path, data_root, cache_dir)
@@ -260,7 +260,7 @@ def test_the_slurm_job_array_submitted_and_a_later_driver_picking_up(tmp_path, d
     )
     again = run_cli("run", str(out), "--data-root", str(data_root), env=env)
     assert again.returncode == 0, again.stderr
-    assert "1 cells submitted to SLURM" in again.stderr
+    assert "1 cell submitted to SLURM" in again.stderr
     resubmitted = (tmp_path / "submitted-1.sh").read_text()
     # The same job parameters, the command-line ones included (kept in execution.json).
     assert "#SBATCH --account=lab" in resubmitted and "#SBATCH --constraint=a100" in resubmitted

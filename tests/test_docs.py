@@ -39,3 +39,43 @@ def test_the_readme_is_short_has_contents_and_its_links_resolve():
     assert relative, "the README links to its documentation pages"
     missing = [t for t in relative if not (REPO / t.split("#", 1)[0]).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+CELL_LINE = re.compile(r"^[0-9a-f]{12}  \S+: .*")
+
+
+def documented_dry_runs() -> list[tuple[str, str, list[str]]]:
+    """(file, command, lines) of every ```text block in the README and docs that shows a
+    ``$ fewbench run ... --dry-run`` and its output."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```text\n(.*?)```", path.read_text(), flags=re.DOTALL):
+            lines = [line.strip() for line in block.splitlines()]
+            if lines and lines[0].startswith("$ fewbench run ") and "--dry-run" in lines[0]:
+                found.append((path.name, lines[0][2:], lines[1:]))
+    return found
+
+
+def test_documented_dry_runs_show_what_the_command_prints(tmp_path, monkeypatch, capsys):
+    """The ids and steps in the docs' examples come from the command: a change of cell ids
+    or of what a cell does fails here (the README showed ids of an older fewbench)."""
+    import shlex
+
+    from fewbench.cli.parser import main
+
+    monkeypatch.setenv("FEWBENCH_NO_ESTIMATE", "1")  # times differ by machine: not checked
+    monkeypatch.chdir(REPO)
+    examples = documented_dry_runs()
+    assert examples, "the docs show a dry run"
+    for name, command, shown in examples:
+        args = shlex.split(command)[1:]
+        assert main([*args, "--data-root", str(tmp_path / "no-data")]) == 0, command
+        real = capsys.readouterr().out.splitlines()
+        for line in shown:
+            if CELL_LINE.match(line):
+                line = re.sub(r", about [^,\[]+", "", line)
+                assert line in real, f"{name}: `{command}` no longer prints\n{line}\nbut\n" + (
+                    "\n".join(real)
+                )
+            elif re.fullmatch(r"\d+ cells?", line):
+                assert real[-1] == line, f"{name}: `{command}` ends with {real[-1]!r}"

@@ -125,7 +125,7 @@ class RayExecutor(SchedulerExecutor):
                 tasks[ref] = cell_id
             resources = ray.cluster_resources()
             print(
-                f"fewbench: {len(tasks)} cells submitted to Ray "
+                f"fewbench: {len(tasks)} cell{'s' * (len(tasks) != 1)} submitted to Ray "
                 f"({address or 'a local instance'}: {resources.get('CPU', 0):g} CPUs, "
                 f"{resources.get('GPU', 0):g} GPUs); fewbench status {run.path} shows every cell",
                 file=log,

@@ -226,7 +226,7 @@ class SlurmExecutor(SchedulerExecutor):
             run.save_json(self.JOBS_FILE, known_jobs)
         where = "as local processes" if self.config["cluster"] == "local" else "to SLURM"
         print(
-            f"fewbench: {len(todo)} cells submitted {where}"
+            f"fewbench: {len(todo)} cell{'s' * (len(todo) != 1)} submitted {where}"
             + (f" (array job {jobs[0].job_id.split('_')[0]})" if jobs else "")
             + f"; logs in {run_dir / 'slurm'}; fewbench status {run_dir} shows every cell",
             file=log,
