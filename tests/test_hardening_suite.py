@@ -361,3 +361,24 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, kind):
     code, stderr = bounded_main(["run", str(suite), "--out", str(out), "--cache-dir", str(cache)])
     assert_one_line_error(code, stderr, f"--cache-dir {cache}: cannot write")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["backbones=[{name: conv4, pool: stride, pool_blocks: 2}]"], "backbones: backbone conv4"),
+        (["datasets=[{name: omniglot, split: vinyals, episodes: within_alphabet}]"], "datasets:"),
+        (
+            ["eval.dataset={name: omniglot, split: finn, episodes: within_alphabet}"],
+            "eval.dataset:",
+        ),
+    ],
+)
+def test_a_plugin_setting_its_plugin_refuses_stops_the_suite_in_one_line(tmp_path, sets, fragment):
+    """A plugin's check() (settings its parameters' bounds cannot refuse alone) was never
+    asked for cells: conv4's pool_blocks without max-pooling trained a backbone it refuses."""
+    text = TINY.replace("datasets: [sinusoid]", "datasets: [{name: omniglot}]").replace(
+        "tasks: {ways: 1, shots: 5, query: 5}", "tasks: {ways: 5, shots: 1, query: 1}"
+    )
+    code, stderr = dry_run(tmp_path, text, *[f"--set={s}" for s in sets])
+    assert_one_line_error(code, stderr, fragment, "needs")

@@ -260,3 +260,35 @@ def test_split_seed_stays_out_of_existing_cells_and_of_other_splits_episodes(sma
         ("finn", None): ("omniglot", ("split", "finn")),
         ("finn", 2): ("omniglot", ("split", "finn"), ("split_seed", 2)),
     }
+
+
+def test_within_alphabet_episodes_hold_characters_of_one_alphabet():
+    """Lake et al.'s 20-way task: each episode's characters come from one alphabet, drawn
+    among those with enough characters; labelled batches still see every class."""
+    import torch
+
+    from fewbench_plugins.datasets.omniglot import WithinAlphabet
+
+    alphabet_of = torch.tensor([0] * 3 + [1] * 6 + [2] * 5)  # 3, 6 and 5 characters
+    pool = WithinAlphabet(torch.zeros(14, 4, 1, 2, 2, dtype=torch.uint8), alphabet_of)
+    assert pool.episode_classes == (6, "characters of one alphabet")
+    indices = pool.draw(400, 5, 1, 1, torch.Generator().manual_seed(0))
+    alphabets = alphabet_of[indices.classes]
+    assert (alphabets == alphabets[:, :1]).all()  # one alphabet per episode
+    assert all(len(set(row.tolist())) == 5 for row in indices.classes)  # distinct characters
+    assert set(alphabets[:, 0].tolist()) == {1, 2}  # alphabet 0 has too few for 5 ways
+    with pytest.raises(Exception, match="6"):  # more ways than any alphabet holds
+        pool.draw(1, 7, 1, 1, torch.Generator().manual_seed(0))
+
+
+def test_within_alphabet_needs_the_lake_split_and_changes_the_episodes(registry):
+    from fewbench.errors import FewbenchError
+
+    omniglot = registry.get("dataset", "omniglot")
+    with pytest.raises(FewbenchError, match="needs split: lake"):
+        omniglot.build(split="vinyals", episodes="within_alphabet").check()
+    assert omniglot.build(split="lake").episode_identity == ("split",)  # ids as before
+    assert omniglot.build(split="lake", episodes="within_alphabet").episode_identity == (
+        "split",
+        "episodes",
+    )

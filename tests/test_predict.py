@@ -439,3 +439,31 @@ def test_evaluate_finds_the_data_as_fewbench_run_does(omniglot, monkeypatch):
     monkeypatch.setenv("FEWBENCH_DATA", str(root.parent / "elsewhere"))
     with pytest.raises(FewbenchError, match="Omniglot not found"):
         fewbench.load_learner(run_dir, PROTONET).evaluate()
+
+
+def test_the_example_classifies_a_folder_of_drawings(omniglot, tmp_path, monkeypatch, capsys):
+    """examples/classify_drawings.py, as the docs show it: one drawing per character in
+    support/, drawings to classify in query/. A query that is one of the support drawings
+    is nearest its own prototype, so each must come back as its own character."""
+    import importlib.util
+    import shutil
+
+    root, cache, run_dir = omniglot
+    monkeypatch.setenv("FEWBENCH_DATA", str(root))
+    monkeypatch.setenv("FEWBENCH_CACHE", str(cache))
+    spec = importlib.util.spec_from_file_location(
+        "classify_drawings", Path(__file__).parent.parent / "examples" / "classify_drawings.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    folder = tmp_path / "my_drawings"
+    (folder / "query").mkdir(parents=True)
+    for c in range(1, 5):
+        first = drawings_of(root, f"Alpha/character0{c}")[0]
+        (folder / "support" / f"char{c}").mkdir(parents=True)
+        shutil.copy(first, folder / "support" / f"char{c}" / "a.png")
+        shutil.copy(first, folder / "query" / f"is_char{c}.png")
+    assert example.main([str(run_dir), str(folder), "--cell", PROTONET]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"is_char{c}.png\tchar{c}" for c in range(1, 5)]
+    assert example.main([str(run_dir), str(tmp_path / "nothing"), "--cell", PROTONET]) == 2

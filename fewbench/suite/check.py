@@ -5,8 +5,9 @@ without it first. Data is checked later, on its own (:mod:`fewbench.data.check`)
 from __future__ import annotations
 
 import copy
+import json
 
-from fewbench.errors import SuiteError
+from fewbench.errors import FewbenchError, SuiteError
 from fewbench.registry import Registry
 from fewbench.suite.grid import expand_grid
 from fewbench.suite.loading import CheckedSuite, SuiteSource, apply_set, check_structure
@@ -16,9 +17,37 @@ from fewbench.suite.search import SearchSpace, flow
 def check_suite(source: SuiteSource, registry: Registry) -> CheckedSuite:
     """Every check of a suite that needs no data: structure, then the search paths."""
     checked = check_structure(source, registry)
+    check_plugin_settings(source, registry, checked)
     if checked.search is not None:
         check_search_paths(source, registry, checked.search)
     return checked
+
+
+def check_plugin_settings(source: SuiteSource, registry: Registry, checked: CheckedSuite) -> None:
+    """Each distinct plugin setting of the grid's cells (datasets, ``eval.dataset``,
+    backbones, learners) passes its plugin's :meth:`~fewbench.plugin.base.Plugin.check`
+    (combinations a parameter's own bounds cannot refuse: conv4's ``pool_blocks`` without
+    max-pooling, Omniglot's within-alphabet episodes on a split with rotations), before
+    anything is written or trained."""
+    seen: set[tuple[str, str, str]] = set()
+    for cell in expand_grid(checked).cells:
+        choices = [
+            ("dataset", cell.dataset.name, cell.dataset.params, "datasets"),
+            ("backbone", cell.backbone.name, cell.backbone.params, "backbones"),
+            ("learner", cell.learner.name, cell.learner.params, "learners"),
+        ]
+        if cell.eval.dataset:
+            params = {k: v for k, v in cell.eval.dataset.items() if k != "name"}
+            choices.append(("dataset", cell.eval.dataset["name"], params, "eval.dataset"))
+        for kind, name, params, section in choices:
+            key = (kind, name, json.dumps(params, sort_keys=True, default=str))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                registry.get(kind, name).build(**params).check()
+            except FewbenchError as exc:
+                raise source.error(section, str(exc)) from None
 
 
 def without_search(source: SuiteSource) -> SuiteSource:

@@ -163,6 +163,43 @@ class RotatedCharacters(ClassPool):
         return characters[:, :ways] * 4 + turns
 
 
+class WithinAlphabet(ClassPool):
+    """Episodes whose classes all come from one alphabet, as in Lake et al.'s one-shot
+    classification runs (Science 2015; their 20-way within-alphabet task): each episode
+    draws an alphabet uniformly among those with at least ``ways`` characters, then its
+    characters without replacement. Harder than episodes across alphabets, where
+    characters of different scripts are told apart by style alone. Labelled batches draw
+    from all classes, as ever."""
+
+    def __init__(self, images: torch.Tensor, alphabet_of: torch.Tensor):
+        super().__init__(images)
+        if alphabet_of.shape != (self.num_classes,):
+            raise ValueError("WithinAlphabet expects one alphabet index per class")
+        self.alphabet_of = alphabet_of
+        self.sizes = torch.bincount(alphabet_of)
+
+    def to(self, device: torch.device | str) -> WithinAlphabet:
+        if self.images.device == torch.device(device):
+            return self
+        return WithinAlphabet(self.images.to(device), self.alphabet_of.to(device))
+
+    @property
+    def episode_classes(self) -> tuple[int, str]:
+        return int(self.sizes.max()), "characters of one alphabet"
+
+    def draw_classes(self, count: int, ways: int, generator: torch.Generator) -> torch.Tensor:
+        """An alphabet per episode, then ``ways`` of its characters (random keys, with every
+        other alphabet's characters keyed last, then argsort: batched, without replacement)."""
+        eligible = (self.sizes >= ways).nonzero().flatten()
+        if len(eligible) == 0:  # episode_classes lets the caller refuse this first
+            raise ValueError(f"no alphabet has {ways} characters")
+        picks = torch.randint(len(eligible), (count,), generator=generator)
+        alphabets = eligible[picks.to(eligible.device)]
+        keys = torch.rand(count, self.num_classes, generator=generator).to(self.alphabet_of.device)
+        keys = keys + (self.alphabet_of[None, :] != alphabets[:, None])  # others after 1
+        return keys.argsort(dim=1)[:, :ways]
+
+
 class Omniglot(Dataset):
     name = "omniglot"
     description = (
@@ -229,16 +266,33 @@ class Omniglot(Dataset):
             "(Finn et al. used 1, with another character order)",
             added_later=True,
         ),
+        "episodes": Param(
+            "any",
+            choices=("any", "within_alphabet"),
+            help="split lake only: within_alphabet draws each episode's characters from one "
+            "alphabet (Lake et al.'s 20-way one-shot task); any ignores alphabets",
+            added_later=True,
+        ),
     }
     # split_seed picks classes only for split finn; an instance leaves it out otherwise,
     # so vinyals and lake cells keep their episodes whatever split_seed says.
     episode_identity: tuple[str, ...] = ("split", "split_seed")
 
     def __init__(self, **params):
-        # Cells leave split_seed out at its default (Param.added_later): fill defaults in.
+        # Cells leave split_seed and episodes out at their defaults (Param.added_later):
+        # fill defaults in.
         super().__init__(**{**ParamSet.of(type(self)).defaults(), **params})
         if self.config["split"] != "finn":
             self.episode_identity = ("split",)
+        if self.config["episodes"] != "any":  # other classes per episode: other episodes
+            self.episode_identity = (*self.episode_identity, "episodes")
+
+    def check(self) -> None:
+        if self.config["episodes"] == "within_alphabet" and self.config["split"] != "lake":
+            raise DataError(
+                "dataset omniglot: episodes within_alphabet needs split: lake (the other "
+                "splits add rotated characters as classes, which no alphabet holds)"
+            )
 
     def _folder(self, root: Path) -> Path:
         folder = Path(root) / "omniglot"
@@ -366,8 +420,16 @@ class Omniglot(Dataset):
                 rows = (turns == quarter).nonzero().flatten()
                 if len(rows):
                     picked[rows] = torch.rot90(picked[rows], quarter, dims=(-2, -1))
-            pool = RotatedCharacters if self.config["split"] == "finn" else ClassPool
-            sources[split] = pool(picked.unsqueeze(2).contiguous())  # add a channel axis
+            images_of_split = picked.unsqueeze(2).contiguous()  # add a channel axis
+            if self.config["split"] == "finn":
+                sources[split] = RotatedCharacters(images_of_split)
+            elif self.config["episodes"] == "within_alphabet":
+                alphabets = sorted({c.split("/")[0] for c, _ in classes})
+                number = {a: i for i, a in enumerate(alphabets)}
+                alphabet_of = torch.tensor([number[c.split("/")[0]] for c, _ in classes])
+                sources[split] = WithinAlphabet(images_of_split, alphabet_of)
+            else:
+                sources[split] = ClassPool(images_of_split)
         return sources
 
     def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
