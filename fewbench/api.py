@@ -125,11 +125,17 @@ def run(
     max_episodes: int | None = None,
     progress: bool = False,
     log: Sequence[str | Mapping[str, Any]] = (),
+    quiet: bool = False,
 ) -> Path:
     """``fewbench run`` in this process; returns the run directory. Bad input raises
     :class:`~fewbench.errors.FewbenchError` (the CLI's one-line error); failed cells raise
     it too, after every other cell ran and was stored. ``log`` adds experiment trackers to
-    the suite's ``log:`` (``--log``): logger names, or ``{"name": NAME, **its parameters}``."""
+    the suite's ``log:`` (``--log``): logger names, or ``{"name": NAME, **its parameters}``.
+    ``quiet`` prints nothing (the command's table and its lines on stderr; read the results
+    with :func:`load_results`); a failure's error then quotes the run's last line."""
+    import contextlib
+    import io
+
     import yaml
 
     from fewbench.registry import Registry
@@ -158,9 +164,15 @@ def run(
         progress=progress,
         log=tuple(item if isinstance(item, str) else dict(item) for item in log),
     )
-    code = run_suite(request, Registry())
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said) if quiet else contextlib.nullcontext():
+        code = run_suite(request, Registry(), log=said if quiet else None)
     if code != 0:
-        raise FewbenchError(f"fewbench run {suite}: exit code {code} (see the run's status: {out})")
+        last = said.getvalue().strip().splitlines()[-1:] if quiet else []
+        raise FewbenchError(
+            f"fewbench run {suite}: exit code {code} (see the run's status: {out})"
+            + (f"; it said: {last[0]}" if last else "")
+        )
     return Path(out)
 
 

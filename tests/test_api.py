@@ -257,3 +257,18 @@ def test_a_model_file_asking_for_terabytes_is_refused_before_allocating(
         fewbench.load_learner(tmp_path / "huge.pt")
     values = int(re.search(r"a model of ([\d,]+) values", str(info.value))[1].replace(",", ""))
     assert values > 10**12 and "\n" not in str(info.value)
+
+
+def test_run_can_be_quiet(tmp_path, capsys):
+    """fewbench.run printed the command's table to stdout; quiet=True prints nothing."""
+    suite = tmp_path / "api.yaml"
+    suite.write_text(SINUSOID)
+    out = fewbench.run(
+        suite, out=tmp_path / "run", data_root=tmp_path, device="cpu", max_iterations=2,
+        max_episodes=3, quiet=True,
+    )  # fmt: skip
+    assert capsys.readouterr() == ("", "")
+    assert set(fewbench.load_results(out).cells["status"]) == {"done"}
+    fewbench.run(suite, out=tmp_path / "loud", data_root=tmp_path, device="cpu",
+                 max_iterations=2, max_episodes=3)  # fmt: skip
+    assert "± " in capsys.readouterr().out  # the table, as the command prints it
