@@ -11,6 +11,10 @@ from fewbench.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The time estimate before a run times its cells first (seconds per suite, and lines on
+# stderr): tests of everything else run without it, tests/test_estimate.py turns it on.
+os.environ.setdefault("FEWBENCH_NO_ESTIMATE", "1")
+
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:

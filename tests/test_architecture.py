@@ -53,7 +53,7 @@ def plugin_files() -> list[Path]:
     return sorted((REPO / "fewbench_plugins").rglob("*.py")) + [
         HERE / "thirdparty" / "fewbench_demo_plugin.py",
         HERE / "thirdparty" / "fewbench_counting_plugin.py",
-        *sorted((REPO / "examples").rglob("*.py")),
+        *sorted((REPO / "examples").glob("*/**/*.py")),  # example packages, not scripts
     ]
 
 

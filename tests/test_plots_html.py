@@ -85,7 +85,7 @@ def test_html_report_renders_in_headless_chromium(run_dir, tmp_path):
         [*browser, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert '<table class="results">' in dom.stdout and "maml" in dom.stdout
+    assert '<table class="results">' in dom.stdout and "MAML" in dom.stdout
     assert dom.stdout.count('<img alt="') == 5
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console

@@ -77,25 +77,25 @@ def test_stored_mse_run_in_every_format(tmp_path):
     options = Options(ranks=True)
     data = json.loads(render(path, "json", options))
     assert data["methods"] == [
-        {"learner": "maml", "backbone": "conv4", "average_rank": 1.25, "settings_ranked": 2,
-         "best_count": 2, ONE: 1.5, FIVE: 1.0},
-        {"learner": "finetune", "backbone": "conv4", "average_rank": 1.5, "settings_ranked": 1,
-         "best_count": 1, ONE: 1.5, FIVE: None},
-        {"learner": "protonet", "backbone": "conv4", "average_rank": 2.5, "settings_ranked": 2,
-         "best_count": 0, ONE: 3.0, FIVE: 2.0},
+        {"learner": "maml", "backbone": "conv4", "learner_name": "MAML", "average_rank": 1.25,
+         "settings_ranked": 2, "best_count": 2, ONE: 1.5, FIVE: 1.0},
+        {"learner": "finetune", "backbone": "conv4", "learner_name": "Baseline",
+         "average_rank": 1.5, "settings_ranked": 1, "best_count": 1, ONE: 1.5, FIVE: None},
+        {"learner": "protonet", "backbone": "conv4", "learner_name": "Prototypical Networks",
+         "average_rank": 2.5, "settings_ranked": 2, "best_count": 0, ONE: 3.0, FIVE: 2.0},
     ]  # fmt: skip
     caption = data["caption"]
     assert "by its mean MSE on the test episodes, 1 = lowest" in caption
     assert "Not ranked where it has no result" in caption
-    assert "finetune conv4 in toy 5-way 5-shot (1 failed)" in caption
+    assert "Baseline conv4 in toy 5-way 5-shot (1 failed)" in caption
 
     markdown = render(path, "markdown", options)
     assert markdown.startswith(
         f"| learner | backbone | {ONE} | {FIVE} | Avg. rank | Settings | Best |\n"
         "|---|---|---|---|---|---|---|\n"
-        "| maml | conv4 | **1.5** | **1** | **1.25** | 2 | 2 |\n"
-        "| finetune | conv4 | **1.5** | 1 failed | 1.50 | 1 | 1 |\n"
-        "| protonet | conv4 | 3 | 2 | 2.50 | 2 | 0 |\n"
+        "| MAML | conv4 | **1.5** | **1** | **1.25** | 2 | 2 |\n"
+        "| Baseline | conv4 | **1.5** | 1 failed | 1.50 | 1 | 1 |\n"
+        "| Prototypical Networks | conv4 | 3 | 2 | 2.50 | 2 | 0 |\n"
     )
     rows = list(csv.DictReader(io.StringIO(render(path, "csv", options))))
     assert [(r["learner"], float(r["average_rank"]), r[FIVE]) for r in rows] == [
@@ -104,7 +104,7 @@ def test_stored_mse_run_in_every_format(tmp_path):
     text = render(path, "table", options)
     assert "1.25 *" in text and "*: the best rank in its column" in text
     latex = render(path, "latex", options)
-    assert r"maml & conv4 & \textbf{1.5} & \textbf{1} & \textbf{1.25} & 2 & 2 \\" in latex
+    assert r"MAML & conv4 & \textbf{1.5} & \textbf{1} & \textbf{1.25} & 2 & 2 \\" in latex
     page = render(path, "html", options)
     assert '<td class="best" title="best in this column">1.25</td>' in page
     assert set(FORMATS) == {"table", "markdown", "latex", "csv", "json", "html"}
@@ -120,7 +120,7 @@ def test_a_method_without_any_result_comes_last_and_unranked(tmp_path):
         ("maml", 1.0, 1), ("finetune", None, 0),
     ]  # fmt: skip
     assert (
-        "1 = highest" in data["caption"] and "finetune conv4 in toy 5-way 1-shot" in data["caption"]
+        "1 = highest" in data["caption"] and "Baseline conv4 in toy 5-way 1-shot" in data["caption"]
     )
 
 
@@ -159,7 +159,8 @@ def test_cli_ranks_of_a_real_tiny_omniglot_run(tmp_path, data_root, cache_dir):
     settings = ["omniglot 5-way 1-shot", "omniglot 5-way 5-shot"]
     assert sorted(r["learner"] for r in rows) == ["finetune", "protonet"]
     assert list(rows[0]) == [
-        "learner", "backbone", "average_rank", "settings_ranked", "best_count", *settings,
+        "learner", "backbone", "learner_name", "average_rank", "settings_ranked", "best_count",
+        *settings,
     ]  # fmt: skip
     for setting in settings:  # two methods: ranks 1 and 2, or 1.5 each
         assert sorted(float(r[setting]) for r in rows) in ([1.0, 2.0], [1.5, 1.5])

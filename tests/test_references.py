@@ -107,7 +107,7 @@ def test_a_standard_deviation_is_never_called_a_confidence_interval(tmp_path, mo
         assert "a standard deviation" in text and "not a confidence interval" in text, fmt
         assert "confidence interval (Student t" in text, fmt  # the measured entries' CI
     markdown = render(path, "markdown", OPTIONS)
-    assert "| maml (published: Author 2020, T1) | 90.00 ± 0.40 std (Δ -5.00, outside our CI) |" in (
+    assert "| MAML (published: Author 2020, T1) | 90.00 ± 0.40 std (Δ -5.00, outside our CI) |" in (
         markdown
     )
     latex = render(path, "latex", OPTIONS)
@@ -127,8 +127,8 @@ def test_no_pm_shows_no_pm_and_unverified_is_said(tmp_path, monkeypatch):
     )
     path = store_run(tmp_path, [(make_cell("maml"), [0.9] * 5 + [0.8] * 5)])
     markdown = render(path, "markdown", OPTIONS)
-    assert "| maml (published: Author 2020, T1) | 90.00 (Δ -5.00, outside our CI) |" in markdown
-    assert "| maml (published: Author 2020, T2) | 80.00 ± 1.00 (unverified, Δ +5.00, " in markdown
+    assert "| MAML (published: Author 2020, T1) | 90.00 (Δ -5.00, outside our CI) |" in markdown
+    assert "| MAML (published: Author 2020, T2) | 80.00 ± 1.00 (unverified, Δ +5.00, " in markdown
     caption = markdown.rsplit("\n\n", 1)[1]
     assert "± with no mark: the paper's 95% confidence interval" in caption
     assert "no ±: none published or none confirmed" in caption

@@ -39,8 +39,8 @@ def test_markdown_exact(tmp_path):
     expected = (
         "| learner | backbone | toy 5-way 1-shot | toy 5-way 5-shot |\n"
         "|---|---|---|---|\n"
-        "| maml | conv4 | **90.00 ± 8.78** | **98.00 ± 5.55** |\n"
-        "| finetune | conv4 | 70.00 ± 8.78 | 98.00 ± 5.55 † |\n"
+        "| MAML | conv4 | **90.00 ± 8.78** | **98.00 ± 5.55** |\n"
+        "| Baseline | conv4 | 70.00 ± 8.78 | 98.00 ± 5.55 † |\n"
         "\n" + CAPTION + "\n"
     )
     assert render(store_run(tmp_path, SMALL), "markdown") == expected
@@ -58,8 +58,8 @@ def test_latex_exact(tmp_path):
             r"\toprule",
             r"Learner & Backbone & toy 5-way 1-shot & toy 5-way 5-shot \\",
             r"\midrule",
-            r"maml & conv4 & \textbf{90.00 $\pm$ 8.78} & \textbf{98.00 $\pm$ 5.55} \\",
-            r"finetune & conv4 & 70.00 $\pm$ 8.78 & 98.00 $\pm$ 5.55$^\dagger$ \\",
+            r"MAML & conv4 & \textbf{90.00 $\pm$ 8.78} & \textbf{98.00 $\pm$ 5.55} \\",
+            r"Baseline & conv4 & 70.00 $\pm$ 8.78 & 98.00 $\pm$ 5.55$^\dagger$ \\",
             r"\bottomrule",
             r"\end{tabular}",
             r"\end{table}",
@@ -149,7 +149,7 @@ def test_layout_is_chosen_and_checked(tmp_path):
         [(make_cell("maml"), [1.0, 0.5]), (make_cell("maml", backbone="resnet"), [0.5, 0.5])],
     )
     text = render(path, "markdown", Options(rows=("shots",), cols=("learner", "backbone")))
-    assert text.startswith("| shots | maml conv4 | maml resnet |\n")
+    assert text.startswith("| shots | MAML conv4 | MAML resnet |\n")
     with pytest.raises(FewbenchError, match="2 values of 'backbone'.*add it to one of them"):
         render(path, "markdown", Options(rows=("learner",)))
     with pytest.raises(FewbenchError, match="unknown dimension 'seed'"):
@@ -197,10 +197,10 @@ def test_published_numbers_beside_the_measured_ones(tmp_path):
     delta = 100 * measured.mean - 98.7
     overlap = abs(delta) <= 100 * measured.ci95 + 0.4
     assert (
-        f"| maml (published: Finn et al. 2017, Table 1) | 98.70 ± 0.40 (Δ {delta:+.2f}, {'CIs overlap' if overlap else 'no overlap'}) |"
+        f"| MAML (published: Finn et al. 2017, Table 1) | 98.70 ± 0.40 (Δ {delta:+.2f}, {'CIs overlap' if overlap else 'no overlap'}) |"
         in text
     )
-    assert "finetune[head=cosine] (Baseline++, published: Chen et al. 2019, Table 3)" in text
+    assert "Baseline++[head=cosine] (published: Chen et al. 2019, Table 3)" in text
     assert (
         "Model-Agnostic Meta-Learning" in text
         and "A Closer Look at Few-shot Classification" in text
@@ -251,7 +251,7 @@ def test_a_published_number_is_not_shown_beside_a_cell_of_another_protocol(tmp_p
     assert "published: Finn et al. 2017" not in text
     assert (
         "Not shown, published under another protocol: Finn et al. 2017, Table 1, 5-way 1-shot "
-        "maml (dataset.split: published finn, this cell vinyals; backbone.pool: published "
+        "MAML (dataset.split: published finn, this cell vinyals; backbone.pool: published "
         "stride, this cell max)." in text
     )
     (record,) = json.loads(render(path, "json", options))["entries"]
@@ -334,10 +334,12 @@ def test_a_capped_cell_beside_a_published_number_says_it_is_capped(tmp_path):
         rows=("learner",), cols=("dataset", "ways", "shots", "backbone"), with_reference=True
     )
     text = render(store_run(tmp_path / "capped", [(capped, [1.0, 0.9])]), "markdown", options)
-    assert "published: Finn et al. 2017" in text
-    assert "Capped by --max-iterations" in text and "maml 5-way 1-shot (30 of 60,000)" in text
+    assert "published: Finn et al. 2017" in text  # the number is shown, never compared
+    assert "(capped: 30 of 60,000 iterations)" in text
+    assert "not compared: ours trained 30 of 60,000 iterations" in text and "Δ -" not in text
+    assert "Capped: a smoke run (fewbench run --max-iterations)" in text
     text = render(store_run(tmp_path / "full", [(cell, [1.0, 0.9])]), "markdown", options)
-    assert "Capped" not in text
+    assert "capped" not in text.lower()
 
 
 def test_status_escapes_terminal_control_characters_of_labels(tmp_path):

@@ -263,7 +263,7 @@ def test_the_report_shows_the_chosen_configuration_and_its_test_result(tuned, ca
         in out
     )
     for n in range(3):  # every trial's cell is a row of its own
-        assert f"maml[trial={n}]" in out
+        assert f"MAML[trial={n}]" in out
 
 
 def test_the_same_seed_gives_the_same_trials_and_the_api_mirrors_the_command(tuned, tmp_path):

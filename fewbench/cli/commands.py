@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewbench.errors import FewbenchError
+from fewbench.wording import counted
 
 if TYPE_CHECKING:
     from fewbench.registry import Registry
@@ -122,12 +123,14 @@ def check_figure_folder(out: Path) -> None:
 
 def cmd_reports(args: argparse.Namespace) -> int:
     """report, compare and plot: read the results stores, never run anything."""
-    from fewbench.reports.compare import compare_to_baseline, render_comparison
+    from fewbench.reports.compare import compare_all_pairs, compare_to_baseline, render_comparison
+    from fewbench.reports.names import learner_names, parse_names
     from fewbench.reports.results import load_runs
     from fewbench.reports.table import Options, render
 
     if args.command in ("report", "compare"):
         check_decimals(args.decimals)
+    given = parse_names(args.names) if args.names else {}  # a malformed one before any store
     if args.command == "report":
         options = Options(
             rows=tuple(d for d in args.rows.split(",") if d),
@@ -138,6 +141,8 @@ def cmd_reports(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             with_reference=args.with_reference,
             ranks=args.ranks,
+            names=tuple(given.items()),
+            ids=args.ids,
         )
         write_output(render(args.run_dirs, args.format, options), args.out)
         return 0
@@ -148,18 +153,22 @@ def cmd_reports(args: argparse.Namespace) -> int:
             args.out = args.run_dirs[0] / "plots"
         check_figure_folder(args.out)
     results = load_runs(args.run_dirs)
+    names = learner_names(results, given, ids=args.ids)
     if args.command == "compare":
-        records = compare_to_baseline(results, args.baseline)
+        if args.baseline is None:
+            records = compare_all_pairs(results, names)
+        else:
+            records = compare_to_baseline(results, args.baseline, names)
         write_output(render_comparison(records, args.format, args.decimals), args.out)
         return 0
-    return cmd_plot(results, args.out)
+    return cmd_plot(results, args.out, names)
 
 
-def cmd_plot(results: Results, out: Path) -> int:
+def cmd_plot(results: Results, out: Path, names: dict[str, str] | None = None) -> int:
     from fewbench.reports.plots import plot_all
 
     try:
-        paths = plot_all(results, out)
+        paths = plot_all(results, out, names=names)
     except OSError as exc:
         where = exc.filename or out
         raise FewbenchError(f"cannot write figures into {where}: {exc.strerror or exc}") from None
@@ -217,7 +226,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if args.action == "add":
         for run_dir in args.run_dirs:
             written = ledger.export_run(run_dir, args.into)
-            print(f"fewbench: exported {len(written)} cells of {run_dir} to {written[0].parent}")
+            print(
+                f"fewbench: exported {counted(len(written), 'cell')} of {run_dir} to {written[0].parent}"
+            )
         return 0
     text = ledger.render(
         ledger.load(args.source), args.source.as_posix(), ledger.load_causes(args.source)

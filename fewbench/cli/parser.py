@@ -70,6 +70,11 @@ def add_run_options(
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="do not time the cells before a long run (the estimate of how long it will take)",
+    )
+    parser.add_argument(
         "--log",
         action="append",
         default=[],
@@ -125,6 +130,22 @@ def add_run_options(
         default=120.0,
         metavar="SECONDS",
         help="claim a running cell whose worker has not beaten for this long (default 120)",
+    )
+
+
+def add_name_options(parser: argparse.ArgumentParser) -> None:
+    """How reports name learners (fewbench.reports.names): --names, --ids."""
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument(
+        "--names",
+        metavar="LEARNER=NAME,...|FILE",
+        help="learners' names, over the suite's names: and the built-in paper spellings, e.g. "
+        "maml=MAML,finetune=Baseline++, or a YAML file of that mapping (a suite file: its names:)",
+    )
+    names.add_argument(
+        "--ids",
+        action="store_true",
+        help="show the learners' plugin ids and labels (maml, finetune[head=cosine]), not names",
     )
 
 
@@ -194,15 +215,23 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
         help="instead of the table, each method's rank in each setting (column), its "
         "average rank, settings ranked and times best",
     )
+    add_name_options(report)
 
     compare = commands.add_parser(
-        "compare", help="every learner minus a baseline, paired by test episode"
+        "compare",
+        help="every learner minus a baseline, or every pair of learners (Holm), paired by test "
+        "episode",
     )
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    compare.add_argument("--baseline", required=True, help="the baseline learner's label")
+    compare.add_argument(
+        "--baseline",
+        help="the baseline learner (its label or name); without it, every pair of learners in "
+        "each setting, with p-values also adjusted by Holm's method",
+    )
     compare.add_argument("--format", choices=COMPARE_FORMATS, default="table")
     compare.add_argument("--decimals", type=int, default=2)
     compare.add_argument("--out", type=Path, help="write to this file (default: standard output)")
+    add_name_options(compare)
 
     plot = commands.add_parser("plot", help="figures (PNG and PDF) from run directories")
     plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
@@ -211,6 +240,7 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
         type=Path,
         help="folder for the figures (default: RUN_DIR/plots, with one run directory)",
     )
+    add_name_options(plot)
 
     export = commands.add_parser(
         "export", help="copy a finished cell's trained model out of its run directory"
@@ -323,6 +353,7 @@ def run_request(args: argparse.Namespace, executor_options: list[ExecutorOption]
         threads=args.threads,
         executor=ExecutorRequest(args.executor, flags, tuple(args.executor_sets)),
         log=tuple(args.log),
+        estimate=not getattr(args, "no_estimate", False),
     )
 
 

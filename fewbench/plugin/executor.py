@@ -18,14 +18,18 @@ its node) that ``fewbench status`` shows beside the cell.
 
 from __future__ import annotations
 
+import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 from fewbench.plugin.base import Plugin
 from fewbench.reports.status import cell_table, summary
+from fewbench.running.heartbeat import STALE_AFTER_META
+from fewbench.running.interrupts import Stopping, terminate_passes_on
 from fewbench.running.worker import WorkerSettings, default_worker_name, run_cell_task
 from fewbench.storage.journal import CellJournal, collect, read_json, write_cell, write_json
 from fewbench.storage.store import ResultsStore
@@ -72,6 +76,9 @@ class RunDir:
         self.path = Path(path)
         self.settings = settings
         self._store = ResultsStore.open_run(self.path, must_exist=True)
+        # For fewbench status: a task silent for longer than this is stale (cluster tasks
+        # never open the store to record it themselves).
+        self._store.set_meta(STALE_AFTER_META, settings.stale_after)
 
     def close(self) -> None:
         self._store.close()
@@ -139,6 +146,20 @@ class RunDir:
         if (table["status"] == "failed").any():
             return 1
         return 0 if (table["status"] == "done").all() else 130
+
+    def passing_sigterm_on(
+        self, workers: Sequence[subprocess.Popen], log: TextIO
+    ) -> AbstractContextManager[Stopping]:
+        """While the driver waits for its worker processes: a SIGTERM sent to it reaches them
+        (each checkpoints its cell, marks it interrupted and exits 143), and the
+        :class:`~fewbench.running.interrupts.Stopping` it yields says whether one came
+        (``requested``) and the exit code to return (``exit_code``).
+
+        A SIGTERM to the driver alone (``kill``, a container stopping its first process)
+        would otherwise end it and leave its workers training with nobody waiting for them.
+        ``workers`` is read when the signal comes: append each process as it starts.
+        """
+        return terminate_passes_on(workers, log)
 
     def task_settings(self, **changes: Any) -> dict[str, Any]:
         """The settings a task gets, as a plain dict (picklable, JSON-able)."""

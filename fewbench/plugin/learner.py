@@ -114,6 +114,15 @@ class Learner(Plugin):
     # The attributes (modules, optimizers) whose state_dict is the learner's state, saved in
     # checkpoints under these names; a learner with other state overrides state_dict.
     state_attributes: ClassVar[tuple[str, ...]] = ()
+    # How reports name it (fewbench.reports.names): its paper's spelling ("MAML", "FO-MAML"),
+    # or, where the paper names variants by a parameter, ({parameter: value}, name) pairs tried
+    # in order, the first whose values the cell has winning (finetune: Baseline, Baseline++;
+    # write the non-default values, a cell may not record a default). Paper tables need those
+    # names, not plugin ids. It names only the class that declares it: a subclass registered
+    # under another name shows that name unless it declares its own, so it is never taken for
+    # its parent's method. Empty: reports show the plugin's name. Write it as a literal: reports
+    # read it from the plugin's source, without importing the plugin (and torch).
+    display_name: ClassVar[str | tuple[tuple[dict[str, Any], str], ...]] = ""
 
     def __init__(self, **params: Any):
         super().__init__(**params)

@@ -43,6 +43,10 @@ class Options:
     alpha: float = 0.05
     with_reference: bool = False
     ranks: bool = False  # the rank summary (fewbench.reports.ranks) instead of the table
+    # Learner names given on the command line (``--names``: label or plugin -> name), over the
+    # suites' and the plugins' own (fewbench.reports.names); ``ids``: the labels, as stored.
+    names: tuple[tuple[str, str], ...] = ()
+    ids: bool = False
 
 
 @dataclass
@@ -53,10 +57,23 @@ class Entry:
     mark: Mark = field(default_factory=Mark)
 
     def text(self, decimals: int, pm: str = "±") -> str:
+        """``mean ± CI``, then what the reader must know to read it: a smoke run's cap
+        (``capped: 30 of 60,000 iterations``) and a status other than done. A CI that
+        cannot be computed (one episode, one seed) is ``n/a``, not ``nan``."""
         if self.mean is None:
             return self.setting.status
-        text = f"{self.mean:.{decimals}f} {pm} {self.ci95:.{decimals}f}"
-        return text if self.setting.status == "done" else f"{text} ({self.setting.status})"
+        text = f"{self.mean:.{decimals}f} {pm} {interval(self.ci95, decimals)}"
+        notes = [self.setting.cap.text()] if self.setting.cap is not None else []
+        if self.setting.status != "done":
+            notes.append(self.setting.status)
+        return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+def interval(ci95: float | None, decimals: int) -> str:
+    """A CI half-width as printed: ``n/a`` where there is none (one test episode)."""
+    if ci95 is None or not math.isfinite(ci95):
+        return "n/a"
+    return f"{ci95:.{decimals}f}"
 
 
 # How a reference cell marks its ±: a 95% CI is the default and goes unmarked.
@@ -79,10 +96,15 @@ class ReferenceEntry:
             text += f" {pm} {r.pm:.{decimals}f}{PM_MARKS[r.pm_means]}"
         notes = [] if r.verified else ["unverified"]
         m = self.measured
-        if m.mean is not None:
+        cap = m.setting.cap
+        if m.mean is not None and cap is not None:
+            # A smoke run's number says nothing about the method against its paper.
+            notes.append(f"not compared: ours trained {cap.ran:,} of {cap.planned:,} iterations")
+        elif m.mean is not None:
             notes.append(f"{delta} {m.mean - r.mean:+.{decimals}f}")
-            overlap = r.overlaps(m.mean, m.ci95)
-            if overlap is not None:
+            if m.ci95 is None or not math.isfinite(m.ci95):
+                notes.append("our CI n/a")
+            elif (overlap := r.overlaps(m.mean, m.ci95)) is not None:
                 notes.append("CIs overlap" if overlap else "no overlap")
             else:
                 notes.append("inside our CI" if r.inside(m.mean, m.ci95) else "outside our CI")
@@ -91,9 +113,10 @@ class ReferenceEntry:
 
 @dataclass
 class Row:
-    labels: tuple[str, ...]  # one per row dimension
+    labels: tuple[str, ...]  # one per row dimension, as shown (learners by their names)
     entries: dict[tuple, Entry | ReferenceEntry]
     reference: refs.Reference | None = None  # set on a row of published numbers
+    keys: tuple[str, ...] = ()  # the dimensions' stored values (learner labels); CSV, JSON
 
 
 @dataclass
@@ -105,6 +128,11 @@ class ReportTable:
     caption: str
     metric: str
     settings: list[Setting]
+    # Learner label -> the name shown (fewbench.reports.names); a label not in it shows itself.
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name(self, learner: Any) -> str:
+        return self.names.get(str(learner), str(learner))
 
 
 @dataclass
@@ -254,8 +282,9 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
             continue
         for entry in row.entries.values():
             s = entry.setting
-            record: dict[str, Any] = dict(s.keys)
+            record: dict[str, Any] = dict(s.keys)  # the learner's label, as stored
             record.update(
+                learner_name=table.name(s.keys["learner"]),
                 seeds=s.values.shape[0] if s.done else 0,
                 episodes=s.values.shape[1] if s.done else 0,
                 metric=s.metric,
@@ -263,21 +292,29 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
                 ci95=entry.ci95,
                 status=s.status,
                 best=entry.mark.best,
-                not_worse_than_best=entry.mark.tie,
+                # The best is not worse than itself: true for it and for its ties.
+                not_worse_than_best=entry.mark.best or entry.mark.tie,
                 p_vs_best=entry.mark.p_adjusted,
                 paired=entry.mark.paired,
                 engine=s.engine,
+                iterations=s.cap.ran if s.cap is not None else s.iterations,
+                capped=s.cap is not None,
+                planned_iterations=s.cap.planned if s.cap is not None else s.iterations,
             )
             if table.options.with_reference:
                 matched = refs.matching(s.config)
-                measured = entry.mean is not None
+                # Not set against a published number: a capped cell (a smoke run), and an
+                # entry with nothing measured; where there is no CI, no overlap either.
+                compared = entry.mean is not None and s.cap is None
+                has_ci = compared and entry.ci95 is not None and math.isfinite(entry.ci95)
                 record["published"] = [
                     {"source": r.source, "method": r.method, "mean": r.mean, "pm": r.pm,
                      "pm_means": r.pm_means, "ci95": r.ci95, "episodes": r.episodes,
-                     "verified": r.verified,
-                     "difference": entry.mean - r.mean if measured else None,
-                     "overlap": r.overlaps(entry.mean, entry.ci95) if measured else None,
-                     "inside_ci": r.inside(entry.mean, entry.ci95) if measured else None}
+                     "verified": r.verified, "compared": compared,
+                     "not_compared_because": s.cap.text() if s.cap is not None else None,
+                     "difference": entry.mean - r.mean if compared else None,
+                     "overlap": r.overlaps(entry.mean, entry.ci95) if has_ci else None,
+                     "inside_ci": r.inside(entry.mean, entry.ci95) if has_ci else None}
                     for r in matched
                 ]  # fmt: skip
                 record["published_under_another_protocol"] = [
@@ -293,7 +330,9 @@ def rank_records(table: RankTable) -> list[dict[str, Any]]:
     then its rank in each setting under the setting's label (None where not ranked)."""
     out = []
     for row in table.rows:
-        record: dict[str, Any] = dict(zip(table.options.rows, row.labels, strict=True))
+        record: dict[str, Any] = dict(zip(table.options.rows, row.keys or row.labels, strict=True))
+        if "learner" in table.options.rows:
+            record["learner_name"] = row.labels[table.options.rows.index("learner")]
         for key in RANK_SUMMARY_COLUMNS:
             value = row.entries[key].value
             record[key[0]] = int(value) if key != ("average_rank",) and value is not None else value

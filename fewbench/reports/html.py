@@ -3,6 +3,10 @@
 Nothing is fetched when the file opens: styles are inline, figures are embedded
 as base64 PNG, and there is no script. It opens from disk on a machine with no
 network, and can be attached to an e-mail or a review.
+
+Each figure's caption says what it shows. "Settings that ran" gives each setting's
+effective training iterations and episodes (what the cells did, after a smoke run's
+``--max-iterations`` and ``--max-episodes``), since the suites shown below are as written.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from fewbench.reports.formats import Entry, ReferenceEntry, ReportTable
-from fewbench.reports.plots import plot_all
-from fewbench.reports.results import Results, printable_path
+from fewbench.reports.plots import plot_all, setting_name
+from fewbench.reports.results import Results, Setting, printable_path
 from fewbench.version import __version__
 
 STYLE = """
@@ -28,6 +32,7 @@ table.results th.dim, table.results td.dim { text-align: left; }
 table.results thead th { border-bottom: 1px solid #444; border-top: 2px solid #222; }
 table.results tbody tr:last-child td { border-bottom: 2px solid #222; }
 td.best { font-weight: bold; }
+td.capped, tr.capped td { color: #8a5a00; }
 tr.published td { color: #555; font-style: italic; font-size: 0.92em; }
 p.caption { font-size: 0.92em; color: #444; max-width: 60rem; }
 figure { margin: 1.2rem 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -42,12 +47,18 @@ def _entry_cell(entry: Entry | ReferenceEntry | None, decimals: int) -> str:
     if isinstance(entry, ReferenceEntry):
         return f"<td>{html.escape(entry.text(decimals))}</td>"
     text = html.escape(entry.text(decimals))
+    cap = entry.setting.cap if isinstance(entry, Entry) else None  # a RankEntry has none
+    capped = (
+        f' class="capped" title="a smoke run: {html.escape(cap.text())}"' if cap is not None else ""
+    )
     if entry.mark.best:
-        return f'<td class="best" title="best in this column">{text}</td>'
+        css = ' class="best capped"' if cap is not None else ' class="best"'
+        return f'<td{css} title="best in this column">{text}</td>'
     if entry.mark.tie:
         p = entry.mark.p_adjusted
-        return f'<td class="tie" title="not significantly different from the best (adjusted p = {p:.3g})">{text} †</td>'
-    return f"<td>{text}</td>"
+        css = ' class="tie capped"' if cap is not None else ' class="tie"'
+        return f'<td{css} title="not significantly different from the best (adjusted p = {p:.3g})">{text} †</td>'
+    return f"<td{capped}>{text}</td>"
 
 
 def table_html(table: ReportTable) -> str:
@@ -67,18 +78,68 @@ def table_html(table: ReportTable) -> str:
     )
 
 
-def _figure(path: Path) -> str:
+def _figure(path: Path, caption: str) -> str:
+    """An embedded figure under its caption (what it shows, not its file name)."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    title = path.stem.replace("-", " ")
+    text = html.escape(caption or path.stem.replace("-", " "))
     return (
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        f'<figure><img alt="{text}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{text}</figcaption></figure>"
+    )
+
+
+def _iterations(s: Setting) -> str:
+    if s.cap is not None:
+        return f"{s.cap.ran:,} of {s.cap.planned:,} (capped)"
+    return f"{s.iterations:,}" if s.iterations is not None else "not finished"
+
+
+def settings_html(table: ReportTable) -> str:
+    """What each setting ran: training iterations (of what its settings give, where a smoke
+    run capped them), validation and test episodes and queries, seeds. From the cells'
+    stored configurations and results, so it shows a smoke run as the smoke run it was."""
+    head = (
+        "<tr><th class='dim'>learner</th><th class='dim'>setting</th><th>backbone</th>"
+        "<th>training iterations</th><th>validation episodes</th><th>test episodes</th>"
+        "<th>test queries per class</th><th>seeds</th><th>status</th></tr>"
+    )
+    body = []
+    for s in table.settings:
+        train, evaluation = s.config.get("train") or {}, s.config.get("eval") or {}
+        setting = setting_name(s)
+        css = ' class="capped"' if s.cap is not None else ""
+        cells = [
+            table.name(s.keys["learner"]),
+            setting,
+            str(s.keys["backbone"]),
+            _iterations(s),
+            str(train.get("val_episodes", "?")),
+            str(s.values.shape[1] if s.done else evaluation.get("episodes", "?")),
+            str(evaluation.get("query", "?")),
+            str(len(s.cell_ids)),
+            s.status,
+        ]
+        tds = "".join(
+            f'<td class="dim">{html.escape(c)}</td>' if i < 2 else f"<td>{html.escape(c)}</td>"
+            for i, c in enumerate(cells)
+        )
+        body.append(f"<tr{css}>{tds}</tr>")
+    note = (
+        "<p class='caption'>Capped: a smoke run (fewbench run --max-iterations) trained fewer "
+        "iterations than its settings give. The suites below are as written, before any cap.</p>"
+        if any(s.cap is not None for s in table.settings)
+        else ""
+    )
+    return (
+        f'<table class="results"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>' + note
     )
 
 
 def to_html(table: ReportTable, results: Results) -> str:
+    captions: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        figures = "".join(_figure(p) for p in plot_all(results, Path(tmp), formats=("png",)))
+        paths = plot_all(results, Path(tmp), ("png",), table.names, captions)
+        figures = "".join(_figure(p, captions.get(p.stem, "")) for p in paths)
     runs = []
     for run in results.runs:
         runs.append(
@@ -102,6 +163,8 @@ def to_html(table: ReportTable, results: Results) -> str:
 <p>Runs: {names}. Generated by fewbench {__version__} from the results stores only.</p>
 <h2>Results</h2>
 {table_html(table)}
+<h2>Settings that ran</h2>
+{settings_html(table)}
 <h2>Figures</h2>
 {figures or "<p>No figures: nothing has finished yet.</p>"}
 <h2>Suites and environments</h2>

@@ -5,11 +5,17 @@
 * accuracy against shots and against ways, with 95% CI error bars (when the runs
   hold more than one value of that axis);
 * the distribution of per-episode results per method (box plots, mean ± CI marked).
+
+Methods are named as the report names them (:mod:`fewbench.reports.names`: ``names`` maps a
+learner label to its name), a smoke run's (capped) with its iterations, and each figure
+comes with a caption saying what it shows (``captions``: file stem -> text), which the HTML
+report prints under it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -32,8 +38,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def method_name(s: Setting, with_backbone: bool) -> str:
-    return f"{s.keys['learner']} / {s.keys['backbone']}" if with_backbone else s.keys["learner"]
+Names = Mapping[str, str] | None  # learner label -> the name shown
+
+
+def method_name(s: Setting, with_backbone: bool, names: Names = None) -> str:
+    """A legend's or an axis's name of a method; a capped setting says so."""
+    learner = (names or {}).get(str(s.keys["learner"]), str(s.keys["learner"]))
+    name = f"{learner} / {s.keys['backbone']}" if with_backbone else learner
+    return f"{name} (capped: {s.cap.ran:,} of {s.cap.planned:,} it.)" if s.cap is not None else name
 
 
 def setting_name(s: Setting) -> str:
@@ -42,7 +54,16 @@ def setting_name(s: Setting) -> str:
     return f"{s.keys['dataset']} {s.keys['ways']}-way {s.keys['shots']}-shot"
 
 
-def _save(fig: plt.Figure, out_dir: Path, name: str, formats: tuple[str, ...]) -> list[Path]:
+def _save(
+    fig: plt.Figure,
+    out_dir: Path,
+    name: str,
+    formats: tuple[str, ...],
+    caption: str = "",
+    captions: dict[str, str] | None = None,
+) -> list[Path]:
+    if captions is not None:
+        captions[name] = caption
     paths = []
     for fmt in formats:
         path = out_dir / f"{name}.{fmt}"
@@ -57,7 +78,13 @@ def _legend_outside(ax: plt.Axes) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9)
 
 
-def training_curves(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> list[Path]:
+def training_curves(
+    results: Results,
+    out_dir: Path,
+    formats=FIGURE_FORMATS,
+    names: Names = None,
+    captions: dict[str, str] | None = None,
+) -> list[Path]:
     paths: list[Path] = []
     several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
     by_setting: dict[str, list[Setting]] = {}
@@ -73,7 +100,7 @@ def training_curves(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> 
             if not curves:
                 continue
             drawn = True
-            label = method_name(s, several_backbones)
+            label = method_name(s, several_backbones, names)
             for ax, column, factor in ((loss_ax, "loss", 1.0), (val_ax, "val_metric", scale)):
                 frames = [
                     c[["iteration", column]].dropna().set_index("iteration")[column] for c in curves
@@ -81,7 +108,11 @@ def training_curves(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> 
                 table = pd.concat(frames, axis=1).dropna() * factor
                 if table.empty:
                     continue
-                (line,) = ax.plot(table.index, table.mean(axis=1), label=label, linewidth=1.5)
+                # A curve of one point (a smoke run's) is a marker, not an invisible line.
+                marker = "o" if len(table) == 1 else None
+                (line,) = ax.plot(
+                    table.index, table.mean(axis=1), label=label, linewidth=1.5, marker=marker
+                )
                 if table.shape[1] > 1:
                     ax.fill_between(
                         table.index, table.min(axis=1), table.max(axis=1),
@@ -103,12 +134,21 @@ def training_curves(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> 
             ax.grid(alpha=0.3)
         _legend_outside(val_ax)
         fig.suptitle(f"Training curves: {name}{band}")
-        paths += _save(fig, out_dir, f"curves-{slug(name)}", formats)
+        caption = (
+            f"Training loss and validation {UNITS[metric]} against training iteration, {name}: "
+            f"one line per method{band}."
+        )
+        paths += _save(fig, out_dir, f"curves-{slug(name)}", formats, caption, captions)
     return paths
 
 
 def metric_against(
-    axis: str, results: Results, out_dir: Path, formats=FIGURE_FORMATS
+    axis: str,
+    results: Results,
+    out_dir: Path,
+    formats=FIGURE_FORMATS,
+    names: Names = None,
+    captions: dict[str, str] | None = None,
 ) -> list[Path]:
     """Accuracy against ``axis`` (shots or ways), one line per method, CI error bars."""
     other = "ways" if axis == "shots" else "shots"
@@ -125,7 +165,7 @@ def metric_against(
         fig, ax = plt.subplots(figsize=(6.5, 4))
         methods: dict[str, list[Setting]] = {}
         for s in settings:
-            methods.setdefault(method_name(s, several_backbones), []).append(s)
+            methods.setdefault(method_name(s, several_backbones, names), []).append(s)
         values = sorted({s.keys[axis] for s in settings})
         position = {v: i for i, v in enumerate(values)}  # evenly spaced, labelled by value
         for number, (label, members) in enumerate(methods.items()):
@@ -146,13 +186,22 @@ def metric_against(
         )
         ax.grid(alpha=0.3)
         _legend_outside(ax)
-        paths += _save(
-            fig, out_dir, f"{metric}-vs-{axis}-{slug(dataset)}-{slug(fixed_text)}", formats
+        caption = (
+            f"Test {UNITS[metric]} against {axis}, {dataset} {fixed_text}: one line per method, "
+            "mean and 95% confidence interval."
         )
+        stem = f"{metric}-vs-{axis}-{slug(dataset)}-{slug(fixed_text)}"
+        paths += _save(fig, out_dir, stem, formats, caption, captions)
     return paths
 
 
-def episode_distributions(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> list[Path]:
+def episode_distributions(
+    results: Results,
+    out_dir: Path,
+    formats=FIGURE_FORMATS,
+    names: Names = None,
+    captions: dict[str, str] | None = None,
+) -> list[Path]:
     several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
     by_setting: dict[str, list[Setting]] = {}
     for s in results.settings:
@@ -163,7 +212,7 @@ def episode_distributions(results: Results, out_dir: Path, formats=FIGURE_FORMAT
         metric = settings[0].metric
         fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(settings) + 2), 4))
         data = [s.scale * s.per_episode for s in settings]
-        labels = [method_name(s, several_backbones) for s in settings]
+        labels = [method_name(s, several_backbones, names) for s in settings]
         ax.boxplot(data, showfliers=True, widths=0.5, flierprops={"markersize": 3, "alpha": 0.4})
         ax.set_xticks(range(1, len(labels) + 1), labels)
         for i, s in enumerate(settings, start=1):
@@ -180,11 +229,22 @@ def episode_distributions(results: Results, out_dir: Path, formats=FIGURE_FORMAT
         ax.plot([], [], "D", color="tab:red", label="mean ± 95% CI")
         _legend_outside(ax)
         ax.grid(axis="y", alpha=0.3)
-        paths += _save(fig, out_dir, f"episodes-{slug(name)}", formats)
+        what = "episode" if by_metric(metric).has_ways else "task"
+        caption = (
+            f"Per-{what} test {UNITS[metric]} of each method, {name} ({episodes} {what}s): "
+            "box plots; the red diamond is the mean with its 95% confidence interval."
+        )
+        paths += _save(fig, out_dir, f"episodes-{slug(name)}", formats, caption, captions)
     return paths
 
 
-def returns_by_steps(results: Results, out_dir: Path, formats=FIGURE_FORMATS) -> list[Path]:
+def returns_by_steps(
+    results: Results,
+    out_dir: Path,
+    formats=FIGURE_FORMATS,
+    names: Names = None,
+    captions: dict[str, str] | None = None,
+) -> list[Path]:
     """Average return against the number of gradient steps at test time, one line per
     learner, mean ± 95% CI over tasks and seeds (Finn et al. 2017, figure 5)."""
     several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
@@ -202,7 +262,7 @@ def returns_by_steps(results: Results, out_dir: Path, formats=FIGURE_FORMATS) ->
             ax.errorbar(
                 [k + dodge for k, _ in steps], [e.mean for e in estimates],
                 yerr=[e.ci95 for e in estimates], marker="o", capsize=4,
-                label=method_name(s, several_backbones),
+                label=method_name(s, several_backbones, names),
             )  # fmt: skip
         ax.set_xticks(sorted({k for s in settings for k, _ in _steps_of(s)}))
         tasks = settings[0].values.shape[1]
@@ -213,7 +273,11 @@ def returns_by_steps(results: Results, out_dir: Path, formats=FIGURE_FORMATS) ->
         )
         ax.grid(alpha=0.3)
         _legend_outside(ax)
-        paths += _save(fig, out_dir, f"return-vs-steps-{slug(name)}", formats)
+        caption = (
+            f"Average return against the number of gradient steps at test time, {name} "
+            f"({tasks} test tasks): one line per method, mean and 95% confidence interval."
+        )
+        paths += _save(fig, out_dir, f"return-vs-steps-{slug(name)}", formats, caption, captions)
     return paths
 
 
@@ -222,13 +286,24 @@ def _steps_of(s: Setting) -> list[tuple[int, str]]:
 
 
 def plot_all(
-    results: Results, out_dir: Path, formats: tuple[str, ...] = FIGURE_FORMATS
+    results: Results,
+    out_dir: Path,
+    formats: tuple[str, ...] = FIGURE_FORMATS,
+    names: Names = None,
+    captions: dict[str, str] | None = None,
 ) -> list[Path]:
+    """Every figure of ``results`` into ``out_dir``; ``names``: learner label -> the name
+    shown (default: the report's, :func:`fewbench.reports.names.learner_names`); each figure's
+    caption into ``captions`` (file stem -> text) when given."""
+    if names is None:
+        from fewbench.reports.names import learner_names
+
+        names = learner_names(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     return (
-        training_curves(results, out_dir, formats)
-        + metric_against("shots", results, out_dir, formats)
-        + metric_against("ways", results, out_dir, formats)
-        + episode_distributions(results, out_dir, formats)
-        + returns_by_steps(results, out_dir, formats)
+        training_curves(results, out_dir, formats, names, captions)
+        + metric_against("shots", results, out_dir, formats, names, captions)
+        + metric_against("ways", results, out_dir, formats, names, captions)
+        + episode_distributions(results, out_dir, formats, names, captions)
+        + returns_by_steps(results, out_dir, formats, names, captions)
     )

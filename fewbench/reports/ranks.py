@@ -130,7 +130,7 @@ def rank_table(table: ReportTable) -> RankTable:
         entries[("average_rank",)] = RankEntry(average, "average", mark=Mark(best=is_best))
         entries[("settings_ranked",)] = RankEntry(m.settings, "count")
         entries[("best_count",)] = RankEntry(m.best, "count")
-        rows.append(Row(source.labels, entries))
+        rows.append(Row(source.labels, entries, keys=source.keys))
     ranked = RankTable(
         table.options,
         [*table.columns, *RANK_SUMMARY_COLUMNS],
@@ -139,6 +139,7 @@ def rank_table(table: ReportTable) -> RankTable:
         "",
         table.metric,
         table.settings,
+        names=table.names,
         setting_columns=list(table.columns),
         setting_labels=list(table.column_labels),
     )

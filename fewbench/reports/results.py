@@ -33,6 +33,19 @@ class RunInfo:
     environment: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Cap:
+    """A setting that trained fewer iterations than its settings give: a smoke run
+    (``fewbench run --max-iterations``), whose cap each cell keeps in ``train.max_iterations``.
+    Reports mark it wherever its numbers appear, so it is never read as the method's result."""
+
+    ran: int  # training iterations each cell ran (the cap)
+    planned: int  # what its settings give: the learner's own count, or train.iterations
+
+    def text(self) -> str:
+        return f"capped: {self.ran:,} of {self.planned:,} iterations"
+
+
 @dataclass
 class Setting:
     """One entry of a report: a setting with its seeds merged."""
@@ -52,6 +65,10 @@ class Setting:
     # The whole configuration of the setting's first cell (its seeds differ only in seed):
     # what a published number's protocol is checked against.
     config: dict[str, Any] = field(default_factory=dict)
+    # Training iterations its finished cells ran (stored with each result); None when none is.
+    iterations: int | None = None
+    # Set when a smoke run's cap cut its training short.
+    cap: Cap | None = None
 
     @property
     def done(self) -> bool:
@@ -232,6 +249,7 @@ def _settings(
             for name in names
         }
         config = json.loads(group["config"].iloc[0])
+        ran = _iterations(done)
         settings.append(
             Setting(
                 keys=dict(zip(DIMENSIONS, key, strict=True)),
@@ -245,9 +263,52 @@ def _settings(
                 cell_ids=list(group["id"]),
                 extras=extra_matrices,
                 config=config,
+                iterations=ran,
+                cap=_cap(config),
             )
         )
     return settings
+
+
+def _iterations(done: pd.DataFrame) -> int | None:
+    """The most training iterations a finished cell of the setting ran (as stored)."""
+    if "iterations" not in done:
+        return None
+    counts = [v for v in done["iterations"].tolist() if isinstance(v, int | float) and v == v]
+    return int(max(counts)) if counts else None
+
+
+def _cap(config: dict[str, Any]) -> Cap | None:
+    """The cap that cut the setting's training short, or None (no cap, or one at least its
+    own count: such a cell trained in full)."""
+    train = config.get("train")
+    cap = train.get("max_iterations") if isinstance(train, dict) else None
+    if isinstance(cap, bool) or not isinstance(cap, int):
+        return None
+    planned = planned_iterations(config)
+    return Cap(cap, planned) if planned is not None and cap < planned else None
+
+
+def planned_iterations(config: dict[str, Any]) -> int | None:
+    """The training steps a cell's settings give before any cap: the learner's own count
+    (``Learner.iterations``: finetune's ``iterations``, Meta-Baseline's two stages) or
+    ``train.iterations``. The learner plugin is asked (loaded only for a capped cell, whose
+    caption must say "30 of 60,000"); where it is not installed, ``train.iterations``."""
+    from fewbench.reports.names import plugin_registry
+
+    suite_iterations = (config.get("train") or {}).get("iterations")
+    if isinstance(suite_iterations, bool) or not isinstance(suite_iterations, int):
+        return None
+    learner = dict(config.get("learner") or {})
+    name = learner.pop("name", None)
+    registry = plugin_registry()
+    if registry is None or not isinstance(name, str) or not registry.has("learner", name):
+        return suite_iterations
+    try:
+        own = registry.get("learner", name).build(**learner).iterations(suite_iterations)
+    except (FewbenchError, TypeError, ValueError, KeyError):  # settings it would refuse
+        return suite_iterations
+    return own if isinstance(own, int) and not isinstance(own, bool) else suite_iterations
 
 
 def _common_extras(extras: dict[str, dict[str, list[float]]], cell_ids: list[str]) -> list[str]:

@@ -4,10 +4,18 @@ The results store says what the driver knows (done, failed, queued with the
 scheduler); the cell folders of a cluster run (:mod:`fewbench.storage.journal`) say what
 the workers are doing now. Whichever was written later describes the cell, and a
 finished ``result.json`` always means done, collected or not. Reading only.
+
+A cell is "running" only while its worker's heartbeat is fresh. A worker killed without a
+word (SIGKILL, a lost node, an out-of-memory kill) leaves its cell "running" in the store;
+once the heartbeat is older than the workers' ``--stale-after`` (the store keeps it; 120 s
+when it does not), the cell is shown as "stale", with when its worker was last seen and how
+long it had run until then, not an elapsed time that grows for ever. Another worker would
+take such a cell over (it resumes from its checkpoint), and ``fewbench run`` does.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import time
@@ -17,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from fewbench.errors import one_line
 from fewbench.plugin.task_types import by_metric
+from fewbench.running.heartbeat import DEFAULT_STALE_AFTER, STALE_AFTER_META
 from fewbench.storage.journal import journal_states
 from fewbench.storage.store import ResultsStore, damage_reported
 
-STATES = ("done", "running", "queued", "pending", "interrupted", "failed")
-OPTIONAL_STATES = ("queued", "interrupted")  # shown in the summary only when some cell is
+STATES = ("done", "running", "stale", "queued", "pending", "interrupted", "failed")
+# Shown in the summary only when some cell is.
+OPTIONAL_STATES = ("stale", "queued", "interrupted")
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,9 +47,41 @@ def cell_rows(run_dir: Path) -> list[dict[str, Any]]:
     views = journal_states(run_dir)
     try:
         with damage_reported(store.path):
-            return [_row(store, cell, views.get(cell["id"]), time.time()) for cell in store.cells()]
+            stale_after = recorded_stale_after(store)
+            return [
+                _row(store, cell, views.get(cell["id"]), time.time(), stale_after)
+                for cell in store.cells()
+            ]
     finally:
         store.close()
+
+
+def recorded_stale_after(store: ResultsStore) -> float:
+    """The seconds of silence after which the run's workers take a running cell over: what
+    the last worker recorded (its ``--stale-after``), else the default."""
+    try:
+        value = float(json.loads(store.meta(STALE_AFTER_META) or "null") or DEFAULT_STALE_AFTER)
+    except (TypeError, ValueError):  # written by hand, or by something else
+        return DEFAULT_STALE_AFTER
+    return value if math.isfinite(value) and value > 0 else DEFAULT_STALE_AFTER
+
+
+def last_seen(seen: float, now: float) -> str:
+    """``last seen 14:03:07 (25 min ago)``: the time, with the date when not today."""
+    moment = time.localtime(seen)
+    shown = time.strftime(
+        "%H:%M:%S" if moment[:3] == time.localtime(now)[:3] else "%Y-%m-%d %H:%M", moment
+    )
+    ago = max(0.0, now - seen)
+    if ago < 60:
+        words = f"{ago:.0f} s"
+    elif ago < 120 * 60:
+        words = f"{ago / 60:.0f} min"
+    elif ago < 48 * 3600:
+        words = f"{ago / 3600:.0f} h"
+    else:
+        words = f"{ago / 86400:.0f} days"
+    return f"last seen {shown} ({words} ago)"
 
 
 def cell_table(run_dir: Path) -> pd.DataFrame:
@@ -49,7 +91,13 @@ def cell_table(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(cell_rows(run_dir))
 
 
-def _row(store: ResultsStore, cell: sqlite3.Row, view: dict | None, now: float) -> dict:
+def _row(
+    store: ResultsStore,
+    cell: sqlite3.Row,
+    view: dict | None,
+    now: float,
+    stale_after: float = DEFAULT_STALE_AFTER,
+) -> dict:
     latest = store.db.execute(
         "SELECT iteration, val_metric FROM curve WHERE cell_id = ? AND val_metric IS NOT NULL"
         " ORDER BY iteration DESC LIMIT 1",
@@ -73,12 +121,27 @@ def _row(store: ResultsStore, cell: sqlite3.Row, view: dict | None, now: float) 
         "mean": cell["mean"],
         "note": "",
     }
+    if cell["status"] == "running":
+        # Its worker's last sign of life: the heartbeat, or a change of state (claimed, started).
+        seen = max(cell["heartbeat"] or 0.0, cell["updated_at"] or 0.0)
+        if seen and now - seen > stale_after:
+            row.update(
+                status="stale",
+                elapsed_s=max(0.0, seen - (cell["updated_at"] or seen)),
+                note=last_seen(seen, now),
+            )
     if cell["status"] != "done" and view is not None:
-        _overlay(row, view, cell["updated_at"] or 0.0, now)
+        _overlay(row, view, cell["updated_at"] or 0.0, now, stale_after)
     return row
 
 
-def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
+def _overlay(
+    row: dict,
+    view: dict,
+    store_updated: float,
+    now: float,
+    stale_after: float = DEFAULT_STALE_AFTER,
+) -> None:
     """Update ``row`` with what a cluster worker wrote in the cell's folder, where newer;
     a file there that cannot be used is named in the note instead."""
     result, state, curve = view["result"], view["state"] or {}, view["curve"]
@@ -96,7 +159,7 @@ def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
     elif state and state["updated_at"] > store_updated:
         row.update(status=state["status"], worker=state.get("worker") or "")
         row["metric"] = row["metric"] or state.get("metric")
-        notes += _state_notes(row, state, now)
+        notes += _state_notes(row, state, now, stale_after)
     notes += [f"unreadable {name}" for name in view["errors"]]
     if notes:
         row["note"] = ", ".join(notes)
@@ -106,8 +169,11 @@ def _overlay(row: dict, view: dict, store_updated: float, now: float) -> None:
             row["at_iteration"], row["latest_val"] = validated[-1][0], validated[-1][2]
 
 
-def _state_notes(row: dict, state: dict, now: float) -> list[str]:
-    """What a running or stopped cell's state.json adds: attempts, resumption, heartbeat."""
+def _state_notes(
+    row: dict, state: dict, now: float, stale_after: float = DEFAULT_STALE_AFTER
+) -> list[str]:
+    """What a running or stopped cell's state.json adds: attempts, resumption, heartbeat
+    (a running cell whose task stopped beating is stale, as in the store)."""
     notes = []
     if state.get("attempts", 1) > 1:
         notes.append(f"attempt {state['attempts']}")
@@ -117,10 +183,11 @@ def _state_notes(row: dict, state: dict, now: float) -> list[str]:
         notes.append(str(state["note"]))
     if state["status"] == "running":
         started = state.get("started", state["updated_at"])
+        seen = state.get("heartbeat", started)
         row["elapsed_s"] = now - started
-        silent = now - state.get("heartbeat", started)
-        if silent > 300:
-            notes.append(f"no heartbeat for {silent / 60:.0f} min")
+        if now - seen > stale_after:
+            row.update(status="stale", elapsed_s=max(0.0, seen - started))
+            notes.append(last_seen(seen, now))
     return notes
 
 

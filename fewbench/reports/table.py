@@ -9,6 +9,10 @@ LaTeX (booktabs), CSV and JSON formats live in :mod:`fewbench.reports.formats`;
 HTML lives in :mod:`fewbench.reports.html`, which imports only the former, so
 this module can use both without an import cycle. ``Options.ranks`` replaces the table by
 its rank summary (:mod:`fewbench.reports.ranks`), rendered by the same formats.
+
+Learners are shown by their names (:mod:`fewbench.reports.names`: ``--names``, the suite's
+``names:``, the plugins' paper spellings); a smoke run's entries (``--max-iterations``) say
+they are capped, and a published number is never set against one.
 """
 
 from __future__ import annotations
@@ -42,14 +46,19 @@ __all__ = ["DEFAULT_COLS", "DEFAULT_ROWS", "FORMATS", "Options", "build", "capti
 FORMATS = (*RENDERERS, "html")
 
 
-def _label(dimension: str, value: Any) -> str:
+def _label(dimension: str, value: Any, names: dict[str, str] | None = None) -> str:
+    """How a dimension's value is shown; a learner by its name (fewbench.reports.names)."""
+    if dimension == "learner" and names:
+        return names.get(str(value), str(value))
     return {"ways": f"{value}-way", "shots": f"{value}-shot"}.get(dimension, str(value))
 
 
-def _column_label(dimensions: tuple[str, ...], values: tuple, metric: str) -> str:
+def _column_label(
+    dimensions: tuple[str, ...], values: tuple, metric: str, names: dict[str, str] | None = None
+) -> str:
     """A column's heading; an environment's tasks have no ways or shots to show."""
     shown = [
-        _label(d, v)
+        _label(d, v, names)
         for d, v in zip(dimensions, values, strict=True)
         if by_metric(metric).has_ways or d not in ("ways", "shots")
     ]
@@ -79,8 +88,11 @@ def _check_layout(options: Options, settings: list[Setting]) -> None:
 
 
 def build(results: Results, options: Options) -> ReportTable:
+    from fewbench.reports.names import learner_names
+
     settings = results.settings
     _check_layout(options, settings)
+    names = learner_names(results, dict(options.names), ids=options.ids)
     metrics = {s.metric for s in settings if s.done} or {"accuracy"}
     if len(metrics) > 1:
         raise FewbenchError(
@@ -115,11 +127,15 @@ def build(results: Results, options: Options) -> ReportTable:
     rows: list[Row] = []
     for row in row_keys:
         entries = {col: grid[(row, col)] for col in columns if (row, col) in grid}
-        rows.append(Row(tuple(str(v) for v in row), entries))
+        labels = tuple(
+            _label(d, v, names) if d == "learner" else str(v)
+            for d, v in zip(options.rows, row, strict=True)
+        )
+        rows.append(Row(labels, entries, keys=tuple(str(v) for v in row)))
         if options.with_reference:
-            rows += _reference_rows(row, entries, options)
-    column_labels = [_column_label(options.cols, col, metric) for col in columns]
-    table = ReportTable(options, columns, column_labels, rows, "", metric, settings)
+            rows += _reference_rows(labels, entries, options)
+    column_labels = [_column_label(options.cols, col, metric, names) for col in columns]
+    table = ReportTable(options, columns, column_labels, rows, "", metric, settings, names)
     table.caption = caption(table)
     return table
 
@@ -139,7 +155,9 @@ def _reference_rows(row: tuple, entries: dict[tuple, Entry], options: Options) -
         labels = [str(v) for v in row]
         if "learner" in options.rows:
             i = options.rows.index("learner")
-            name = f"{r.method}, " if r.method else ""
+            # The method's name, unless the row's learner already goes by it (Baseline++).
+            said = labels[i] == r.method or labels[i].startswith(f"{r.method}[")
+            name = f"{r.method}, " if r.method and not said else ""
             labels[i] = f"{labels[i]} ({name}published: {r.source})"
         else:
             labels[0] = f"{labels[0]} (published: {r.source})"
@@ -192,47 +210,52 @@ def caption(table: ReportTable) -> str:
     ]
     if published:
         parts.append(_published_caption(published))
+    parts += capped_caption(table)
     if o.with_reference:
-        parts += _refused_caption(table.settings)
-        parts += _capped_caption(table.settings)
+        parts += _refused_caption(table)
     return " ".join(parts)
 
 
-def _capped_caption(settings: list) -> list[str]:
-    """A smoke run (``--max-iterations``) set beside a published number trained in full
-    says so: its Δ measures the budget, not the method."""
-    capped = sorted(
-        {
-            f"{s.keys['learner']} {s.keys['ways']}-way {s.keys['shots']}-shot "
-            f"({s.config['train']['max_iterations']:,} of {s.config['train']['iterations']:,})"
-            for s in settings
-            if s.config.get("train", {}).get("max_iterations") and refs.matching(s.config)
-        }
-    )
+def capped_caption(table: ReportTable) -> list[str]:
+    """What "capped" means, when a setting of the table is: a smoke run
+    (``fewbench run --max-iterations``) looks like a real one in every number it prints, so
+    each of its entries says it, and a published number is not set against it."""
+    capped = [s for s in table.settings if s.cap is not None]
     if not capped:
         return []
-    return [
-        "Capped by --max-iterations, so their Δ to the published numbers is a short budget's: "
-        + ", ".join(capped)
-        + " training iterations."
-    ]
+    text = (
+        "Capped: a smoke run (fewbench run --max-iterations) that trained only the iterations "
+        "shown, fewer than its settings give; not the method's result."
+    )
+    if table.options.with_reference and any(refs.matching(s.config) for s in capped):
+        text += (
+            " A published number beside a capped entry is not compared with it (no Δ, no "
+            "overlap): the difference would measure the budget, not the method."
+        )
+    return [text]
 
 
-def _refused_caption(settings: list) -> list[str]:
+def _refused_caption(table: ReportTable) -> list[str]:
     """One sentence per published number left out because its cell ran under another
     protocol, saying what differs: the reader learns the number exists and why it is
     not beside the measured one."""
     out: dict[tuple[str, str, str], list[str]] = {}
-    for s in settings:
+    for s in table.settings:
         for r, differs in refs.refused(s.config):
             name = f"{r.method} ({r.source})" if r.method else r.source
             key = (name, f"{s.keys['ways']}-way {s.keys['shots']}-shot", "; ".join(differs))
-            out.setdefault(key, []).append(str(s.keys["learner"]))
+            out.setdefault(key, []).append(table.name(s.keys["learner"]))
     return [
         f"Not shown, published under another protocol: {name}, {setting} {', '.join(sorted(set(learners)))}"
         f" ({differs})."
         for (name, setting, differs), learners in out.items()
     ]
+
+
+def _setting_words(s: Setting) -> str:
+    if not by_metric(s.metric).has_ways:
+        return str(s.keys["dataset"])
+    return f"{s.keys['dataset']} {s.keys['ways']}-way {s.keys['shots']}-shot"
 
 
 def _published_caption(published: list[refs.Reference]) -> str:
@@ -283,7 +306,18 @@ def render(run_dirs: list[Path] | Path, fmt: str = "table", options: Options | N
     if options.ranks:
         from fewbench.reports.ranks import rank_table
 
+        capped = [
+            f"{table.name(s.keys['learner'])} {s.keys['backbone']} in {_setting_words(s)} "
+            f"({s.cap.ran:,} of {s.cap.planned:,} iterations)"
+            for s in table.settings
+            if s.cap is not None
+        ]
         table = rank_table(table)
+        if capped:  # the ranks of a smoke run are a smoke run's
+            table.caption += (
+                " Ranked on capped results, smoke runs (fewbench run --max-iterations) that "
+                f"trained fewer iterations than their settings give: {'; '.join(capped)}."
+            )
     if fmt == "html":
         # Imported here, not at the top: it draws the figures, and matplotlib would slow
         # every command that imports this module (the CLI does) for the one format.

@@ -6,6 +6,11 @@ import contextlib
 import threading
 from collections.abc import Callable
 
+DEFAULT_STALE_AFTER = 120.0  # seconds: fewbench run --stale-after's default
+# The results store's meta key for the workers' --stale-after, so that fewbench status, which
+# is not told it, calls a running cell stale when its workers would take it over.
+STALE_AFTER_META = "stale_after"
+
 
 def interval_for(stale_after: float) -> float:
     """Beat four times per staleness period, so one late beat never makes a cell look lost."""

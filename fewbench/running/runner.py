@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field, replace
@@ -26,8 +27,9 @@ from fewbench.plugin.logger import choose_loggers
 from fewbench.registry import Registry
 from fewbench.reports.table import render
 from fewbench.running import provenance as environment
+from fewbench.running.durations import in_words
 from fewbench.running.executor_setup import EXECUTION_FILE, ExecutorRequest, build_executor
-from fewbench.running.interrupts import first_interrupt_stops
+from fewbench.running.interrupts import Stopping, exit_code_for, first_interrupt_stops
 from fewbench.running.worker import WorkerSettings, follow, resolve_device, work_through
 from fewbench.storage.atomic import write_text_atomically
 from fewbench.storage.journal import collect
@@ -48,9 +50,11 @@ from fewbench.suite.loading import (
     parse_yaml,
     set_targets,
 )
+from fewbench.wording import counted
 
 EXIT_FAILED_CELLS = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = exit_code_for(signal.SIGTERM)  # 143: timeout, kill, a scheduler's SIGTERM
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class RunRequest:
     stale_after: float = 120.0
     threads: int | None = None
     executor: ExecutorRequest = field(default_factory=ExecutorRequest)
+    estimate: bool = True  # time the cells first (fewbench.running.estimate); --no-estimate
     # Loggers added to the suite's ``log:`` (``--log NAME``): names or {name: ..., params}.
     log: tuple[str | dict, ...] = ()
     # Set by ``fewbench tune`` (fewbench.running.tuning): this run is that trial. Its cells' learner
@@ -186,17 +191,64 @@ def own_counts_over_set(suite: Suite, registry: Registry, sets: list[str]) -> li
     ]
 
 
-def print_plan(suite: Suite, registry: Registry, run_dir: Path | None) -> None:
+def stored_states(run_dir: Path | None) -> dict[str, str]:
+    """Each stored cell's status, when ``run_dir`` holds a results store."""
+    if run_dir is None or not (Path(run_dir) / DB_NAME).is_file():
+        return {}
+    store = ResultsStore.open_run(Path(run_dir), must_exist=True, readonly=True)
+    try:
+        return {row["id"]: row["status"] for row in store.cells()}
+    finally:
+        store.close()
+
+
+def print_estimate(
+    suite: Suite, registry: Registry, request: RunRequest, run_dir: Path | None, log: TextIO
+) -> dict[str, float]:
+    """Time the cells still to run on this device and print how long the run will take
+    (:mod:`fewbench.running.estimate`); each cell's estimate, by id. Nothing for a short
+    run, ``--no-estimate``, or cells that run on other machines (Ray, SLURM)."""
+    from fewbench.running import estimate as estimating
+    from fewbench.running.worker import CellRunner, WorkerSettings
+
+    executor = request.executor.name or suite.execution.get("executor")
+    states = stored_states(run_dir)
+    cells = [cell for cell in suite.cells if states.get(cell.id) != "done"]
+    if (
+        not request.estimate
+        or estimating.environment_disabled()
+        or executor not in (None, "local")
+        or not cells
+        or estimating.is_short(cells, registry)
+    ):
+        return {}
+    cache_dir = Path(request.cache_dir) if request.cache_dir else default_cache_dir()
+    settings = WorkerSettings(
+        data_root=str(Path(request.data_root).resolve()),
+        cache_dir=str(cache_dir),
+        device=request.device,
+        threads=request.threads,
+    )
+    runner = CellRunner(settings, registry)
+    print(f"fewbench: timing {counted(len(cells), 'cell')} on {runner.device} first ...", file=log)
+    result = estimating.estimate(cells, registry, runner, cache_dir)
+    suite_file = None if run_dir is not None and run_dir == Path(request.suite) else request.suite
+    for line in estimating.describe(result, len(cells), suite_file):
+        print(line, file=log)
+    return result.seconds
+
+
+def print_plan(
+    suite: Suite,
+    registry: Registry,
+    run_dir: Path | None,
+    estimates: dict[str, float] | None = None,
+) -> None:
     """``--dry-run``: each cell with what it will really do (its training steps after the
-    learner's own count and any cap, its validation and test episodes) and, when the run
-    directory exists, its state there (a done cell is not trained again)."""
-    states: dict[str, str] = {}
-    if run_dir is not None and (Path(run_dir) / DB_NAME).is_file():
-        store = ResultsStore.open_run(Path(run_dir), must_exist=True)
-        try:
-            states = {row["id"]: row["status"] for row in store.cells()}
-        finally:
-            store.close()
+    learner's own count and any cap, its validation and test episodes, its estimated time)
+    and, when the run directory exists, its state there (a done cell is not trained again)."""
+    states = stored_states(run_dir)
+    estimates = estimates or {}
     for cell in suite.cells:
         own = own_steps(cell, registry)
         steps = own if cell.train.max_iterations is None else min(own, cell.train.max_iterations)
@@ -207,11 +259,13 @@ def print_plan(suite: Suite, registry: Registry, run_dir: Path | None) -> None:
             why.append(f"capped from {own}")
         note = f" ({'; '.join(why)})" if why else ""
         state = f"  [{states.get(cell.id, 'new')} in {run_dir}]" if states else ""
+        took = f", about {in_words(estimates[cell.id])}" if cell.id in estimates else ""
         print(
             f"{cell.id}  {cell.label}: {steps} steps{note}, "
-            f"{cell.train.val_episodes} validation / {cell.eval.episodes} test episodes{state}"
+            f"{cell.train.val_episodes} validation / {cell.eval.episodes} test episodes"
+            f"{took}{state}"
         )
-    print(f"{len(suite.cells)} cells")
+    print(counted(len(suite.cells), "cell"))
 
 
 def suite_text_of(suite: Suite) -> str:
@@ -259,8 +313,9 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
     )
     for warning in warnings:
         print(f"warning: {warning}", file=log)
+    estimates = print_estimate(suite, registry, request, resuming or request.out, log)
     if request.dry_run:
-        print_plan(suite, registry, resuming or request.out)
+        print_plan(suite, registry, resuming or request.out, estimates)
         return 0
     if request.threads:
         import torch
@@ -304,9 +359,11 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
             leave()
             return 0
     where = f"{ranks.world} ranks ({device.type})" if ranks else str(device)
-    print(f"fewbench: {len(suite.cells)} cells on {where}, results in {run_dir}", file=log)
+    print(
+        f"fewbench: {counted(len(suite.cells), 'cell')} on {where}, results in {run_dir}", file=log
+    )
     stop = threading.Event()
-    with first_interrupt_stops(stop):
+    with first_interrupt_stops(stop) as stopping:
         try:
             created = not run_dir.exists()
             try:
@@ -334,16 +391,17 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
                 f"fewbench: stopped at once; the last checkpoint holds. Resume with: fewbench run {run_dir}",
                 file=log,
             )
-            return EXIT_INTERRUPTED
+            return interrupted_code(stopping, request)
     if table is not None:
         print(table)
     if summary.interrupted:
+        stopped = "interrupted" if stopping.by == "Ctrl-C" else f"stopped by {stopping.by}"
         print(
-            f"fewbench: interrupted {summary.interrupted} (checkpoint written). "
+            f"fewbench: {stopped} {summary.interrupted} (checkpoint written). "
             f"Resume with: fewbench run {run_dir}",
             file=log,
         )
-        return EXIT_INTERRUPTED
+        return interrupted_code(stopping, request)
     if summary.failed:
         print(
             f"{len(summary.failed)} of {len(suite.cells)} cells failed (rerun them with: "
@@ -354,6 +412,13 @@ def run(request: RunRequest, registry: Registry, log: TextIO | None = None) -> i
             print(f"  {label}: {reason}", file=log)
         return EXIT_FAILED_CELLS
     return 0
+
+
+def interrupted_code(stopping: Stopping, request: RunRequest) -> int:
+    """The exit code of a run that a signal stopped: 128 + that signal (130 for Ctrl-C, 143
+    for SIGTERM), as a shell or a scheduler expects of a process stopped by it (a trial of
+    ``fewbench tune`` too: tune passes it on)."""
+    return stopping.exit_code
 
 
 def check_run_dir(run_dir: Path, what: str) -> None:
@@ -404,4 +469,11 @@ def run_with_executor(
         code = executor.run(run_directory, log)
     if request.tune_trial is None:
         print(render(run_dir, "table"))
+    if code == EXIT_TERMINATED:  # the local executor passed a SIGTERM on to its workers
+        print(
+            f"fewbench: stopped by SIGTERM (each worker checkpointed its cell). "
+            f"Resume with: fewbench run {run_dir}",
+            file=log,
+        )
+        return interrupted_code(Stopping(signal.SIGTERM), request)
     return code

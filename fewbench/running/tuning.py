@@ -499,7 +499,7 @@ def run_trial(
             flush=True,
         )
         code = runner.run(trial_request, registry, log)
-        if code == runner.EXIT_INTERRUPTED:
+        if code in (runner.EXIT_INTERRUPTED, runner.EXIT_TERMINATED):  # Ctrl-C, SIGTERM
             stop_trial(study, trial, "interrupted")
             write_record(checked.run_dir, record_of(checked, study, request.trials))
             print(
@@ -508,7 +508,7 @@ def run_trial(
                 f"{request.trials})",
                 file=log,
             )
-            return runner.EXIT_INTERRUPTED
+            return code  # 130 or 143, as the signal that stopped it
         collect(checked.run_dir)  # what cluster workers finished and the driver has not copied
         verdict = validation_of(checked.run_dir, [c.id for c in cells])
         if verdict.unfinished:

@@ -44,8 +44,8 @@ from fewbench.reports.stats import mean_ci95
 from fewbench.running import cpu_heap
 from fewbench.running.durations import in_words
 from fewbench.running.evaluation import EpisodeSpec, dataset_identity, evaluate_with_extras
-from fewbench.running.heartbeat import interval_for
-from fewbench.running.interrupts import first_interrupt_stops
+from fewbench.running.heartbeat import STALE_AFTER_META, interval_for
+from fewbench.running.interrupts import Stopping, first_interrupt_stops
 from fewbench.running.provenance import plugin_version
 from fewbench.running.training import Interrupted, TrainingFailed, train
 from fewbench.storage.atomic import write_json_atomically
@@ -509,6 +509,8 @@ def work_through(
     stop = stop or threading.Event()
     summary = WorkSummary()
     try:
+        # For fewbench status: a running cell whose heartbeat is older than this is stale.
+        store.set_meta(STALE_AFTER_META, settings.stale_after)
         order = store.current_cells()
         number_of = {cell_id: number for number, cell_id in enumerate(order, start=1)}
         runner = CellRunner(settings, registry, device)
@@ -636,17 +638,20 @@ def main(argv: list[str] | None = None) -> int:
     run_dir, settings_json = argv if argv is not None else sys.argv[1:]
     settings = WorkerSettings.from_dict(json.loads(settings_json))
     stop = threading.Event()
+    stopping = Stopping()
     try:
         cpu_heap.keep_large_blocks_on_heap()  # first: before any thread allocates
-        with first_interrupt_stops(stop):
+        # SIGTERM as Ctrl-C: from the process group (timeout, a scheduler) or passed on by
+        # the local executor's driver; exits 128 + the signal, 143 for SIGTERM.
+        with first_interrupt_stops(stop) as stopping:
             summary = work_through(Path(run_dir), settings, log=sys.stderr, stop=stop)
     except FewbenchError as exc:
         print(f"fewbench worker: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return stopping.exit_code
     if summary.interrupted:
-        return 130
+        return stopping.exit_code
     return 1 if summary.failed else 0
 
 

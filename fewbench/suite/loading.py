@@ -53,6 +53,11 @@ TOP_LEVEL = {
         help="the published protocol a reproduction suite follows: {paper, tables, protocol, "
         "split, backbone, training, batch_norm, test_time, deviations}; not part of cells",
     ),
+    "names": Param(
+        {},
+        help="how reports name the learners: {learner: name}, e.g. {maml: MAML (ours)}; a "
+        "learner's plugin name or label; not part of cells",
+    ),
 }
 REQUIRED = ("name", "datasets", "tasks", "backbones", "learners")
 TASKS = schema(Tasks)
@@ -387,6 +392,8 @@ class CheckedSuite:
     log: list[dict[str, Any]] = field(default_factory=list)
     # The ``reproduces:`` section, checked; None when the suite reproduces no paper.
     reproduces: Reproduces | None = None
+    # The ``names:`` section, checked: learner (plugin name or label) -> its name in reports.
+    names: dict[str, str] = field(default_factory=dict)
 
 
 def check_structure(source: SuiteSource, registry: Registry) -> CheckedSuite:
@@ -431,7 +438,8 @@ def check_structure(source: SuiteSource, registry: Registry) -> CheckedSuite:
         log=_check_log(source, registry),
         reproduces=_check_reproduces(source),
     )
-    return replace(checked, search=parse_search(source))
+    names = _check_names(source, checked.entries["learners"])
+    return replace(checked, names=names, search=parse_search(source))
 
 
 def _check_reproduces(source: SuiteSource) -> Reproduces | None:
@@ -442,6 +450,38 @@ def _check_reproduces(source: SuiteSource) -> Reproduces | None:
     except FewbenchError as exc:  # "reproduces.KEY: what is wrong": point at that line
         path, _, message = str(exc).partition(": ")
         raise source.error(path, message) from None
+
+
+def _check_names(source: SuiteSource, learners: list[PluginEntry]) -> dict[str, str]:
+    """The ``names:`` section: how reports name the suite's learners (fewbench.reports.names).
+    A key is a learner's plugin name (``maml``: its variants keep their label's suffix) or a
+    label (``maml[inner_lr=0.1]``); one the suite does not have is a typo, refused. Like
+    ``log:``, it never enters a cell, so renaming keeps the cell ids."""
+    raw = source.data.get("names")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise source.error(
+            "names", f"expected a mapping of learner to name, like {{maml: MAML}}, got {raw!r}"
+        )
+    known = list(dict.fromkeys([e.plugin.name for e in learners] + [e.label for e in learners]))
+    names = {}
+    for key, value in raw.items():
+        path = f"names.{key}"
+        if key not in known:
+            raise source.error(
+                path,
+                f"no learner '{key}' in this suite{closest(str(key), known)}; its learners: "
+                f"{', '.join(known)}",
+            )
+        if (
+            not isinstance(value, str)
+            or not value.strip()
+            or any(not c.isprintable() for c in value)
+        ):
+            raise source.error(path, f"expected a name (one line of text), got {value!r}")
+        names[key] = value.strip()
+    return names
 
 
 def _checked_eval(source: SuiteSource, registry: Registry, settings: dict[str, Any]) -> dict:

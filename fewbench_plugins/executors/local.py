@@ -8,6 +8,11 @@ the driver stored, by id; none reads the suite. A worker that dies loses its
 cell's progress since the last checkpoint: the others see its process is gone and
 take the cell over. The driver prints the overall progress while they work.
 With one worker and no GPUs listed, the driver runs the cells itself.
+
+Ctrl-C reaches the workers from the terminal (they share the driver's process group); a
+SIGTERM sent to the driver alone is passed on to them (:meth:`RunDir.passing_sigterm_on`):
+each checkpoints its cell, marks it interrupted and exits 143, and so does the driver once
+they have.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import subprocess
 import time
 
 from fewbench.plugin import Executor, ExecutorOption, FewbenchError, Param, RunDir, hookimpl
+
+POLL_S = 0.5  # how often the driver checks whether its workers are still running
 
 
 def gpu_indices(text: str) -> list[int]:
@@ -101,44 +108,58 @@ class LocalExecutor(Executor):
             slots = slots[: max(1, waiting)]
         logs = run.path / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        processes = []
-        for index, slot in enumerate(slots):
-            env, threads = self.worker_env(slot, len(slots), run.settings.threads)
-            changes = {"threads": threads, "progress": False}
-            if slot:  # the worker sees only its own GPU
-                changes["device"] = "cuda"
-            argv = run.worker_command(**changes)
-            out = open(logs / f"worker-{index}.log", "ab")  # noqa: SIM115 - closed below
-            processes.append((subprocess.Popen(argv, env=env, stdout=out, stderr=out), out))
-        where = f"GPUs {self.config['gpus']}" if self.config["gpus"] else "this machine"
-        print(
-            f"fewbench: {len(processes)} workers on {where}; logs in {logs}; "
-            f"fewbench status {run.path} shows every cell",
-            file=log,
-            flush=True,
-        )
-        try:
-            last = ""
-            # Poll every process each round (not any(), which stops at the first live one):
-            # polling reaps a dead worker, and only then does its pid read as gone.
-            while sum(p.poll() is None for p, _ in processes):
-                time.sleep(self.config["progress_every"])
-                line = run.progress(workers=len(processes))
-                if line != last:
-                    print(f"fewbench: {line}", file=log, flush=True)
-                    last = line
-        finally:
-            for index, (process, out) in enumerate(processes):
-                code = process.wait()
-                out.close()
-                if code not in (0, 1):
-                    print(
-                        f"fewbench: worker {index} exited with code {code}; see {logs}/worker-{index}.log",
-                        file=log,
-                        flush=True,
-                    )
+        processes: list[tuple[subprocess.Popen, object]] = []
+        workers: list[subprocess.Popen] = []  # read by the SIGTERM handler as they start
+        with run.passing_sigterm_on(workers, log) as stopping:
+            try:
+                for index, slot in enumerate(slots):
+                    env, threads = self.worker_env(slot, len(slots), run.settings.threads)
+                    changes = {"threads": threads, "progress": False}
+                    if slot:  # the worker sees only its own GPU
+                        changes["device"] = "cuda"
+                    argv = run.worker_command(**changes)
+                    out = open(logs / f"worker-{index}.log", "ab")  # noqa: SIM115 - closed below
+                    processes.append((subprocess.Popen(argv, env=env, stdout=out, stderr=out), out))
+                    workers.append(processes[-1][0])
+                where = f"GPUs {self.config['gpus']}" if self.config["gpus"] else "this machine"
+                print(
+                    f"fewbench: {len(processes)} workers on {where}; logs in {logs}; "
+                    f"fewbench status {run.path} shows every cell",
+                    file=log,
+                    flush=True,
+                )
+                last, every = "", self.config["progress_every"]
+                due = time.monotonic() + every
+                # Poll every process each round (not any(), which stops at the first live one):
+                # polling reaps a dead worker, and only then does its pid read as gone.
+                while sum(p.poll() is None for p, _ in processes):
+                    # In short naps, not one of progress_every: workers that a SIGTERM stopped
+                    # are seen within a second, so that the driver exits right after them.
+                    time.sleep(min(every, POLL_S))
+                    if time.monotonic() < due:
+                        continue
+                    due = time.monotonic() + every
+                    line = run.progress(workers=len(processes))
+                    if line != last:
+                        print(f"fewbench: {line}", file=log, flush=True)
+                        last = line
+            finally:
+                for index, (process, out) in enumerate(processes):
+                    code = process.wait()
+                    out.close()
+                    # A worker that a SIGTERM stopped exits as the driver does (143): expected.
+                    if code not in (0, 1) and not (
+                        stopping.requested and code == stopping.exit_code
+                    ):
+                        print(
+                            f"fewbench: worker {index} exited with code {code}; see {logs}/worker-{index}.log",
+                            file=log,
+                            flush=True,
+                        )
         print(f"fewbench: {run.progress()}", file=log, flush=True)
-        return run.exit_code()
+        code = run.exit_code()
+        # Stopped by a SIGTERM before every cell was done: 143, as the workers exited.
+        return stopping.exit_code if stopping.requested and code != 0 else code
 
 
 @hookimpl

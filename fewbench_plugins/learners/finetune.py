@@ -47,6 +47,7 @@ class CosineHead(nn.Module):
 
 class FineTune(Learner):
     name = "finetune"
+    display_name = (({"head": "cosine"}, "Baseline++"), ({}, "Baseline"))
     state_attributes = ("network", "optimizer")
     description = "Pretrain on all training classes, fit a new head per episode (Chen et al. 2019)"
     batch_kind = "examples"

@@ -24,6 +24,7 @@ from fewbench_plugins.learners.maml import FAMILY_PARAMS, MAML
 
 class ANIL(MAML):
     name = "anil"
+    display_name = "ANIL"
     description = "ANIL: MAML adapting only the head in the inner loop (Raghu et al. 2020)"
     params = FAMILY_PARAMS
 
@@ -33,6 +34,7 @@ class ANIL(MAML):
 
 class BOIL(MAML):
     name = "boil"
+    display_name = "BOIL"
     description = "BOIL: MAML adapting only the body in the inner loop (Oh et al. 2021)"
     params = FAMILY_PARAMS
 

@@ -38,6 +38,7 @@ from fewbench_plugins.learners.maml_engines import ENGINES
 
 class MAML(Learner):
     name = "maml"
+    display_name = "MAML"
     state_attributes = ("model", "optimizer")
     out_of_memory_hint = "lower meta_batch_size or use first_order: true"
     description = "Model-agnostic meta-learning, second order (Finn et al. 2017)"
@@ -210,6 +211,7 @@ FAMILY_PARAMS = {
 
 class FirstOrderMAML(MAML):
     name = "fomaml"
+    display_name = "FO-MAML"
     description = "First-order MAML: the query gradient at the adapted weights updates theta"
     params = {**MAML.params, "first_order": Param(True, help="drop second derivatives")}
 

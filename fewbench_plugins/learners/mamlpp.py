@@ -66,6 +66,7 @@ def msl_weights(steps: int, msl_epochs: int, epoch: int) -> list[float]:
 
 class MAMLPlusPlus(MAML):
     name = "mamlpp"
+    display_name = "MAML++"
     description = "MAML++: MAML with the five stabilising changes of Antoniou et al. (2019)"
     state_attributes = ("adapter", "optimizer")
     params = {

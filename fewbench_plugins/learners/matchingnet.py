@@ -93,6 +93,7 @@ class FullContextEmbeddings(nn.Module):
 
 class MatchingNet(Learner):
     name = "matchingnet"
+    display_name = "Matching Networks"
     state_attributes = ("network", "optimizer")
     description = "Matching networks: cosine attention over the support set (Vinyals et al. 2016)"
     out_of_memory_hint = "lower meta_batch_size, or the ways and query of the training episodes"

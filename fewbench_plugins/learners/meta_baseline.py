@@ -68,6 +68,7 @@ def cosine_prototype_logits(
 
 class MetaBaseline(Learner):
     name = "meta_baseline"
+    display_name = (({"meta_iterations": 0}, "Classifier-Baseline"), ({}, "Meta-Baseline"))
     state_attributes = ("model", "pretrain_optimizer", "meta_optimizer")
     description = (
         "Classifier-Baseline pretraining, then meta-training of cosine prototypes "

@@ -23,6 +23,7 @@ from fewbench_plugins.learners.maml import FAMILY_PARAMS, MAML
 
 class MetaSGD(MAML):
     name = "metasgd"
+    display_name = "Meta-SGD"
     description = "Meta-SGD: a meta-learnt learning rate per parameter element (Li et al. 2017)"
     state_attributes = ("adapter", "optimizer")
     params = {

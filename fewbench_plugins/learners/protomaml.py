@@ -40,6 +40,7 @@ def prototype_head(loop: InnerLoop, params: Params, sx: Tensor, sy: Tensor) -> P
 
 class ProtoMAML(MAML):
     name = "protomaml"
+    display_name = "Proto-MAML"
     description = (
         "Proto-MAML: MAML from a head initialised by prototypes (Triantafillou et al. 2020)"
     )

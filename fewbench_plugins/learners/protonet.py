@@ -97,6 +97,7 @@ def cosine_similarities(query: Tensor, keys: Tensor) -> Tensor:
 
 class ProtoNet(Learner):
     name = "protonet"
+    display_name = "Prototypical Networks"
     state_attributes = ("network", "optimizer")
     description = "Prototypical networks: distances to class-mean embeddings (Snell et al. 2017)"
     out_of_memory_hint = "lower meta_batch_size, or the ways and query of the training episodes"

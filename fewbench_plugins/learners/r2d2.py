@@ -105,6 +105,7 @@ class RidgeHead(nn.Module):
 
 class R2D2(Learner):
     name = "r2d2"
+    display_name = "R2-D2"
     state_attributes = ("model", "optimizer")
     description = "Ridge regression head solved in closed form per episode (Bertinetto et al. 2019)"
     out_of_memory_hint = "lower meta_batch_size"

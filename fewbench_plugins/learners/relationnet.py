@@ -161,6 +161,7 @@ def one_hot_targets(query_y: Tensor, ways: int, dtype: torch.dtype) -> Tensor:
 
 class RelationNet(Learner):
     name = "relationnet"
+    display_name = "Relation Network"
     state_attributes = ("embedding", "relation", "optimizer")
     description = (
         "Relation networks: a learnt relation module scores query-class pairs (Sung et al. 2018)"

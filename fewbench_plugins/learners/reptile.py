@@ -42,6 +42,7 @@ from fewbench.plugin import EpisodeBatch, FewbenchError, Learner, LearnerContext
 
 class Reptile(Learner):
     name = "reptile"
+    display_name = (({"transductive": True}, "Reptile + Transduction"), ({}, "Reptile"))
     description = (
         "Reptile: move the initialisation towards task-adapted weights (Nichol et al. 2018)"
     )

@@ -72,6 +72,7 @@ def normalize(features: Tensor) -> Tensor:
 
 class RFS(Learner):
     name = "rfs"
+    display_name = "RFS-simple"
     state_attributes = ("network", "optimizer")
     description = "Supervised embedding + per-episode logistic regression (Tian et al. 2020)"
     batch_kind = "examples"

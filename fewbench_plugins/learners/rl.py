@@ -232,6 +232,7 @@ class MAMLTRPO(PolicyLearner):
     """
 
     name = "maml_trpo"
+    display_name = "MAML"
     description = "MAML for RL: policy-gradient inner step, TRPO outer step (Finn et al. 2017)"
     params = {
         "inner_lr": Param(0.1, minimum=0.0, help="inner step size alpha (appendix A.2: 0.1)"),
@@ -296,6 +297,7 @@ class PretrainedPolicy(PolicyLearner):
     method (docs/design/maml-rl.md 5)."""
 
     name = "pretrain_rl"
+    display_name = "pretrained"
     description = "One policy trained on all tasks (TRPO), fine-tuned at test time"
     params = {**COMMON_PARAMS, **TRPO_PARAMS}
 
@@ -312,6 +314,7 @@ class RandomInitialisation(PolicyLearner):
     training iterations; the policy is the seeded random initialisation."""
 
     name = "random_init"
+    display_name = "random"
     description = "A randomly initialised policy, adapted at test time only"
     params = dict(COMMON_PARAMS)
 
@@ -327,6 +330,7 @@ class Oracle(PretrainedPolicy):
     evaluated without adaptation (the code's oracle takes no step: a flat line in figure 5)."""
 
     name = "oracle"
+    display_name = "oracle"
     description = "A policy that observes the task (TRPO on all tasks), not adapted"
     observe_task = True
     adapts = False

@@ -1,0 +1,109 @@
+"""The time estimate before a run (issue 30): measured on the device at hand, cached, shown
+in --dry-run, honest against the run it estimates, and a warning with a way out when a
+suite would take hours on a CPU."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewbench.cli.parser import main
+from fewbench.registry import Registry
+from fewbench.running import estimate as estimating
+from fewbench.running.runner import RunRequest, load
+from fewbench.running.worker import CellRunner, WorkerSettings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SUITE = """\
+name: estimate
+seeds: [0]
+datasets: [{name: sinusoid}]
+tasks: {ways: 1, shots: 10, query: 10}
+backbones: [{name: mlp, hidden: [40, 40]}]
+learners:
+  - {name: maml, inner_lr: 0.01, meta_batch_size: 10}
+  - {name: finetune, head: linear, batch_size: 100}
+train: {iterations: 400, validate_every: 100, val_episodes: 20}
+eval: {episodes: 100, query: 20, seed: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Registry()
+
+
+@pytest.fixture
+def suite(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FEWBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEWBENCH_NO_ESTIMATE", raising=False)
+    path = tmp_path / "estimate.yaml"
+    path.write_text(SUITE)
+    return path
+
+
+def estimate_of(suite: Path, registry, tmp_path: Path) -> estimating.Estimate:
+    request = RunRequest(suite=suite, data_root=tmp_path)
+    expanded, _ = load(request, registry, None)
+    runner = CellRunner(WorkerSettings(data_root=str(tmp_path)), registry, torch.device("cpu"))
+    return estimating.estimate(expanded.cells, registry, runner, tmp_path / "cache")
+
+
+def test_the_estimate_is_close_to_the_time_the_run_takes(suite, registry, tmp_path, capsys):
+    """Timed with the run it estimates, on the same machine: the whole run's wall time is
+    within a factor of two of the estimate either way (the probe times 4 steps of each
+    cell, the run takes 400, with set-up, validation and test episodes)."""
+    result = estimate_of(suite, registry, tmp_path)
+    assert len(result.seconds) == 2 and not result.untimed and result.probe_seconds > 0
+    began = time.perf_counter()
+    assert main(["run", str(suite), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    measured = time.perf_counter() - began
+    err = capsys.readouterr().err
+    assert "timings from an earlier probe on this device" in err  # the cache, not a new probe
+    assert measured / 2 < result.total < measured * 2, (result.seconds, measured)
+
+
+def test_dry_run_prints_the_total_and_each_cell(suite, capsys):
+    assert main(["run", str(suite), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "fewbench: estimated " in err and "for 2 cells, one after another, on cpu" in err
+    assert "timed up to 4 steps and 4 episodes of each of 2 kinds of cell" in err
+    assert all(", about " in line for line in out.splitlines()[:2]), out
+
+
+def test_no_estimate_for_a_short_run_or_when_asked(suite, capsys):
+    assert main(["run", str(suite), "--dry-run", "--max-iterations", "5"]) == 0
+    assert "estimate" not in capsys.readouterr().err  # a smoke run is not worth timing
+    assert main(["run", str(suite), "--dry-run", "--no-estimate"]) == 0
+    assert "estimate" not in capsys.readouterr().err
+
+
+def test_the_cache_is_keyed_by_what_decides_a_step_s_cost(suite, registry, tmp_path):
+    request = RunRequest(suite=suite, data_root=tmp_path)
+    cells = load(request, registry, None)[0].cells
+    maml, finetune = cells
+    cpu = torch.device("cpu")
+    key = estimating.kind_key(maml, cpu, 2)
+    assert key != estimating.kind_key(finetune, cpu, 2)  # another learner
+    assert key != estimating.kind_key(maml, cpu, 1)  # other threads
+    longer = RunRequest(suite=suite, data_root=tmp_path, sets=("train.iterations=9000",))
+    assert estimating.kind_key(load(longer, registry, None)[0].cells[0], cpu, 2) == key
+
+
+def test_hours_on_a_cpu_point_to_the_cpu_counterpart_and_a_smoke_run(tmp_path):
+    (tmp_path / "omniglot.yaml").write_text("")
+    (tmp_path / "omniglot-cpu.yaml").write_text("")
+    long = estimating.Estimate({"a": 9 * 3600.0, "b": 6 * 3600.0}, {}, 2, 12.0, "cpu", 2)
+    lines = estimating.describe(long, 2, tmp_path / "omniglot.yaml")
+    assert lines[0].startswith("fewbench: estimated 15.0 h for 2 cells")
+    assert lines[1] == (
+        f"warning: about 15.0 h on this CPU; {tmp_path / 'omniglot-cpu.yaml'} is this suite's "
+        "CPU counterpart; a GPU runs it far sooner, and --max-iterations N makes a short "
+        "smoke run of the same grid"
+    )
+    short = estimating.Estimate({"a": 600.0}, {}, 1, 0.0, "cpu", 2)
+    assert len(estimating.describe(short, 1, tmp_path / "omniglot.yaml")) == 1
