@@ -15,7 +15,7 @@ report prints under it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import matplotlib
@@ -78,6 +78,19 @@ def _legend_outside(ax: plt.Axes) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9)
 
 
+def _grouped(
+    results: Results, keep: Callable[[Setting], bool] = lambda s: True
+) -> tuple[bool, dict[str, list[Setting]]]:
+    """Whether the runs hold several backbones (then a method's name says its backbone),
+    and the settings ``keep`` accepts, grouped by what one figure shows."""
+    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
+    by_setting: dict[str, list[Setting]] = {}
+    for s in results.settings:
+        if keep(s):
+            by_setting.setdefault(setting_name(s), []).append(s)
+    return several_backbones, by_setting
+
+
 def training_curves(
     results: Results,
     out_dir: Path,
@@ -86,10 +99,7 @@ def training_curves(
     captions: dict[str, str] | None = None,
 ) -> list[Path]:
     paths: list[Path] = []
-    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
-    by_setting: dict[str, list[Setting]] = {}
-    for s in results.settings:
-        by_setting.setdefault(setting_name(s), []).append(s)
+    several_backbones, by_setting = _grouped(results)
     for name, settings in by_setting.items():
         fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
         drawn = False
@@ -202,11 +212,7 @@ def episode_distributions(
     names: Names = None,
     captions: dict[str, str] | None = None,
 ) -> list[Path]:
-    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
-    by_setting: dict[str, list[Setting]] = {}
-    for s in results.settings:
-        if s.done:
-            by_setting.setdefault(setting_name(s), []).append(s)
+    several_backbones, by_setting = _grouped(results, lambda s: s.done)
     paths: list[Path] = []
     for name, settings in by_setting.items():
         metric = settings[0].metric
@@ -247,11 +253,9 @@ def returns_by_steps(
 ) -> list[Path]:
     """Average return against the number of gradient steps at test time, one line per
     learner, mean ± 95% CI over tasks and seeds (Finn et al. 2017, figure 5)."""
-    several_backbones = len({s.keys["backbone"] for s in results.settings}) > 1
-    by_setting: dict[str, list[Setting]] = {}
-    for s in results.settings:
-        if s.done and any(STEPS_NAME.fullmatch(name) for name in s.extras):
-            by_setting.setdefault(setting_name(s), []).append(s)
+    several_backbones, by_setting = _grouped(
+        results, lambda s: s.done and any(STEPS_NAME.fullmatch(name) for name in s.extras)
+    )
     paths: list[Path] = []
     for name, settings in by_setting.items():
         fig, ax = plt.subplots(figsize=(6.5, 4))
