@@ -143,6 +143,8 @@ def cmd_reports(args: argparse.Namespace) -> int:
             ranks=args.ranks,
             names=tuple(given.items()),
             ids=args.ids,
+            protocol=args.protocol,
+            interval=args.interval,
         )
         write_output(render(args.run_dirs, args.format, options), args.out)
         return 0
@@ -205,6 +207,39 @@ def cmd_export(run_dir: Path, cell: str | None, out: Path, force: bool = False) 
     return 0
 
 
+def cmd_episodes(args: argparse.Namespace) -> int:
+    """``fewbench episodes export|score``: a setting's test episodes as a manifest; an
+    outside method's predictions on them scored into a run directory (fewbench.episodes)."""
+    from fewbench.storage.paths import default_cache_dir, default_data_root
+
+    root, cache = args.data_root or default_data_root(), args.cache_dir or default_cache_dir()
+    if args.action == "export":
+        from fewbench.episodes.export import export_episodes
+
+        done = export_episodes(
+            args.source, args.cell, args.out, data_root=root, cache_dir=cache,
+            sets=args.sets, force=args.force,
+        )  # fmt: skip
+        print(
+            f"fewbench: wrote {done.path}: {done.setting.describe()}, the test episodes of "
+            f"{counted(len(done.cells), 'cell')} (sha256 {done.sha256[:12]})",
+            file=sys.stderr,
+        )
+        return 0
+    from fewbench.episodes.score import score_predictions
+
+    scored = score_predictions(
+        args.manifest, args.predictions, args.out, name=args.name, backbone=args.backbone,
+        data_root=root, cache_dir=cache,
+    )  # fmt: skip
+    print(
+        f"fewbench: scored {scored.label}: {100 * scored.mean:.2f} ± {100 * scored.ci95:.2f}% "
+        f"over {len(scored.values)} episodes, in {scored.run_dir} (fewbench report / compare)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_tune(request, trials: int, seed: int | None, registry: Registry) -> int:
     """``fewbench tune``: Optuna trials of the suite's search space, judged on validation."""
     from fewbench.running.tuning import TuneRequest, tune
@@ -212,10 +247,10 @@ def cmd_tune(request, trials: int, seed: int | None, registry: Registry) -> int:
     return tune(TuneRequest(request, trials, seed), registry)
 
 
-def cmd_status(run_dir: Path) -> int:
+def cmd_status(run_dir: Path, protocol: bool = False) -> int:
     from fewbench.reports.status import render_status
 
-    write_stdout(render_status(run_dir))
+    write_stdout(render_status(run_dir, protocol=protocol))
     return 0
 
 

@@ -215,6 +215,20 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
         help="instead of the table, each method's rank in each setting (column), its "
         "average rank, settings ranked and times best",
     )
+    report.add_argument(
+        "--protocol",
+        action="store_true",
+        help="after the table, each setting's protocol card: dataset, backbone size, training "
+        "seen, test episodes, test-time steps, batch norm at test, inductive or transductive",
+    )
+    report.add_argument(
+        "--interval",
+        choices=("episodes", "population"),
+        default="episodes",
+        help="the ±: episodes (default) covers other episodes of the same test classes; "
+        "population also covers the draw of the test classes (new classes and examples), "
+        "drawing the episodes' classes again from the data root",
+    )
     add_name_options(report)
 
     compare = commands.add_parser(
@@ -252,6 +266,9 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
 
     status = commands.add_parser("status", help="every cell of a run directory and where it stands")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    status.add_argument(
+        "--protocol", action="store_true", help="each finished cell's protocol card in full"
+    )
     collect = commands.add_parser(
         "collect",
         help="copy cells finished by cluster workers (ray, slurm) into the results store",
@@ -311,6 +328,9 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
         "plugins", help="list datasets, backbones and learners with their providers"
     )
     plugins.add_argument("--refresh", action="store_true", help=REFRESH_HELP)
+    from fewbench.cli.episodes import add_episodes_command  # fewbench episodes export|score
+
+    add_episodes_command(commands)
     return parser
 
 
@@ -381,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("report", "compare", "plot"):
             return commands.cmd_reports(args)
         if args.command == "status":
-            return commands.cmd_status(args.run_dir)
+            return commands.cmd_status(args.run_dir, protocol=args.protocol)
         if args.command == "export":
             return commands.cmd_export(args.run_dir, args.cell, args.out, args.force)
+        if args.command == "episodes":
+            return commands.cmd_episodes(args)
         if args.command == "collect":
             return commands.cmd_collect(args.run_dir)
         if args.command == "ledger":

@@ -17,7 +17,10 @@ learner composes it:
 * batch norm (``per_step_batch_norm``): the model's own batch norm (batch statistics
   when the backbone keeps none: Finn et al.'s transductive mode; running statistics
   when it keeps them, used at test time in eval mode: the inductive mode), or
-  :class:`PerStepBatchNorm`, MAML++'s per-step weights and biases;
+  :class:`PerStepBatchNorm`, MAML++'s per-step weights and biases; and which statistics a
+  query forward takes (``query_statistics``): the query set's own (``"query"``, Finn et al.'s
+  transductive mode) or the support set's (``"support"``: no query's output depends on
+  another, in meta-training and at test alike; see :func:`support_statistics`);
 * a per-task initialisation (``task_init``), e.g. Proto-MAML's head from prototypes;
 * the multi-step loss (``step_weights`` in :meth:`Adapter.meta_gradient`): the query
   loss after every step, weighted, as in MAML++.
@@ -41,6 +44,7 @@ the step size).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -272,6 +276,51 @@ def inductive_batch_norm(models: Sequence[nn.Module]) -> Iterator[None]:
             module.train(training)
 
 
+QUERY_STATISTICS = ("query", "support")
+
+
+def _normalise_with_leading(self: nn.modules.batchnorm._BatchNorm, count: int, x: Tensor) -> Tensor:
+    """Batch norm of ``x`` with the statistics of its first ``count`` examples only."""
+    dims = [0, *range(2, x.dim())]
+    leading = x[:count]
+    mean = leading.mean(dim=dims, keepdim=True)
+    var = leading.var(dim=dims, unbiased=False, keepdim=True)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(var + self.eps)
+    if self.affine:
+        scale = scale * self.weight.view(shape)
+    shift = -mean * scale
+    if self.affine:
+        shift = shift + self.bias.view(shape)
+    return torch.addcmul(shift, x, scale)
+
+
+@contextmanager
+def support_statistics(model: nn.Module, count: int) -> Iterator[None]:
+    """For the duration, every batch norm of ``model`` that keeps no running statistics
+    normalises a batch with the statistics of its first ``count`` examples.
+
+    A query forward of the inductive mode runs on the support set followed by the query set,
+    with ``count`` the support set's size: each query is normalised with the support set's
+    statistics (at the adapted weights), so no query's output depends on another query, and
+    a query's output is what it would be with that query alone. Batch norms with running
+    statistics are left as they are (eval mode at test time is inductive already; in
+    meta-training they gather their averages). Any forward an engine patched in before (the
+    batched engine's, :func:`vmap_safe_batch_norm`) is restored afterwards."""
+    modules = [m for m in batch_norms(model) if m.running_mean is None]
+    saved = [(m, m.__dict__.get("forward")) for m in modules]
+    for module in modules:
+        module.forward = functools.partial(_normalise_with_leading, module, count)
+    try:
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
 # -- choosing an engine -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineChoice:
@@ -442,6 +491,22 @@ class InnerLoop:
     optimizer: str = "sgd"
     adam_betas: tuple[float, float] = (0.0, 0.999)
     adam_eps: float = 1e-8
+    query_statistics: str = "query"  # QUERY_STATISTICS: see Adapter
+
+    def query_forward(self, params: Params, sx: Tensor, qx: Tensor, step: int = 0) -> Tensor:
+        """The query set's outputs after adaptation: one forward of the query set
+        (``query_statistics: query``), or of support and query with the support set's batch
+        statistics (``support``: :func:`support_statistics`)."""
+        if self.query_statistics == "query":
+            return self.forward(params, qx, step)
+        count = sx.shape[0]
+        with support_statistics(self.model, count):
+            return self.forward(params, torch.cat([sx, qx]), step)[count:]
+
+    def query_loss(
+        self, params: Params, sx: Tensor, qx: Tensor, qy: Tensor, step: int = 0
+    ) -> Tensor:
+        return self.loss(self.query_forward(params, sx, qx, step), qy)
 
     def forward(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
         if self.per_step is not None:
@@ -551,17 +616,23 @@ class InnerLoop:
         return trajectory
 
     def query_objective(
-        self, trajectory: list[Params], qx: Tensor, qy: Tensor, weights: Sequence[float] | None
+        self,
+        trajectory: list[Params],
+        qx: Tensor,
+        qy: Tensor,
+        weights: Sequence[float] | None,
+        sx: Tensor | None = None,
     ) -> Tensor:
-        """The query loss after the last step, or the weighted sum over steps (MAML++)."""
+        """The query loss after the last step, or the weighted sum over steps (MAML++);
+        ``sx``, the support set, is needed with ``query_statistics: support``."""
         steps = len(trajectory) - 1
         if weights is None:
-            return self.task_loss(trajectory[-1], qx, qy, max(steps - 1, 0))
+            return self.query_loss(trajectory[-1], sx, qx, qy, max(steps - 1, 0))
         total = None
         for step, weight in enumerate(weights, start=1):
             if weight == 0:
                 continue
-            term = weight * self.task_loss(trajectory[step], qx, qy, step - 1)
+            term = weight * self.query_loss(trajectory[step], sx, qx, qy, step - 1)
             total = term if total is None else total + term
         return total
 
@@ -589,8 +660,12 @@ class Adapter(nn.Module):
         tasks_per_call: int = 0,
         per_step_batch_norm: PerStepBatchNorm | None = None,
         task_init: TaskInit | None = None,
+        query_statistics: str = "query",
     ):
         super().__init__()
+        if query_statistics not in QUERY_STATISTICS:
+            raise ValueError(f"query_statistics must be query or support; got {query_statistics!r}")
+        self.query_statistics = query_statistics
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
         if optimizer not in OPTIMIZERS:
@@ -648,6 +723,7 @@ class Adapter(nn.Module):
                 self.per_step_batch_norm,
                 self.task_init,
                 self.optimizer,
+                query_statistics=self.query_statistics,
             )
             for m in self.replicas.get(count)
         ]
@@ -804,7 +880,7 @@ def _loop_share(
             vmapped=False,
         )
         task_loss = loop.query_objective(
-            trajectory, batch.query_x[t], batch.query_y[t], step_weights
+            trajectory, batch.query_x[t], batch.query_y[t], step_weights, batch.support_x[t]
         )
         task_loss = task_loss / tasks
         # First order: the inner gradients are constants, so d theta'/d theta is the identity
@@ -829,7 +905,7 @@ def _batched_share(
 ) -> tuple[list[Tensor], Tensor]:
     def task_objective(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
         trajectory = loop.run(p, sx, sy, steps, first_order=first_order, vmapped=True)
-        return loop.query_objective(trajectory, qx, qy, step_weights)
+        return loop.query_objective(trajectory, qx, qy, step_weights, sx)
 
     per_task = vmap(task_objective, in_dims=(None, 0, 0, 0, 0), randomness="different")
     total_grads: list[Tensor] | None = None
@@ -858,7 +934,7 @@ def _batched_first_order(
 
     def task_query_grad(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         adapted = loop.run(p, sx, sy, steps, first_order=True, vmapped=True)[-1]
-        return grad_and_value(loop.task_loss)(adapted, qx, qy)
+        return grad_and_value(lambda fast: loop.query_loss(fast, sx, qx, qy))(adapted)
 
     per_task = vmap(task_query_grad, in_dims=(None, 0, 0, 0, 0), randomness="different")
     total_grads: list[Tensor] | None = None
@@ -880,7 +956,7 @@ def _batched_predict(
 ) -> Tensor:
     def task_outputs(p: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
         adapted = loop.run(p, sx, sy, steps, first_order=True, vmapped=True)[-1]
-        return loop.forward(adapted, qx, max(steps - 1, 0))
+        return loop.query_forward(adapted, sx, qx, max(steps - 1, 0))
 
     per_task = vmap(task_outputs, in_dims=(None, 0, 0, 0), randomness="different")
     outputs = []
@@ -905,7 +981,11 @@ def _loop_predict(
             vmapped=False,
         )
         with torch.no_grad():
-            outputs.append(loop.forward(adapted[-1], episodes.query_x[t], max(steps - 1, 0)))
+            outputs.append(
+                loop.query_forward(
+                    adapted[-1], episodes.support_x[t], episodes.query_x[t], max(steps - 1, 0)
+                )
+            )
     return torch.stack(outputs)
 
 

@@ -51,6 +51,7 @@ _WHERE = {
     "Learner": "fewbench.plugin.learner",
     "LearnerContext": "fewbench.plugin.learner",
     "supervised_step": "fewbench.plugin.learner",
+    "PredictionProtocol": "fewbench.plugin.protocol",
     "FinalMetrics": "fewbench.plugin.logger",
     "LoggedCell": "fewbench.plugin.logger",
     "Logger": "fewbench.plugin.logger",
@@ -89,6 +90,7 @@ __all__ = [
     # what the contracts pass around
     "LearnerContext",
     "supervised_step",
+    "PredictionProtocol",
     "EpisodeSource",
     "ClassPool",
     "EpisodeBatch",
@@ -170,4 +172,5 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from fewbench.plugin.learner import Learner, LearnerContext, supervised_step
     from fewbench.plugin.logger import FinalMetrics, LoggedCell, Logger
     from fewbench.plugin.params import Param, ParamSet
+    from fewbench.plugin.protocol import PredictionProtocol
     from fewbench.plugin.task_types import CLASSIFICATION, REGRESSION, REINFORCEMENT, TaskType

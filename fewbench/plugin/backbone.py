@@ -33,6 +33,20 @@ class Backbone(Plugin):
             "build_feature_map", "it gives no spatial feature map; use a convolutional backbone"
         )
 
+    def batch_norm_mode(self) -> str:
+        """How its batch norms normalise, from its parameters alone: ``none``, ``running``
+        (running statistics, used in eval mode at test time), ``batch`` (the batch at hand) or
+        ``mixed``; empty when it cannot say. Only a cell's protocol card derived from a stored
+        configuration reads it: a finished cell's card inspects the network that ran. By
+        default the value of a ``batch_norm`` parameter of ``batch`` or ``running``."""
+        mode = self.config.get("batch_norm")
+        return mode if mode in ("batch", "running") else ""
+
+    def pretraining(self) -> str:
+        """External data its weights were pretrained on before the cell trained it, in words;
+        ``none`` (the default): it starts from a random initialisation."""
+        return "none"
+
     def build(self, input_shape: tuple[int, ...], num_outputs: int) -> nn.Sequential:
         features, width = self.build_features(input_shape)
         return nn.Sequential(features, nn.Linear(width, num_outputs))

@@ -320,6 +320,17 @@ class Dataset(Plugin):
         mean, std = statistics if statistics is not None else (None, None)
         return scale_examples(raw, raw.dim() - 1, mean, std)
 
+    # -- naming examples (``fewbench episodes export``) ----------------------------------------
+    def example_ids(self, root: Path, split: str) -> list[list[str]] | None:
+        """What stands behind each example of ``split``, in :meth:`load`'s order: ``ids[c][e]``
+        names example ``e`` of class ``c`` as text another program can find it by (an image
+        file's path relative to ``root``, with what makes the class, such as a rotation).
+
+        An episode manifest (:mod:`fewbench.episodes`) lists these, so that a method outside
+        fewbench can run on fewbench's own test episodes. ``None`` (the default): not
+        available; a manifest then names examples by class and example index only."""
+        return None
+
 
 def derive_seed(*parts: Any) -> int:
     """A stable 63-bit seed from any printable parts (same on every machine and run)."""

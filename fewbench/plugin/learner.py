@@ -9,7 +9,9 @@ test episodes. A learner supplies only
   examples from all training classes; a learner with stages may change it per
   iteration, :meth:`Learner.batch_kind_at`) and how many per step (:meth:`batch_size`);
 * one training step on such a batch (:meth:`train_step`), returning the loss;
-* how it adapts to a batch of episodes and predicts their query sets (:meth:`predict`);
+* how it adapts to a batch of episodes and predicts their query sets (:meth:`predict`),
+  and how that prediction treats an episode (:meth:`prediction_protocol`: which examples share
+  a forward pass with a query, test-time steps), for the cell's protocol card;
 * its state, for keeping the best parameters and for checkpoints.
 
 MAML, first-order MAML and pretrain + fine-tune fit this, and so do prototypical
@@ -62,6 +64,7 @@ from fewbench.methods.cuda_graphs import GraphStep
 from fewbench.plugin.backbone import Backbone
 from fewbench.plugin.base import Plugin
 from fewbench.plugin.dataset import EpisodeBatch, LabelledBatch
+from fewbench.plugin.protocol import PredictionProtocol
 from fewbench.plugin.task_types import CLASSIFICATION, TaskType
 
 
@@ -186,6 +189,17 @@ class Learner(Plugin):
     def describe_engine(self) -> str:
         """A short word recorded with results so a number can be traced to its code path."""
         return "default"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """How :meth:`predict` treats a test episode (:mod:`fewbench.plugin.protocol`): which
+        examples share a forward pass with a query, what adapts to the support set and in how
+        many steps. The cell's protocol card is derived from it and from the networks built.
+
+        Answer from ``self.config`` alone: the core asks after :meth:`setup` when a cell
+        finishes, and without setup to describe a stored cell. The default declares nothing,
+        and a cell whose networks normalise with batch statistics is then counted
+        transductive, the safe side."""
+        return PredictionProtocol()
 
 
 def supervised_step(

@@ -12,6 +12,11 @@ and one of them would look significant by chance at 0.05 long before k is large.
 
 Entries not evaluated on the same episodes fall back to Welch's test. Learners are shown
 by their names (:mod:`fewbench.reports.names`); the JSON and CSV keep their labels too.
+
+Two entries measured under different protocol cards (:mod:`fewbench.reports.protocol`: one
+transductive and one inductive, other test-time steps, another training budget) are not one
+measurement: what differs is said before any p-value (above the table, and in a ``protocol``
+column beside the difference), and ``protocol_differs`` lists it in CSV and JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fewbench.errors import FewbenchError
 from fewbench.plugin.params import closest
+from fewbench.reports import protocol
 from fewbench.reports.significance import adjust, difference
 
 if TYPE_CHECKING:
@@ -52,6 +58,10 @@ def _record(key: tuple, s: Setting, base: Setting, names: dict[str, str]) -> dic
         baseline_name=names.get(other, other),
         # Smoke runs (--max-iterations) among the two: their difference is a short budget's.
         capped=[str(x.keys["learner"]) for x in (s, base) if x.cap is not None],
+        # What differs between the two protocol cards, said before the p-values.
+        protocol_differs=protocol.differences(
+            s.protocol, base.protocol, (names.get(learner, learner), names.get(other, other))
+        ),
     )
     if not (s.done and base.done):
         missing = s if not s.done else base
@@ -152,6 +162,8 @@ def render_comparison(records: list[dict[str, Any]], fmt: str, decimals: int = 2
     if fmt == "csv":
         if "capped" in frame:
             frame["capped"] = frame["capped"].map(";".join)
+        if "protocol_differs" in frame:
+            frame["protocol_differs"] = frame["protocol_differs"].map("; ".join)
         return frame.to_csv(index=False, float_format=f"%.{decimals + 4}f")
     all_pairs = "p_t_holm" in records[0]
 
@@ -176,6 +188,9 @@ def render_comparison(records: list[dict[str, Any]], fmt: str, decimals: int = 2
         columns["difference"] = differences
     else:
         columns[f"minus {shown_name(records[0], 'baseline')}"] = differences
+    differing = [r for r in records if r.get("protocol_differs")]
+    if differing:  # before the p-values: they compare two measurements, not one
+        columns["protocol"] = ["differs" if r.get("protocol_differs") else "same" for r in records]
     columns["p (paired t)"] = [_p(r["p_t"]) for r in records]
     columns["p (Wilcoxon)"] = [_p(r["p_wilcoxon"]) for r in records]
     if all_pairs:
@@ -203,12 +218,31 @@ def render_comparison(records: list[dict[str, Any]], fmt: str, decimals: int = 2
             " (capped): a smoke run (fewbench run --max-iterations) that trained fewer "
             "iterations than its settings give; a difference to it is a short budget's."
         )
+    before = protocol_notes(differing, markdown=fmt == "markdown")
     if fmt == "markdown":
         header = list(shown.columns)
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(map(str, row)) + " |" for row in shown.itertuples(index=False)]
-        return "\n".join(lines) + "\n\n" + note + "\n"
-    return shown.to_string(index=False) + "\n\n" + note + "\n"
+        return before + "\n".join(lines) + "\n\n" + note + "\n"
+    return before + shown.to_string(index=False) + "\n\n" + note + "\n"
+
+
+def protocol_notes(records: list[dict[str, Any]], markdown: bool = False) -> str:
+    """What differs between the protocol cards of each pair that differs, said before the
+    table of p-values: such a difference is between two settings, not only two methods."""
+    if not records:
+        return ""
+    bullet, sub = ("- ", "  - ") if markdown else ("  ", "    ")
+    lines = [
+        "Protocols differ: these pairs were measured in different settings, and their "
+        "p-values compare the settings as much as the methods (protocol column: differs).",
+        "",
+    ]
+    for r in records:
+        where = f"{r['dataset']} {r['ways']}-way {r['shots']}-shot {r['backbone']}"
+        lines.append(f"{bullet}{r['learner_name']} minus {r['baseline_name']} ({where}):")
+        lines += [f"{sub}{difference}" for difference in r["protocol_differs"]]
+    return "\n".join(lines) + "\n\n"
 
 
 def _ci(value: float, decimals: int) -> str:

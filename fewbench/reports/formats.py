@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fewbench.reports import references as refs
+from fewbench.reports.protocol import kind as protocol_kind
 from fewbench.reports.significance import Mark
 
 if TYPE_CHECKING:
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
 
 DEFAULT_ROWS = ("learner", "backbone")
 DEFAULT_COLS = ("dataset", "ways", "shots")
+
+
+# ``fewbench report --interval``: what each 95% interval covers, as the caption and the JSON
+# say it (fewbench.reports.stats: mean_ci95 and population_ci95 compute them).
+INTERVALS: dict[str, str] = {
+    "episodes": "other episodes drawn from the same test classes and examples",
+    "population": "new test classes and examples drawn from the population the test classes "
+    "come from, and new episodes",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ class Options:
     # suites' and the plugins' own (fewbench.reports.names); ``ids``: the labels, as stored.
     names: tuple[tuple[str, str], ...] = ()
     ids: bool = False
+    # ``--protocol``: each entry's protocol card (fewbench.reports.protocol) after the table.
+    protocol: bool = False
+    # ``--interval``: which 95% interval the ± is (fewbench.reports.stats.INTERVALS): over the
+    # episodes of these test classes (the default), or also over the draw of the classes.
+    interval: str = "episodes"
 
 
 @dataclass
@@ -55,6 +70,11 @@ class Entry:
     mean: float | None
     ci95: float | None
     mark: Mark = field(default_factory=Mark)
+    # ``--interval population``: the test classes its interval generalises from (None where the
+    # tasks are drawn afresh, with no pool of classes), and whether the ± is the conservative
+    # bound (too few episodes to estimate the class variance; fewbench.reports.stats).
+    test_classes: int | None = None
+    bound: bool = False
 
     def text(self, decimals: int, pm: str = "±") -> str:
         """``mean ± CI``, then what the reader must know to read it: a smoke run's cap
@@ -117,6 +137,9 @@ class Row:
     entries: dict[tuple, Entry | ReferenceEntry]
     reference: refs.Reference | None = None  # set on a row of published numbers
     keys: tuple[str, ...] = ()  # the dimensions' stored values (learner labels); CSV, JSON
+    # Its entries' setting (fewbench.reports.protocol: inductive, transductive, not recorded)
+    # where the table mixes settings and keeps each in a block of its own; else empty.
+    block: str = ""
 
 
 @dataclass
@@ -195,17 +218,26 @@ def _decorate(
     return text
 
 
+def lead_columns(table: ReportTable) -> list[str]:
+    """The columns before the entries: ``protocol`` where the rows are in blocks of settings
+    (fewbench.reports.protocol), then the row dimensions."""
+    blocked = any(row.block for row in table.rows)
+    return (["protocol"] if blocked else []) + list(table.options.rows)
+
+
 def _frame(table: ReportTable, render) -> pd.DataFrame:
     import pandas as pd
 
+    lead = lead_columns(table)
     records = []
     for row in table.rows:
-        record = dict(zip(table.options.rows, row.labels, strict=True))
+        record = {"protocol": row.block} if lead[:1] == ["protocol"] else {}
+        record.update(zip(table.options.rows, row.labels, strict=True))
         for col, label in zip(table.columns, table.column_labels, strict=True):
             entry = row.entries.get(col)
             record[label] = "" if entry is None else render(entry)
         records.append(record)
-    return pd.DataFrame(records, columns=[*table.options.rows, *table.column_labels])
+    return pd.DataFrame(records, columns=[*lead, *table.column_labels])
 
 
 def to_markdown(table: ReportTable) -> str:
@@ -249,8 +281,9 @@ def to_latex(table: ReportTable, label: str = "tab:fewbench") -> str:
     caption_text = latex_escape(table.caption.replace("{best}", "Bold"))
     caption_text = caption_text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
     caption_text = caption_text.replace("†", r"$^\dagger$")
-    spec = "l" * len(table.options.rows) + "c" * len(table.columns)
-    header = [latex_escape(h.capitalize()) for h in table.options.rows] + [
+    lead = lead_columns(table)
+    spec = "l" * len(lead) + "c" * len(table.columns)
+    header = [latex_escape(h.capitalize()) for h in lead] + [
         latex_escape(h) for h in table.column_labels
     ]
     lines = [
@@ -264,8 +297,8 @@ def to_latex(table: ReportTable, label: str = "tab:fewbench") -> str:
         r"\midrule",
     ]
     for _, record in frame.iterrows():
-        cells = [latex_escape(str(v)) for v in record.tolist()[: len(table.options.rows)]]
-        cells += [str(v) for v in record.tolist()[len(table.options.rows) :]]
+        cells = [latex_escape(str(v)) for v in record.tolist()[: len(lead)]]
+        cells += [str(v) for v in record.tolist()[len(lead) :]]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -300,7 +333,19 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
                 iterations=s.cap.ran if s.cap is not None else s.iterations,
                 capped=s.cap is not None,
                 planned_iterations=s.cap.planned if s.cap is not None else s.iterations,
+                # The setting it was measured in (None: not recorded), and the card it comes
+                # from (None: stored without one): fewbench.reports.protocol.
+                transductive={"transductive": True, "inductive": False}.get(
+                    protocol_kind(s.protocol)
+                ),
+                protocol=s.protocol,
             )
+            if table.options.interval != "episodes":  # the default's records stay as they were
+                record.update(
+                    interval=table.options.interval,
+                    test_classes=entry.test_classes,
+                    interval_bound=entry.bound,
+                )
             if table.options.with_reference:
                 matched = refs.matching(s.config)
                 # Not set against a published number: a capped cell (a smoke run), and an
@@ -349,6 +394,8 @@ def to_csv(table: ReportTable) -> str:
     frame = pd.DataFrame(records(table))
     if "published" in frame:
         frame["published"] = frame["published"].map(json.dumps)
+    if "protocol" in frame:
+        frame["protocol"] = frame["protocol"].map(lambda card: json.dumps(card, sort_keys=True))
     return frame.to_csv(index=False, float_format=f"%.{table.options.decimals + 2}f")
 
 
@@ -358,8 +405,49 @@ def to_json(table: ReportTable) -> str:
 
     data = [{k: clean(v) for k, v in r.items()} for r in records(table)]
     text = table.caption.replace("{best}", '"best"')
-    key = "methods" if isinstance(table, RankTable) else "entries"
-    return json.dumps({"caption": text, key: data}, indent=2) + "\n"
+    if isinstance(table, RankTable):  # ranks: no ± to name
+        return json.dumps({"caption": text, "methods": data}, indent=2) + "\n"
+    # What the ± is, by name (the caption says it in words).
+    body = {"caption": text, "interval": interval_record(table), "entries": data}
+    return json.dumps(body, indent=2) + "\n"
+
+
+def interval_record(table: ReportTable) -> dict[str, str]:
+    """What the table's ± is, for JSON and the caption: its name (``--interval``), what it
+    covers and how it is computed (fewbench.reports.stats explains both)."""
+    name = table.options.interval
+    seeds = sorted({s.values.shape[0] for s in table.settings if s.done})
+    several = seeds not in ([], [1])
+    method = (
+        "Student t over the episodes"
+        if not several
+        else "crossed seeds x episodes, two-way ANOVA with Satterthwaite degrees of freedom"
+    )
+    covers = INTERVALS["episodes"]
+    if name == "population" and pooled(table):
+        covers = INTERVALS["population"]
+        method = (
+            "test classes as random effects shared by the episodes that hold them, variances by "
+            "Henderson's method III, Student t on the classes' degrees of freedom"
+            + (", seeds' terms by two-way ANOVA and Satterthwaite" if several else "")
+        )
+    elif name == "population":  # tasks drawn afresh for every episode: no pool to draw from
+        covers = (
+            "new tasks (every episode's task is drawn afresh from the task distribution, from "
+            "no fixed pool of test classes)"
+        )
+    covers += ", and other training seeds" if several else ""
+    return {"name": name, "covers": covers, "method": method}
+
+
+def pooled(table: ReportTable) -> bool:
+    """Whether any entry's episodes come from a pool of test classes (``--interval
+    population`` found their classes; tasks drawn afresh have none)."""
+    return any(
+        isinstance(e, Entry) and e.test_classes is not None
+        for row in table.rows
+        for e in row.entries.values()
+    )
 
 
 # The formats that need nothing but the table; HTML also embeds figures drawn from the

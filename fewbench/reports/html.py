@@ -17,8 +17,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from fewbench.reports.formats import Entry, ReferenceEntry, ReportTable
+from fewbench.reports.formats import Entry, ReferenceEntry, ReportTable, lead_columns
 from fewbench.reports.plots import plot_all, setting_name
+from fewbench.reports.protocol import card_lines
 from fewbench.reports.results import Results, Setting, printable_path
 from fewbench.version import __version__
 
@@ -63,12 +64,14 @@ def _entry_cell(entry: Entry | ReferenceEntry | None, decimals: int) -> str:
 
 def table_html(table: ReportTable) -> str:
     o = table.options
-    head = "".join(f'<th class="dim">{html.escape(d)}</th>' for d in o.rows)
+    blocked = any(row.block for row in table.rows)  # settings kept apart: fewbench.reports.protocol
+    head = "".join(f'<th class="dim">{html.escape(d)}</th>' for d in lead_columns(table))
     head += "".join(f"<th>{html.escape(label)}</th>" for label in table.column_labels)
     body = []
     for row in table.rows:
         css = ' class="published"' if row.reference is not None else ""
-        cells = "".join(f'<td class="dim">{html.escape(v)}</td>' for v in row.labels)
+        shown = (row.block, *row.labels) if blocked else row.labels
+        cells = "".join(f'<td class="dim">{html.escape(v)}</td>' for v in shown)
         cells += "".join(_entry_cell(row.entries.get(col), o.decimals) for col in table.columns)
         body.append(f"<tr{css}>{cells}</tr>")
     return (
@@ -135,6 +138,16 @@ def settings_html(table: ReportTable) -> str:
     )
 
 
+def protocol_html(table: ReportTable) -> str:
+    """``--protocol``: each setting's protocol card (fewbench.reports.protocol)."""
+    parts = ["<h2>Protocol cards</h2>"]
+    for s in table.settings:
+        title = f"{table.name(s.keys['learner'])}, {s.keys['backbone']}, {setting_name(s)}"
+        lines = "\n".join(card_lines(s.protocol))
+        parts.append(f"<h3>{html.escape(title)}</h3><pre>{html.escape(lines)}</pre>")
+    return "".join(parts)
+
+
 def to_html(table: ReportTable, results: Results) -> str:
     captions: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +178,7 @@ def to_html(table: ReportTable, results: Results) -> str:
 {table_html(table)}
 <h2>Settings that ran</h2>
 {settings_html(table)}
+{protocol_html(table) if table.options.protocol else ""}
 <h2>Figures</h2>
 {figures or "<p>No figures: nothing has finished yet.</p>"}
 <h2>Suites and environments</h2>

@@ -15,7 +15,11 @@ files into one Markdown table (``docs/reproduction.md``), with a verdict per row
 
 A published number is compared only with a cell that ran under its protocol
 (:func:`fewbench.reports.references.matching`); a cell whose paper publishes the
-setting under another protocol says what differs instead. The page is generated,
+setting under another protocol says what differs instead. Each row says its setting,
+inductive or transductive with the batch norm at test, from the cell's protocol card
+(:mod:`fewbench.running.protocol`), exported with it; an export made before cards existed
+has its card derived from its stored configuration
+(:func:`fewbench.running.protocol.card_of_config`), and says so. The page is generated,
 never typed: ``fewbench ledger write --check`` (and a test) fail when it differs from
 what the committed exports give.
 """
@@ -35,9 +39,11 @@ import numpy as np
 
 from fewbench.errors import FewbenchError
 from fewbench.plugin.task_types import TaskType, by_metric
+from fewbench.reports import protocol
 from fewbench.reports import references as refs
 from fewbench.reports.stats import mean_ci95
 from fewbench.running.durations import in_words
+from fewbench.running.protocol import DERIVED
 from fewbench.suite.reproduces import Reproduces, parse_reproduces, reproduces_of
 
 FORMAT = 1  # of an exported cell file; bumped when its keys change meaning
@@ -63,6 +69,9 @@ class Measured:
     machine: str
     date: str
     commit: str
+    # The cell's protocol card: exported with it, or derived from its configuration for an
+    # export of before cards (see load); None where neither is possible.
+    protocol: dict[str, Any] | None = None
 
     @property
     def task_type(self) -> TaskType:
@@ -148,6 +157,7 @@ def _record(store, cell, suite_name: str, reproduces: Reproduces, environment: d
         "commit": (environment.get("git_commit") or "")[:12],
         "episodes": values,
         "curve": curve,
+        "protocol": store.protocol(cell["id"]),
     }
 
 
@@ -173,7 +183,25 @@ def load(folder: Path) -> list[Measured]:
     """Every exported cell under ``folder`` (recursively), in path order."""
     if not folder.is_dir():
         raise FewbenchError(f"{folder}: no such folder of ledger exports")
-    return sorted((_read(path) for path in folder.rglob("*.json")), key=_order)
+    measured = sorted((_read(path) for path in folder.rglob("*.json")), key=_order)
+    return [m if m.protocol is not None else _with_derived_card(m) for m in measured]
+
+
+def _with_derived_card(m: Measured) -> Measured:
+    """An export of before protocol cards, with the card its stored configuration gives
+    (the plugins loaded once per process); unchanged where they cannot give one."""
+    from dataclasses import replace
+
+    from fewbench.reports.names import plugin_registry
+    from fewbench.running.protocol import card_of_config
+
+    registry = plugin_registry()
+    if registry is None:
+        return m
+    card = card_of_config(
+        m.config, iterations=m.iterations, kept_step=m.best_iteration, registry=registry
+    )
+    return replace(m, protocol=card)
 
 
 def _order(m: Measured) -> tuple:
@@ -212,6 +240,7 @@ def _read(path: Path) -> Measured:
             machine=record["machine"],
             date=record["date"],
             commit=record["commit"],
+            protocol=record.get("protocol"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise FewbenchError(f"{path}: not a ledger export ({type(exc).__name__}: {exc})") from None
@@ -321,6 +350,11 @@ def render(
         "when it gives none; otherwise *not reproduced*. The exports behind each row "
         f"(per-episode values, validation curve, machine, commit) are in `{source}/`.",
         "",
+        "*Protocol* is the setting the number was measured in, from the cell's protocol card, "
+        f"and what normalises a test query's batch norm. {protocol.MEANING} A cell exported "
+        "before cards were stored has its card derived from its stored configuration "
+        "(*derived*).",
+        "",
     ]
     if not table_rows:
         lines += ["No reproduction run has been exported yet.", ""]
@@ -330,9 +364,9 @@ def render(
     lines += [
         f"**{reproduced} of {compared}** compared rows reproduced.",
         "",
-        "| Method | Paper, table | Setting | Published | Measured | Verdict | Training | "
-        "Machine | Date | Commit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Method | Paper, table | Setting | Protocol | Published | Measured | Verdict | "
+        "Training | Machine | Date | Commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_table_line(row) for row in table_rows]
     lines += ["", "## Protocols and deviations", ""]
@@ -405,9 +439,18 @@ def _table_line(row: Row) -> str:
     training = f"{iterations}, {in_words(seconds)}" if seconds is not None else iterations
     commit = f"`{m.commit}`" if m.commit else "?"
     return (
-        f"| {method} | {paper} | {_setting_words(m)} | {published} | {measured} | "
-        f"{row.verdict} | {training} | {m.machine} | {m.date} | {commit} |"
+        f"| {method} | {paper} | {_setting_words(m)} | {_protocol_words(m)} | {published} | "
+        f"{measured} | {row.verdict} | {training} | {m.machine} | {m.date} | {commit} |"
     )
+
+
+def _protocol_words(m: Measured) -> str:
+    """The row's setting: inductive or transductive, and the batch norm at test."""
+    card = m.protocol
+    if not protocol.usable(card) or protocol.kind(card) == protocol.NOT_RECORDED:
+        return protocol.NOT_RECORDED
+    derived = "; derived" if card.get("recorded") == DERIVED else ""
+    return f"{protocol.kind(card)}; batch norm at test: {card.get('batch_norm_at_test')}{derived}"
 
 
 def _miss(row: Row, cause: str | None) -> list[str]:

@@ -130,7 +130,8 @@ def rank_table(table: ReportTable) -> RankTable:
         entries[("average_rank",)] = RankEntry(average, "average", mark=Mark(best=is_best))
         entries[("settings_ranked",)] = RankEntry(m.settings, "count")
         entries[("best_count",)] = RankEntry(m.best, "count")
-        rows.append(Row(source.labels, entries, keys=source.keys))
+        # A mixed table's setting (fewbench.reports.protocol) stays marked on each method's row.
+        rows.append(Row(source.labels, entries, keys=source.keys, block=source.block))
     ranked = RankTable(
         table.options,
         [*table.columns, *RANK_SUMMARY_COLUMNS],

@@ -69,6 +69,9 @@ class Setting:
     iterations: int | None = None
     # Set when a smoke run's cap cut its training short.
     cap: Cap | None = None
+    # The protocol card of its first finished cell (fewbench.running.protocol), None when none
+    # was stored: how the number was measured (fewbench.reports.protocol renders it).
+    protocol: dict[str, Any] | None = None
 
     @property
     def done(self) -> bool:
@@ -116,17 +119,17 @@ def load_runs(run_dirs: list[Path]) -> Results:
     """Read every cell, curve and per-episode value of ``run_dirs``."""
     if not run_dirs:
         raise FewbenchError("give at least one run directory")
-    runs, rows, values, curves, extras = [], {}, {}, {}, {}
+    runs, rows, values, curves, extras, protocols = [], {}, {}, {}, {}, {}
     for run_dir in run_dirs:
         store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
         try:
             with damage_reported(store.path):
                 runs.append(RunInfo(Path(run_dir), store.meta("suite") or "", _environment(store)))
-                _read_cells(store, Path(run_dir), rows, values, curves, extras)
+                _read_cells(store, Path(run_dir), rows, values, curves, extras, protocols)
         finally:
             store.close()
     cells = _frame(list(rows.values()))
-    return Results(runs, _settings(cells, values, extras), curves, cells)
+    return Results(runs, _settings(cells, values, extras, protocols), curves, cells)
 
 
 def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -146,6 +149,7 @@ def _read_cells(
     values: dict[str, np.ndarray],
     curves: dict[str, pd.DataFrame],
     extras: dict[str, dict[str, list[float]]],
+    protocols: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Add one run's cells; a cell an earlier run holds (same id) counts once. A cell whose
     stored record cannot be read (settings that are not JSON, a per-episode value or curve
@@ -160,6 +164,9 @@ def _read_cells(
             continue
         rows[cell["id"]] = {**dict(cell), "run": str(run_dir)}
         if cell["status"] == "done":
+            card = store.protocol(cell["id"])
+            if card is not None and protocols is not None:
+                protocols[cell["id"]] = card
             try:
                 values[cell["id"]] = _numbers(store.episode_values(cell["id"]))
                 extras[cell["id"]] = {
@@ -226,8 +233,9 @@ def _settings(
     cells: pd.DataFrame,
     values: dict[str, np.ndarray],
     extras: dict[str, dict[str, list[float]]] | None = None,
+    protocols: dict[str, dict[str, Any]] | None = None,
 ) -> list[Setting]:
-    extras = extras or {}
+    extras, protocols = extras or {}, protocols or {}
     if cells.empty:
         return []
     settings = []
@@ -265,6 +273,7 @@ def _settings(
                 config=config,
                 iterations=ran,
                 cap=_cap(config),
+                protocol=next((protocols[c] for c in done["id"] if c in protocols), None),
             )
         )
     return settings

@@ -120,6 +120,8 @@ def _row(
         "metric": cell["metric"],
         "mean": cell["mean"],
         "note": "",
+        # How the number was measured (fewbench.running.protocol), once the cell is done.
+        "protocol": store.protocol(cell["id"]) if cell["status"] == "done" else None,
     }
     if cell["status"] == "running":
         # Its worker's last sign of life: the heartbeat, or a change of state (claimed, started).
@@ -153,6 +155,7 @@ def _overlay(
             elapsed_s=result["train_seconds"] + result["eval_seconds"],
             metric=result["metric"],
             mean=result["mean"],
+            protocol=result.get("protocol"),
         )
         notes.append("not yet collected")
         curve = result["curve"]
@@ -208,7 +211,12 @@ def summary(table: pd.DataFrame | list[dict[str, Any]], workers: int | None = No
     return ", ".join(parts)
 
 
-def render_status(run_dir: Path) -> str:
+def render_status(run_dir: Path, protocol: bool = False) -> str:
+    """The table of cells and the summary line; a finished cell's setting (inductive or
+    transductive, from its protocol card) in a column, and with ``protocol`` each card in full
+    after the table."""
+    from fewbench.reports import protocol as cards
+
     rows = cell_rows(run_dir)
     if not rows:
         return "no cells in this run\n"
@@ -228,6 +236,10 @@ def render_status(run_dir: Path) -> str:
     }
     if not any(row["note"] for row in rows):
         del shown["note"]
+    if any(row.get("protocol") for row in rows):
+        shown["protocol"] = [
+            cards.kind(row["protocol"]) if row["status"] == "done" else "" for row in rows
+        ]
     text = text_table(shown) + "\n\n" + summary(rows) + "\n"
     uncollected = sum(row["note"].startswith("not yet collected") for row in rows)
     if uncollected:
@@ -235,6 +247,12 @@ def render_status(run_dir: Path) -> str:
             f"{uncollected} finished cells are not yet in the results store (reports read it): "
             f"fewbench collect {run_dir}\n"
         )
+    if protocol:
+        text += "\nProtocol cards:\n"
+        for row in rows:
+            if row["status"] == "done":
+                lines = cards.card_lines(row.get("protocol"))
+                text += f"\n{one_line(row['cell'])}:\n" + "".join(f"  {x}\n" for x in lines)
     return text
 
 

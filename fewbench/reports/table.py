@@ -2,7 +2,8 @@
 
 A report is a pivot of settings (seeds merged): ``rows`` and ``cols`` are lists
 of the dimensions dataset, ways, shots, backbone and learner. Each entry is
-"mean ± 95% CI"; in each column the best entry is marked, and so is every entry
+"mean ± 95% CI" (``Options.interval``: over the test episodes, or also over the draw of the
+test classes; the caption says which, :mod:`fewbench.reports.stats` how); in each column the best entry is marked, and so is every entry
 that a paired test on the shared test episodes cannot tell from it
 (:mod:`fewbench.reports.significance`). The table types and the text table, Markdown,
 LaTeX (booktabs), CSV and JSON formats live in :mod:`fewbench.reports.formats`;
@@ -17,26 +18,38 @@ they are capped, and a published number is never set against one.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewbench.errors import FewbenchError
 from fewbench.plugin.task_types import by_metric
+from fewbench.reports import protocol
 from fewbench.reports import references as refs
 from fewbench.reports.formats import (
     DEFAULT_COLS,
     DEFAULT_ROWS,
+    INTERVALS,
     RENDERERS,
     Entry,
     Options,
     ReferenceEntry,
     ReportTable,
     Row,
+    interval_record,
+    pooled,
 )
 from fewbench.reports.significance import CORRECTIONS, TESTS, mark_column
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fewbench.reports.results import Results, Setting
+
+# A setting -> its test episodes' classes, [episodes, ways]; None where every episode's task is
+# drawn afresh (no pool of classes). ``--interval population`` needs it (DrawnTestClasses).
+EpisodeClasses = Callable[["Setting"], "np.ndarray | None"]
 
 # fewbench.reports.results (numpy, pandas) is imported where runs are read: the command line
 # imports this module for FORMATS and the default layout, on every start.
@@ -87,11 +100,23 @@ def _check_layout(options: Options, settings: list[Setting]) -> None:
             )
 
 
-def build(results: Results, options: Options) -> ReportTable:
+def build(
+    results: Results, options: Options, episode_classes: EpisodeClasses | None = None
+) -> ReportTable:
+    """The table of ``results``; with ``--interval population``, ``episode_classes`` gives
+    each setting's test classes (default: drawn again from the data, DrawnTestClasses)."""
     from fewbench.reports.names import learner_names
 
     settings = results.settings
     _check_layout(options, settings)
+    if options.interval not in INTERVALS:
+        raise FewbenchError(
+            f"--interval: unknown interval '{options.interval}'; choose from {', '.join(INTERVALS)}"
+        )
+    if options.interval == "population" and episode_classes is None:
+        from fewbench.episodes.classes import DrawnTestClasses  # loads data: only then
+
+        episode_classes = DrawnTestClasses()
     names = learner_names(results, dict(options.names), ids=options.ids)
     metrics = {s.metric for s in settings if s.done} or {"accuracy"}
     if len(metrics) > 1:
@@ -102,17 +127,29 @@ def build(results: Results, options: Options) -> ReportTable:
     columns: list[tuple] = []
     row_keys: list[tuple] = []
     grid: dict[tuple[tuple, tuple], Entry] = {}
+    # Settings measured inductively and transductively are not one measurement: where the
+    # table mixes them, each gets a block of rows (its kind leads the row's key), and the best
+    # and † are judged within a block (fewbench.reports.protocol).
+    blocked = protocol.blocks_needed([s.protocol for s in settings])
     for s in settings:
         col = tuple(s.keys[d] for d in options.cols)
         row = tuple(s.keys[d] for d in options.rows)
+        if blocked:
+            row = (protocol.kind(s.protocol), *row)
         if col not in columns:
             columns.append(col)
         if row not in row_keys:
             row_keys.append(row)
-        mean, ci = s.estimate() if s.done else (None, None)
-        grid[(row, col)] = Entry(s, mean, ci)
-    for col in columns:
-        in_column = [grid[(row, col)] for row in row_keys if (row, col) in grid]
+        grid[(row, col)] = _entry(s, options, episode_classes)
+    if blocked:
+        row_keys.sort(key=lambda row: protocol.KINDS.index(row[0]))
+    blocks = sorted({row[0] for row in row_keys}) if blocked else [None]
+    for col, block in ((col, block) for col in columns for block in blocks):
+        in_column = [
+            grid[(row, col)]
+            for row in row_keys
+            if (row, col) in grid and (block is None or row[0] == block)
+        ]
         marks = mark_column(
             [e.setting.per_episode if e.mean is not None else None for e in in_column],
             [e.mean for e in in_column],
@@ -127,13 +164,16 @@ def build(results: Results, options: Options) -> ReportTable:
     rows: list[Row] = []
     for row in row_keys:
         entries = {col: grid[(row, col)] for col in columns if (row, col) in grid}
+        block, shown = (row[0], row[1:]) if blocked else ("", row)
         labels = tuple(
             _label(d, v, names) if d == "learner" else str(v)
-            for d, v in zip(options.rows, row, strict=True)
+            for d, v in zip(options.rows, shown, strict=True)
         )
-        rows.append(Row(labels, entries, keys=tuple(str(v) for v in row)))
+        rows.append(Row(labels, entries, keys=tuple(str(v) for v in shown), block=block))
         if options.with_reference:
-            rows += _reference_rows(labels, entries, options)
+            for reference_row in _reference_rows(labels, entries, options):
+                reference_row.block = block
+                rows.append(reference_row)
     column_labels = [_column_label(options.cols, col, metric, names) for col in columns]
     table = ReportTable(options, columns, column_labels, rows, "", metric, settings, names)
     table.caption = caption(table)
@@ -175,11 +215,7 @@ def caption(table: ReportTable) -> str:
         if episodes
         else "no"
     )
-    ci = (
-        "Student t over the episodes"
-        if seeds in ([], [1])
-        else "crossed seeds x episodes, two-way ANOVA with Satterthwaite degrees of freedom"
-    )
+    ci = _interval_clause(table)
     seed_text = (
         "" if seeds in ([], [1]) else f", {'/'.join(map(str, seeds))} training seeds averaged"
     )
@@ -194,7 +230,8 @@ def caption(table: ReportTable) -> str:
     what = "episodes" if task_type.has_ways else "tasks"
     parts = [
         f"{task_type.metric_title} on {count} fixed test {what} per "
-        f"setting, shared by all methods{seed_text}; mean ± 95% confidence interval ({ci}).",
+        f"setting, shared by all methods{seed_text}; {ci}.",
+        *_interval_notes(table),
         f"{{best}}: best ({better}) in its column. †: not significantly different from the best "
         f"({TESTS[o.test]} on the per-episode results, paired by episode"
         + (", Welch's t-test where the episodes differ" if unpaired else "")
@@ -210,10 +247,83 @@ def caption(table: ReportTable) -> str:
     ]
     if published:
         parts.append(_published_caption(published))
+    parts += protocol.caption_sentence(
+        [s.protocol for s in table.settings], any(row.block for row in table.rows)
+    )
     parts += capped_caption(table)
     if o.with_reference:
         parts += _refused_caption(table)
     return " ".join(parts)
+
+
+def _entry(s: Setting, options: Options, episode_classes: EpisodeClasses | None) -> Entry:
+    """A setting's entry: its mean and the 95% interval ``options.interval`` names
+    (fewbench.reports.stats). Where its tasks are drawn afresh for every episode (no pool of
+    classes), the episodes interval already covers new tasks, and is the one given."""
+    if not s.done:
+        return Entry(s, None, None)
+    classes = None
+    if options.interval == "population" and episode_classes is not None:
+        classes = episode_classes(s)
+    if classes is None:
+        mean, ci = s.estimate()
+        return Entry(s, mean, ci)
+    from fewbench.reports.stats import population_ci95
+
+    estimate = population_ci95(s.values, classes)
+    return Entry(
+        s,
+        s.scale * estimate.mean,
+        s.scale * estimate.ci95,
+        test_classes=estimate.classes,
+        bound=estimate.bound,
+    )
+
+
+def _interval_clause(table: ReportTable) -> str:
+    """The caption's words for the ±: which interval, what it covers where it is not the
+    default, how it is computed (the default's words are the ones reports always printed)."""
+    record = interval_record(table)
+    if table.options.interval == "episodes":
+        return f"mean ± 95% confidence interval ({record['method']})"
+    if not pooled(table):
+        return f"mean ± 95% confidence interval covering {record['covers']} ({record['method']})"
+    counts = sorted({e.test_classes for row in table.rows for e in _entries(row) if e.test_classes})
+    classes = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    return (
+        f"mean ± 95% confidence interval covering {record['covers']} ({record['method']}; "
+        f"{classes} test classes). The interval over the episodes alone (--interval episodes) "
+        "covers only other episodes of these same classes and examples"
+    )
+
+
+def _interval_notes(table: ReportTable) -> list[str]:
+    """What the caption must add about ``--interval population`` entries that are not the
+    plain estimate: a conservative bound, or none at all."""
+    if table.options.interval == "episodes":
+        return []
+    entries = [e for row in table.rows for e in _entries(row) if e.test_classes is not None]
+    bound = sorted({_setting_words(e.setting) for e in entries if e.bound})
+    none = sorted(
+        {_setting_words(e.setting) for e in entries if e.ci95 is not None and math.isnan(e.ci95)}
+    )
+    notes = []
+    if bound:
+        notes.append(
+            f"In {', '.join(bound)}, with no more episodes than test classes, class effects "
+            "cannot be told from episode effects: the ± there is a conservative bound that "
+            "counts all the variation between episodes as the classes'."
+        )
+    if none:
+        notes.append(
+            f"n/a in {', '.join(none)}: the episodes hold too few test classes (or are too "
+            "few) to say anything of other classes."
+        )
+    return notes
+
+
+def _entries(row: Row) -> list[Entry]:
+    return [e for e in row.entries.values() if isinstance(e, Entry)]
 
 
 def capped_caption(table: ReportTable) -> list[str]:
@@ -250,6 +360,21 @@ def _refused_caption(table: ReportTable) -> list[str]:
         f" ({differs})."
         for (name, setting, differs), learners in out.items()
     ]
+
+
+def protocol_cards(table: ReportTable, fmt: str) -> str:
+    """``--protocol``: every setting's protocol card after the table, under the name the
+    table gives it (CSV and JSON carry the cards in every record)."""
+    from fewbench.reports.formats import latex_escape
+
+    entries = [
+        (
+            f"{table.name(s.keys['learner'])}, {s.keys['backbone']}, {_setting_words(s)}",
+            s.protocol,
+        )
+        for s in table.settings
+    ]
+    return protocol.section(entries, fmt, latex_escape)
 
 
 def _setting_words(s: Setting) -> str:
@@ -294,15 +419,22 @@ def _published_caption(published: list[refs.Reference]) -> str:
     )
 
 
-def render(run_dirs: list[Path] | Path, fmt: str = "table", options: Options | None = None) -> str:
-    """The report of ``run_dirs`` in ``fmt`` (reads the results stores only); with
-    ``options.ranks``, its rank summary (:mod:`fewbench.reports.ranks`) in its place."""
+def render(
+    run_dirs: list[Path] | Path,
+    fmt: str = "table",
+    options: Options | None = None,
+    episode_classes: EpisodeClasses | None = None,
+) -> str:
+    """The report of ``run_dirs`` in ``fmt`` (reads the results stores only; ``--interval
+    population`` also draws the test episodes' classes again from the data, unless
+    ``episode_classes`` gives them); with ``options.ranks``, its rank summary
+    (:mod:`fewbench.reports.ranks`) in its place."""
     from fewbench.reports.results import load_runs
 
     run_dirs = [run_dirs] if isinstance(run_dirs, Path | str) else list(run_dirs)
     results = load_runs([Path(p) for p in run_dirs])
     options = options or Options()
-    table = build(results, options)
+    table = build(results, options, episode_classes)
     if options.ranks:
         from fewbench.reports.ranks import rank_table
 
@@ -325,6 +457,8 @@ def render(run_dirs: list[Path] | Path, fmt: str = "table", options: Options | N
 
         return to_html(table, results)
     text = RENDERERS[fmt](table)
+    if options.protocol and fmt in ("table", "markdown", "latex"):
+        text += protocol_cards(table, fmt)
     if fmt in ("table", "markdown"):
         from fewbench.reports.tuning import (
             tuning_sections,  # a tuned run: the trial chosen, and why

@@ -418,10 +418,11 @@ class CellRunner:
         )
         eval_seconds = time.perf_counter() - started
         estimate = mean_ci95(values)
+        card = protocol_card(cell, setup, outcome)
         keep = cell.train.keep_checkpoints
         if keep != "none":
             # Self-describing: fewbench.load_learner sets the learner up again from it alone.
-            record = model_record(learner, cell, setup.context, setup.plugins)
+            record = model_record(learner, cell, setup.context, setup.plugins, protocol=card)
             save_atomically(record, checkpoint_dir / "best.pt")
         result = CellResult(
             metric=setup.task_type.metric,
@@ -437,6 +438,7 @@ class CellRunner:
             train_seconds=outcome.seconds,
             eval_seconds=eval_seconds,
             extras={name: value.tolist() for name, value in extras.items()},
+            protocol=card,
         )
         self.stored = sink.complete(result)
         trackers.finish(result)  # after the store: a tracker never holds what the store lacks
@@ -447,6 +449,18 @@ class CellRunner:
         elif keep == "best":
             (checkpoint_dir / "last.pt").unlink(missing_ok=True)
         return result
+
+
+def protocol_card(cell: Cell, setup: CellSetup, outcome: Any) -> dict[str, Any]:
+    """The cell's protocol card (:mod:`fewbench.running.protocol`), from the learner and
+    networks that ran; a card that cannot be derived (a plugin's declaration that raises)
+    is recorded as such, never at the cost of the finished cell's result."""
+    from fewbench.running.protocol import card_of_run, failed_card
+
+    try:
+        return card_of_run(cell, setup, outcome)
+    except Exception as exc:
+        return failed_card(exc)
 
 
 NUMERICS_FILE = "numerics.json"

@@ -159,6 +159,7 @@ RESULT_FIELDS: dict[str, tuple[type, ...]] = {
     "best_val": (*NUMBER, NONE),
     "worker": (str, NONE),
     "attempts": (int,),
+    "protocol": (dict, NONE),
 }
 STATE_FIELDS: dict[str, tuple[type, ...]] = {
     "status": (str,),

@@ -17,12 +17,19 @@ REBUILT = ("backbone", "device", "task_type")
 
 
 def model_record(
-    learner: Any, cell: Any, context: Any, plugin_versions: dict[str, str]
+    learner: Any,
+    cell: Any,
+    context: Any,
+    plugin_versions: dict[str, str],
+    protocol: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What ``best.pt`` holds: the learner's state and everything needed to set it up again.
-    Tensors and plain values only, so it is read with ``torch.load(weights_only=True)``."""
+    """What ``best.pt`` holds: the learner's state and everything needed to set it up again,
+    and the cell's protocol card (:mod:`fewbench.running.protocol`), so an exported model
+    says how its number was measured. Tensors and plain values only, so it is read with
+    ``torch.load(weights_only=True)``."""
     saved = {f.name: getattr(context, f.name) for f in fields(context) if f.name not in REBUILT}
     return {
+        "protocol": protocol,
         "format": MODEL_FORMAT,
         "fewbench_version": __version__,
         "plugins": dict(plugin_versions),

@@ -38,6 +38,9 @@ class CellResult:
     # More per-episode values beside ``values``, by name (a reinforcement-learning cell's
     # return after 0, 1, 2, 3 gradient steps); stored per episode so they pair too.
     extras: dict[str, list[float]] = field(default_factory=dict)
+    # The cell's protocol card (fewbench.running.protocol): how the number was measured,
+    # derived from what ran; None from a worker of before cards.
+    protocol: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "curve": [list(p) for p in self.curve]}

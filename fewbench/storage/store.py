@@ -2,9 +2,11 @@
 
 Tables: ``meta`` (suite text, environment), ``cells`` (configuration, status and
 summary of each cell), ``episodes`` (per-episode test metric, so that methods can
-be paired episode by episode) and ``curve`` (training loss and validation metric
-by iteration). A cell's completion is written in one transaction, so a crash
-leaves either the whole result or none of it.
+be paired episode by episode), ``curve`` (training loss and validation metric
+by iteration) and ``protocols`` (each finished cell's protocol card, JSON:
+:mod:`fewbench.running.protocol`; a table of its own, added later, so a store written
+before it opens read-only without it). A cell's completion is written in one
+transaction, so a crash leaves either the whole result or none of it.
 
 Units: metrics are stored as the task type computes them, unscaled: accuracy as a
 fraction (0.9633, in ``mean``, ``ci95``, ``best_val``, ``episodes.value`` and
@@ -83,6 +85,10 @@ CREATE TABLE IF NOT EXISTS episode_extras (
     episode INTEGER NOT NULL,
     value REAL NOT NULL,
     PRIMARY KEY (cell_id, name, episode)
+);
+CREATE TABLE IF NOT EXISTS protocols (
+    cell_id TEXT PRIMARY KEY REFERENCES cells(id),
+    card TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS curve (
     cell_id TEXT NOT NULL REFERENCES cells(id),
@@ -328,6 +334,12 @@ class ResultsStore:
                 ],
             )
             self._write_curve(cell_id, result.curve)
+            self.db.execute("DELETE FROM protocols WHERE cell_id = ?", (cell_id,))
+            if result.protocol is not None:
+                self.db.execute(
+                    "INSERT INTO protocols (cell_id, card) VALUES (?, ?)",
+                    (cell_id, json.dumps(result.protocol, sort_keys=True)),
+                )
             crash_point("results-commit")
             self.db.execute(
                 "UPDATE cells SET status = 'done', error = NULL, metric = ?, mean = ?, ci95 = ?, iterations = ?,"
@@ -491,6 +503,21 @@ class ResultsStore:
         for name, value in rows:
             extras.setdefault(name, []).append(value)
         return extras
+
+    def protocol(self, cell_id: str) -> dict[str, Any] | None:
+        """The cell's protocol card; None when none was stored (a cell of before cards, a
+        read-only store written before the table existed, or a card that is not JSON)."""
+        try:
+            row = self.db.execute(
+                "SELECT card FROM protocols WHERE cell_id = ?", (cell_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:  # a read-only store written before the table existed
+            return None
+        try:
+            card = json.loads(row[0]) if row is not None else None
+        except (TypeError, ValueError):
+            return None
+        return card if isinstance(card, dict) else None
 
     def curve(self, cell_id: str) -> list[sqlite3.Row]:
         return self.db.execute(

@@ -637,9 +637,18 @@ def _label_entries(entries: list[PluginEntry]) -> None:
         if len(group) == 1:
             group[0].label = name
             continue
-        varying = [k for k in group[0].params if len({json.dumps(e.params[k]) for e in group}) > 1]
+        # A parameter added later is left out of an entry at its default (Param.added_later):
+        # compare every entry's value, the default where it is left out, so that two entries
+        # differing only there (maml's eval_batch_norm) still get labels of their own.
+        defaults = group[0].plugin.params.defaults()
+        keys = list(dict.fromkeys(k for entry in group for k in entry.params))
+
+        def value(entry: PluginEntry, key: str, defaults: dict[str, Any] = defaults) -> Any:
+            return entry.params.get(key, defaults.get(key))
+
+        varying = [k for k in keys if len({json.dumps(value(e, k)) for e in group}) > 1]
         for entry in group:
-            detail = ",".join(f"{k}={entry.params[k]}" for k in varying)
+            detail = ",".join(f"{k}={value(entry, k)}" for k in varying)
             entry.label = f"{name}[{detail}]" if detail else name
 
 

@@ -99,6 +99,10 @@ class MLP(Backbone):
         "hidden": Param([40, 40], item_type=int, minimum=1, help="sizes of the hidden layers")
     }
 
+    def batch_norm_mode(self) -> str:
+        """No batch norm: its layers are linear and ReLU."""
+        return "none"
+
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         width = math.prod(input_shape)
         layers: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []

@@ -366,16 +366,9 @@ class Omniglot(Dataset):
             for split, items in classes.items()
         }
 
-    def _all_images(self, folder: Path, cache_dir: Path) -> tuple[list[str], torch.Tensor]:
-        """Every character's drawings as uint8 ``[characters, 20, size, size]``, decoded once.
-
-        The cache is keyed by the character names and by the drawings themselves (their
-        folder, names, sizes, times and sampled bytes: ``sources``), so another data
-        root, or files replaced in this one, are decoded afresh, never served the images
-        cached from other files."""
-        size = self.config["image_size"]
+    def _drawings(self, folder: Path) -> tuple[list[str], list[list[str]]]:
+        """Every character's name (``Alphabet/characterNN``) and its 20 drawings' paths, sorted."""
         characters = self._characters(folder)
-        names = [name for _, name in characters]
         paths = []
         for part, name in characters:  # os.listdir: a third of Path.glob's time, same files
             character = os.path.join(folder, part, name)
@@ -390,6 +383,17 @@ class Omniglot(Dataset):
                     f"expected {DRAWINGS_PER_CHARACTER}; {HOW_TO_GET}"
                 )
             paths.append(drawings)
+        return [name for _, name in characters], paths
+
+    def _all_images(self, folder: Path, cache_dir: Path) -> tuple[list[str], torch.Tensor]:
+        """Every character's drawings as uint8 ``[characters, 20, size, size]``, decoded once.
+
+        The cache is keyed by the character names and by the drawings themselves (their
+        folder, names, sizes, times and sampled bytes: ``sources``), so another data
+        root, or files replaced in this one, are decoded afresh, never served the images
+        cached from other files."""
+        size = self.config["image_size"]
+        names, paths = self._drawings(folder)
         flat = [path for drawings in paths for path in drawings]
         cache_file = Path(cache_dir) / "omniglot" / f"images-{size}.pt"
         sources = (folder, flat)
@@ -431,6 +435,26 @@ class Omniglot(Dataset):
             else:
                 sources[split] = ClassPool(images_of_split)
         return sources
+
+    def example_ids(self, root: Path, split: str) -> list[list[str]]:
+        """Each drawing's file relative to ``root`` (``omniglot/images_background/Alphabet/
+        characterNN/NNNN_NN.png``), in :meth:`load`'s order. Splits vinyals and finn add the
+        class's turn, ``#rot000`` to ``#rot270`` (as the Vinyals split files name classes):
+        the drawing turned counter-clockwise by that many degrees, as ``numpy.rot90(image,
+        degrees // 90)`` and the loader turn it, for a turned character is another class."""
+        folder = self._folder(root)
+        names, paths = self._drawings(folder)
+        files = dict(zip(names, paths, strict=True))
+        turned = self.config["split"] != "lake"
+        ids = []
+        for character, turns in self._split_classes(folder)[split]:
+            if character not in files:
+                raise DataError(
+                    f"Omniglot split '{split}' names {character}, which is not under {folder}"
+                )
+            suffix = f"#rot{90 * turns:03d}" if turned else ""
+            ids.append([Path(p).relative_to(root).as_posix() + suffix for p in files[character]])
+        return ids
 
     def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
         """A user's drawings (dark strokes on white, as the official PNGs) as the loader

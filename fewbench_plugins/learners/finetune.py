@@ -19,6 +19,7 @@ from fewbench.plugin import (
     Learner,
     LearnerContext,
     Param,
+    PredictionProtocol,
     hookimpl,
     supervised_step,
 )
@@ -101,6 +102,16 @@ class FineTune(Learner):
 
     def describe_engine(self) -> str:
         return f"batched {self.config['head']} heads"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """A new head fitted by ``finetune_steps`` SGD steps on the frozen support features;
+        support and query features computed in one pass per episode (transductive with batch
+        statistics)."""
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_AND_QUERY,
+            adaptation=f"a new {self.config['head']} head on the frozen support features (SGD)",
+            adaptation_steps=self.config["finetune_steps"],
+        )
 
     def train_step(self, batch: LabelledBatch, iteration: int) -> float:
         self.network.train()

@@ -26,6 +26,7 @@ class ANIL(MAML):
     name = "anil"
     display_name = "ANIL"
     description = "ANIL: MAML adapting only the head in the inner loop (Raghu et al. 2020)"
+    adapts = "the head only"
     params = FAMILY_PARAMS
 
     def adapted(self) -> Which:
@@ -36,6 +37,7 @@ class BOIL(MAML):
     name = "boil"
     display_name = "BOIL"
     description = "BOIL: MAML adapting only the body in the inner loop (Oh et al. 2021)"
+    adapts = "the body only"
     params = FAMILY_PARAMS
 
     def adapted(self) -> Which:

@@ -12,11 +12,21 @@ parameter adapts, one fixed scalar step size); how the tasks of a meta-batch are
 computed (all at once, or one at a time) is its ``engine``. ``engine: higher`` runs
 the ``higher`` library instead, the reference the engines are tested against
 (:mod:`fewbench_plugins.learners.maml_engines`).
+
+Batch norm of the query set (``eval_batch_norm``), where the backbone keeps no running
+statistics (``batch_norm: batch``): ``transductive`` (the default, Finn et al.'s code) forwards
+the query set as one batch after adaptation, so each query is normalised with the statistics
+of the whole query set and its prediction depends on the other queries; ``inductive``
+normalises each query with the support set's statistics at the adapted weights
+(:func:`fewbench.methods.adaptation.support_statistics`), so a query's prediction depends on
+the support set and itself alone. The choice holds in meta-training too (the query loss is
+computed the same way), so the model is tested as it was trained. A backbone with
+``batch_norm: running`` is tested with its running statistics (inductive) either way.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,7 +41,15 @@ from fewbench.methods.adaptation import (
     Which,
 )
 from fewbench.methods.cuda_graphs import GRAPH_MODES, GraphStep
-from fewbench.plugin import EpisodeBatch, FewbenchError, Learner, LearnerContext, Param, hookimpl
+from fewbench.plugin import (
+    EpisodeBatch,
+    FewbenchError,
+    Learner,
+    LearnerContext,
+    Param,
+    PredictionProtocol,
+    hookimpl,
+)
 from fewbench_plugins.learners import data_parallel, maml_engines
 from fewbench_plugins.learners.maml_engines import ENGINES
 
@@ -77,7 +95,24 @@ class MAML(Learner):
             "self-check against an eager step, else eager, with the reason recorded; on: "
             "fail instead of falling back; off: eager). Ignored on CPU",
         ),
+        "eval_batch_norm": Param(
+            "transductive",
+            choices=("transductive", "inductive"),
+            added_later=True,
+            help="batch norm of the query set (batch_norm: batch backbones): transductive "
+            "(Finn et al.: the query set's own statistics, so a query's prediction depends on "
+            "the other queries) or inductive (the support set's statistics; in meta-training "
+            "too)",
+        ),
     }
+
+    def check(self) -> None:
+        super().check()
+        if self.config["engine"] == "higher" and self.config["eval_batch_norm"] != "transductive":
+            raise FewbenchError(
+                f"{self.name}: engine: higher is the reference of Finn et al.'s transductive "
+                "MAML; eval_batch_norm: inductive needs engine batched, loop or auto"
+            )
 
     def setup(self, ctx: LearnerContext) -> None:
         super().setup(ctx)
@@ -108,6 +143,9 @@ class MAML(Learner):
             tasks_per_call=self.config["tasks_per_call"],
             per_step_batch_norm=self.per_step_batch_norm(),
             task_init=self.task_init(),
+            query_statistics=(
+                "support" if self.config["eval_batch_norm"] == "inductive" else "query"
+            ),
         )
 
     def adapted(self) -> Which:
@@ -143,6 +181,20 @@ class MAML(Learner):
         if not self.engines:
             return f"{self.config['engine']} ({order}; chosen at the first batch)"
         return f"{order}; {self.adapter.describe()}"
+
+    # What the inner loop adapts, in words, for the protocol card (a subclass says its own).
+    adapts: ClassVar[str] = "every parameter"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """``eval_inner_steps`` gradient steps on the support set, then one forward of the
+        query set (its own batch statistics: Finn et al.'s transductive test) or, with
+        ``eval_batch_norm: inductive``, of each query with the support set's statistics."""
+        inductive = self.config["eval_batch_norm"] == "inductive"
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_ONLY if inductive else PredictionProtocol.QUERY_SET,
+            adaptation=f"{self.adapts}, by gradient steps on the support set",
+            adaptation_steps=self.config["eval_inner_steps"],
+        )
 
     def meta_gradient_step(self, batch: EpisodeBatch, **options: Any) -> float:
         """Add the meta-gradient of the mean query loss to ``.grad``; return that loss.

@@ -69,6 +69,7 @@ class MAMLPlusPlus(MAML):
     display_name = "MAML++"
     description = "MAML++: MAML with the five stabilising changes of Antoniou et al. (2019)"
     state_attributes = ("adapter", "optimizer")
+    adapts = "the parameters (per-step batch-norm weights aside), at learnt per-step rates"
     params = {
         **FAMILY_PARAMS,
         "inner_lr": Param(0.1, minimum=0.0, help="inner step size (the start of every LSLR rate)"),

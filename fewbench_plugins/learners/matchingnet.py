@@ -41,7 +41,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fewbench.plugin import EpisodeBatch, Learner, LearnerContext, Param, hookimpl, supervised_step
+from fewbench.plugin import (
+    EpisodeBatch,
+    Learner,
+    LearnerContext,
+    Param,
+    PredictionProtocol,
+    hookimpl,
+    supervised_step,
+)
 from fewbench_plugins.learners.protonet import (
     cosine_similarities,
     embed_episodes,
@@ -130,6 +138,15 @@ class MatchingNet(Learner):
         if self.config["fce"]:
             return f"full context embeddings, K = {self.config['fce_steps'] or 'support size'}"
         return "cosine attention, shared embedding"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """Attention over the support embeddings, no gradient step; support and query embedded
+        in one pass per episode (transductive with batch statistics), as protonet."""
+        fce = " with full context embeddings" if self.config["fce"] else ""
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_AND_QUERY,
+            adaptation=f"attention over the support embeddings{fce} (no gradient step)",
+        )
 
     def scores(self, episodes: EpisodeBatch) -> Tensor:
         """Attention logits ``cosine_scale * c(f(x), g(x_i))``, ``[T, N*Q, N*K]``."""

@@ -49,6 +49,7 @@ from fewbench.plugin import (
     Learner,
     LearnerContext,
     Param,
+    PredictionProtocol,
     hookimpl,
     supervised_step,
 )
@@ -164,6 +165,15 @@ class MetaBaseline(Learner):
 
     def describe_engine(self) -> str:
         return "cosine nearest centroid"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """Cosine nearest centroid, no gradient step; support and query features in one pass
+        per episode (transductive with batch statistics)."""
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_AND_QUERY,
+            adaptation="class centroids of the support features, cosine similarity (no gradient "
+            "step)",
+        )
 
     # -- training ------------------------------------------------------------------------
     def train_step(self, batch: LabelledBatch | EpisodeBatch, iteration: int) -> float:

@@ -26,6 +26,7 @@ class MetaSGD(MAML):
     display_name = "Meta-SGD"
     description = "Meta-SGD: a meta-learnt learning rate per parameter element (Li et al. 2017)"
     state_attributes = ("adapter", "optimizer")
+    adapts = "every parameter, with its learnt per-element step sizes"
     params = {
         **FAMILY_PARAMS,
         "eval_inner_steps": Param(1, minimum=0, help="inner steps at validation and test time"),

@@ -44,6 +44,7 @@ class ProtoMAML(MAML):
     description = (
         "Proto-MAML: MAML from a head initialised by prototypes (Triantafillou et al. 2020)"
     )
+    adapts = "every parameter, from a head set by the support prototypes"
     params = {
         **FAMILY_PARAMS,
         "first_order": Param(True, help="drop second derivatives (fo-Proto-MAML)"),

@@ -43,6 +43,7 @@ from fewbench.plugin import (
     Learner,
     LearnerContext,
     Param,
+    PredictionProtocol,
     hookimpl,
     supervised_step,
 )
@@ -137,6 +138,15 @@ class ProtoNet(Learner):
         if self.config["distance"] == "cosine":
             return "cosine (learnt scale); support + query in one pass per episode"
         return "euclidean; support + query in one pass per episode"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """Prototypes from the support embeddings, no gradient step; support and query of an
+        episode embedded in one pass (as the authors' code): with a backbone normalising by
+        batch statistics, each query's embedding depends on the other queries (transductive)."""
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_AND_QUERY,
+            adaptation="class prototypes, the mean support embeddings (no gradient step)",
+        )
 
     def learning_rate(self, iteration: int) -> float:
         """The paper's step decay, from the number of episodes trained before this step."""

@@ -54,6 +54,7 @@ from fewbench.plugin import (
     Learner,
     LearnerContext,
     Param,
+    PredictionProtocol,
     hookimpl,
     supervised_step,
 )
@@ -146,6 +147,15 @@ class R2D2(Learner):
 
     def describe_engine(self) -> str:
         return "closed-form ridge (primal or Woodbury, the smaller system)"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """A ridge regression solved in closed form on the support features; features of
+        support and query computed in one pass per episode (transductive with batch
+        statistics)."""
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_AND_QUERY,
+            adaptation="ridge regression solved in closed form on the support features",
+        )
 
     def _logits(self, episodes: EpisodeBatch) -> Tensor:
         """Query logits ``[T, NQ, ways]``; features per episode, support and query together."""

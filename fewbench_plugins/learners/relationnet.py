@@ -59,6 +59,7 @@ from fewbench.plugin import (
     Learner,
     LearnerContext,
     Param,
+    PredictionProtocol,
     hookimpl,
     supervised_step,
 )
@@ -230,6 +231,16 @@ class RelationNet(Learner):
         return (
             f"relation module on {'x'.join(map(str, self.map_shape))} maps; support and query "
             "in separate passes per episode"
+        )
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """Support and query maps in separate passes, and a relation module that always
+        normalises with the batch of the episode's query-class pairs: a query's scores depend
+        on the other queries whatever the backbone's batch norm (transductive)."""
+        return PredictionProtocol(
+            PredictionProtocol.QUERY_SET,
+            own_batch_norm="batch",
+            adaptation="class feature maps from the support set, scored by the relation module",
         )
 
     def learning_rate(self, iteration: int) -> float:

@@ -37,7 +37,15 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from fewbench.methods.adaptation import Adapter
-from fewbench.plugin import EpisodeBatch, FewbenchError, Learner, LearnerContext, Param, hookimpl
+from fewbench.plugin import (
+    EpisodeBatch,
+    FewbenchError,
+    Learner,
+    LearnerContext,
+    Param,
+    PredictionProtocol,
+    hookimpl,
+)
 
 
 class Reptile(Learner):
@@ -151,6 +159,25 @@ class Reptile(Learner):
 
                 outputs.append(vmap(one)(episodes.query_x[t]))
             return torch.stack(outputs)
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """``eval_inner_steps`` steps on the support set, then the query set at once
+        (``transductive: true``: its batch statistics) or each query with the support set
+        alone (the default: inductive). The network runs in training mode, as in the authors'
+        code: a batch norm normalises with the batch at hand even where it keeps running
+        statistics."""
+        scope = (
+            PredictionProtocol.QUERY_SET
+            if self.config["transductive"]
+            else PredictionProtocol.SUPPORT_AND_ONE_QUERY
+        )
+        return PredictionProtocol(
+            scope,
+            running_statistics=False,
+            adaptation=f"every parameter, by {self.config['inner_optimizer']} steps on the "
+            "support set",
+            adaptation_steps=self.config["eval_inner_steps"],
+        )
 
     def describe_engine(self) -> str:
         return f"first-order; {self.adapter.describe()}"

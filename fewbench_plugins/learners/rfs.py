@@ -49,6 +49,7 @@ from fewbench.plugin import (
     Learner,
     LearnerContext,
     Param,
+    PredictionProtocol,
     hookimpl,
     supervised_step,
 )
@@ -131,6 +132,16 @@ class RFS(Learner):
 
     def describe_engine(self) -> str:
         return f"scikit-learn logistic regression on {self.config['embedding']} embeddings"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """A logistic regression fitted on the support embeddings (lbfgs until it converges,
+        at most ``max_iter`` iterations: no fixed step count); support and query embedded in
+        one pass per episode (transductive with batch statistics)."""
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_AND_QUERY,
+            adaptation="a logistic regression fitted on the support embeddings (scikit-learn "
+            f"lbfgs, at most {self.config['max_iter']} iterations)",
+        )
 
     def learning_rate(self, iteration: int) -> float:
         """The step schedule at ``iteration``; undecayed until :meth:`iterations` is known."""

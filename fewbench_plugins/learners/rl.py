@@ -45,6 +45,7 @@ from fewbench.plugin import (
     LearnerContext,
     Param,
     PluginError,
+    PredictionProtocol,
     TaskBatch,
     Trajectories,
     hookimpl,
@@ -113,6 +114,15 @@ class PolicyLearner(Learner):
 
     def describe_engine(self) -> str:
         return f"policy gradient; {self.config.get('hvp', 'no')} Hessian-vector products"
+
+    def prediction_protocol(self) -> PredictionProtocol:
+        """``eval_steps`` policy-gradient steps in each test task, on that task's own
+        trajectories: no task's return depends on another's (the policy has no batch norm)."""
+        return PredictionProtocol(
+            PredictionProtocol.SUPPORT_AND_ONE_QUERY,
+            adaptation="the policy, by policy-gradient steps on each test task's trajectories",
+            adaptation_steps=self.config["eval_steps"],
+        )
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, params: Params, batch: TaskBatch, count: int, stream: Any) -> Trajectories:
