@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# PYTHON: the interpreter with fewbench installed (default python3, as in an activated venv).
 # The reproduction ledger's GPU work (issue 26), for one device call of at most 10 minutes:
 # the Omniglot cells whose protocols do not train in 45 minutes on 2 CPU cores, in the order
 # below, each for as many iterations as its paper's protocol asks (or the cap given here, said
@@ -48,9 +49,9 @@ while IFS='|' read -r name suite estimate arguments; do
   echo "== $name: suites/reproduce/$suite.yaml $arguments (estimate ${estimate} s, ${left} s left)"
   job_start=$(date +%s)
   # shellcheck disable=SC2086  # the arguments are words
-  if timeout -s INT -k 60 "$(( left > 30 ? left - 15 : 15 ))" python3 -m fewbench run "$suites/$suite.yaml" \
+  if timeout -s INT -k 60 "$(( left > 30 ? left - 15 : 15 ))" "${PYTHON:-python3}" -m fewbench run "$suites/$suite.yaml" \
       --data-root "$data" --out "$out/$name" --no-progress $arguments "${smoke[@]}"; then
-    python3 -m fewbench ledger add "$out/$name" --into "$ledger"
+    "${PYTHON:-python3}" -m fewbench ledger add "$out/$name" --into "$ledger"
   else
     echo "== $name: stopped before it finished; rerun this script with the same OUT to resume it"
   fi

@@ -58,7 +58,7 @@ def test_run_stores_every_cell_and_prints_the_table(tiny_run):
     out, result = tiny_run
     assert result.returncode == 0, result.stderr
     assert "omniglot 5-way 1-shot" in result.stdout
-    for learner in ("maml", "fomaml", "finetune"):
+    for learner in ("MAML", "FO-MAML", "Baseline"):  # the papers' names for the three
         assert learner in result.stdout
     db = sqlite3.connect(out / "results.sqlite")
     cells = db.execute("SELECT id, learner, status, engine, mean FROM cells").fetchall()

@@ -119,7 +119,7 @@ def test_torchrun_trains_one_cell_on_two_ranks_like_one_process(tmp_path, data_r
     )
     assert single.returncode == 0, single.stderr
     assert ranks.returncode == 0, ranks.stderr[-3000:]
-    assert "cells on 2 ranks (cpu)" in ranks.stderr
+    assert "1 cell on 2 ranks (cpu)" in ranks.stderr
 
     def stored(run: str):
         db = sqlite3.connect(tmp_path / run / "results.sqlite")

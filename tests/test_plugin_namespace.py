@@ -198,7 +198,8 @@ def test_no_module_is_left_at_the_top_level_but_the_front_door():
         p.name for p in (REPO / "fewbench").iterdir() if (p / "__init__.py").is_file()
     )
     assert packages == [
-        "cli", "data", "methods", "plugin", "reports", "running", "storage", "suite",
+        "cli", "data", "episodes", "methods", "models", "plugin", "reports", "running",
+        "storage", "suite",
     ]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error")

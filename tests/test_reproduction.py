@@ -197,11 +197,12 @@ def test_the_gpu_script_runs_every_job_and_exports_it(data_root, tmp_path):
     where its mistakes are found."""
     import os
     import subprocess
+    import sys
 
     exports = tmp_path / "ledger"
     result = subprocess.run(
         ["bash", str(REPO / "benchmarks/reproduce_gpu.sh"), str(data_root), str(tmp_path / "out")],
-        env={**os.environ, "SMOKE": "1", "LEDGER": str(exports)},
+        env={**os.environ, "SMOKE": "1", "LEDGER": str(exports), "PYTHON": sys.executable},
         capture_output=True,
         text=True,
         timeout=900,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fewbench.errors import FewbenchError
-from fewbench.wording import counted
+from fewbench.reports.wording import counted
 
 if TYPE_CHECKING:
     from fewbench.registry import Registry

@@ -219,9 +219,15 @@ class PerStepBatchNorm(nn.Module):
 # -- batch norm under vmap ------------------------------------------------------------------
 def _batch_norm_from_elementary_ops(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     """What ``F.batch_norm`` computes from batch statistics, in differentiable elementary ops."""
+    return _normalise_with(self, x, x)
+
+
+def _normalise_with(self: nn.modules.batchnorm._BatchNorm, x: Tensor, stats_of: Tensor) -> Tensor:
+    """Batch norm of ``x`` with the batch statistics of ``stats_of`` (``x`` itself, or a part
+    of it), in differentiable elementary ops."""
     dims = [0, *range(2, x.dim())]
-    mean = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    mean = stats_of.mean(dim=dims, keepdim=True)
+    var = stats_of.var(dim=dims, unbiased=False, keepdim=True)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     scale = torch.rsqrt(var + self.eps)
     if self.affine:
@@ -281,18 +287,7 @@ QUERY_STATISTICS = ("query", "support")
 
 def _normalise_with_leading(self: nn.modules.batchnorm._BatchNorm, count: int, x: Tensor) -> Tensor:
     """Batch norm of ``x`` with the statistics of its first ``count`` examples only."""
-    dims = [0, *range(2, x.dim())]
-    leading = x[:count]
-    mean = leading.mean(dim=dims, keepdim=True)
-    var = leading.var(dim=dims, unbiased=False, keepdim=True)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = torch.rsqrt(var + self.eps)
-    if self.affine:
-        scale = scale * self.weight.view(shape)
-    shift = -mean * scale
-    if self.affine:
-        shift = shift + self.bias.view(shape)
-    return torch.addcmul(shift, x, scale)
+    return _normalise_with(self, x, x[:count])
 
 
 @contextmanager

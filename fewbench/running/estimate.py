@@ -40,11 +40,11 @@ from typing import Any
 import torch
 
 from fewbench.errors import FewbenchError
+from fewbench.reports.wording import counted
 from fewbench.running.durations import in_words
 from fewbench.storage.atomic import write_json_atomically
 from fewbench.suite.cell import Cell
 from fewbench.version import __version__
-from fewbench.wording import counted
 
 PROBE_STEPS = 4  # timed training steps per kind of batch (after one untimed), at least ...
 PROBE_MIN_SECONDS = 0.5  # ... and for at least this long, up to PROBE_MAX_STEPS ...

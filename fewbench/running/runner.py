@@ -26,6 +26,7 @@ from fewbench.plugin.executor import RunDir
 from fewbench.plugin.logger import choose_loggers
 from fewbench.registry import Registry
 from fewbench.reports.table import render
+from fewbench.reports.wording import counted
 from fewbench.running import provenance as environment
 from fewbench.running.durations import in_words
 from fewbench.running.executor_setup import EXECUTION_FILE, ExecutorRequest, build_executor
@@ -50,7 +51,6 @@ from fewbench.suite.loading import (
     parse_yaml,
     set_targets,
 )
-from fewbench.wording import counted
 
 EXIT_FAILED_CELLS = 1
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
