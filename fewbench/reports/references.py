@@ -293,11 +293,13 @@ def _plugin_default(kind: str, plugin: str, key: str) -> Any:
     return NOT_SET if param is None else param.default
 
 
-@cache
 def _registry() -> Any:
+    """The report's one registry (:func:`fewbench.reports.names.plugin_registry`, loaded once
+    per process); when the plugins cannot be loaded, loading them again raises their error."""
     from fewbench.registry import Registry
+    from fewbench.reports.names import plugin_registry
 
-    return Registry()
+    return plugin_registry() or Registry()
 
 
 def differences(reference: Reference, config: dict[str, Any]) -> list[str]:

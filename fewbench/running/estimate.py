@@ -115,11 +115,12 @@ def validations(cell: Cell, steps: int) -> int:
     return steps // every + (1 if steps % every else 0) if steps else 0
 
 
-def is_short(cells: list[Cell], registry: Any) -> bool:
-    """A run too short to be worth timing first (a smoke run, a test)."""
+def is_short(cells: list[Cell], counts: dict[str, Counter[str]]) -> bool:
+    """A run too short to be worth timing first (a smoke run, a test); ``counts``: each
+    cell's :func:`steps_by_kind`, by id."""
     steps = episodes = 0
     for cell in cells:
-        own = sum(steps_by_kind(cell, registry).values())
+        own = sum(counts[cell.id].values())
         steps += own
         episodes += cell.eval.episodes + validations(cell, own) * cell.train.val_episodes
         if steps >= SHORT_RUN_STEPS or episodes >= SHORT_RUN_EPISODES:
@@ -224,8 +225,17 @@ def _write_cache(path: Path, cached: dict[str, Any]) -> None:
 # -- the whole run -----------------------------------------------------------------------------
 
 
-def estimate(cells: list[Cell], registry: Any, runner: Any, cache_dir: Path) -> Estimate:
-    """Time each kind of cell (or read its timing from the cache) and add the cells up."""
+def estimate(
+    cells: list[Cell],
+    registry: Any,
+    runner: Any,
+    cache_dir: Path,
+    counts: dict[str, Counter[str]] | None = None,
+) -> Estimate:
+    """Time each kind of cell (or read its timing from the cache) and add the cells up;
+    ``counts``: each cell's :func:`steps_by_kind` by id, when the caller has them."""
+    if counts is None:
+        counts = {cell.id: steps_by_kind(cell, registry) for cell in cells}
     threads = torch.get_num_threads()
     path = Path(cache_dir) / CACHE_FILE
     cached = _read_cache(path)
@@ -250,7 +260,7 @@ def estimate(cells: list[Cell], registry: Any, runner: Any, cache_dir: Path) -> 
             timings[key] = found
         timing = timings[key]
         if isinstance(timing, Timing):
-            seconds[cell.id] = cell_seconds(cell, timing, steps_by_kind(cell, registry))
+            seconds[cell.id] = cell_seconds(cell, timing, counts[cell.id])
         else:
             untimed[cell.id] = timing
     if spent:

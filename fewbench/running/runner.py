@@ -219,8 +219,10 @@ def print_estimate(
         or estimating.environment_disabled()
         or executor not in (None, "local")
         or not cells
-        or estimating.is_short(cells, registry)
     ):
+        return {}
+    counts = {cell.id: estimating.steps_by_kind(cell, registry) for cell in cells}
+    if estimating.is_short(cells, counts):
         return {}
     cache_dir = Path(request.cache_dir) if request.cache_dir else default_cache_dir()
     settings = WorkerSettings(
@@ -231,7 +233,7 @@ def print_estimate(
     )
     runner = CellRunner(settings, registry)
     print(f"fewbench: timing {counted(len(cells), 'cell')} on {runner.device} first ...", file=log)
-    result = estimating.estimate(cells, registry, runner, cache_dir)
+    result = estimating.estimate(cells, registry, runner, cache_dir, counts)
     suite_file = None if run_dir is not None and run_dir == Path(request.suite) else request.suite
     for line in estimating.describe(result, len(cells), suite_file):
         print(line, file=log)
