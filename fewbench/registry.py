@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from types import ModuleType
 from typing import Any
 
@@ -162,3 +163,14 @@ def _failing_entry_point(error: Exception) -> str:
                 f"{where}): {type(exc).__name__}: {exc}"
             )
     return f"could not load a '{hookspecs.PROJECT_NAME}' entry point: {error}"
+
+
+@cache
+def plugin_registry() -> Registry | None:
+    """The plugins, loaded once per process for what a report must ask a class itself (a
+    display name that is not a literal, a capped cell's own training count); None when they
+    cannot be loaded: a report reads the store and must not fail for a broken plugin."""
+    try:
+        return Registry()
+    except Exception:  # noqa: BLE001 - any plugin's import error; the report goes on without
+        return None

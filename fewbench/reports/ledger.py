@@ -192,7 +192,7 @@ def _with_derived_card(m: Measured) -> Measured:
     (the plugins loaded once per process); unchanged where they cannot give one."""
     from dataclasses import replace
 
-    from fewbench.reports.names import plugin_registry
+    from fewbench.registry import plugin_registry
     from fewbench.running.protocol import card_of_config
 
     registry = plugin_registry()

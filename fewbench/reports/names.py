@@ -27,15 +27,14 @@ import ast
 import importlib.util
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewbench.errors import FewbenchError
 from fewbench.plugin.params import closest
+from fewbench.registry import plugin_registry
 
 if TYPE_CHECKING:
-    from fewbench.registry import Registry
     from fewbench.reports.results import Results
 
 # A class's declared display name: a name, or ({parameter: value}, name) pairs tried in order.
@@ -85,19 +84,6 @@ def resolve(declared: Declared | None, config: Mapping[str, Any]) -> str | None:
 
 
 # -- what the plugin classes declare ------------------------------------------------------------
-
-
-@cache
-def plugin_registry() -> Registry | None:
-    """The plugins, loaded once per process for what a report must ask a class itself (a
-    display name that is not a literal, a capped cell's own training count); None when they
-    cannot be loaded: a report reads the store and must not fail for a broken plugin."""
-    from fewbench.registry import Registry
-
-    try:
-        return Registry()
-    except Exception:  # noqa: BLE001 - any plugin's import error; the report goes on without
-        return None
 
 
 def _from_classes(plugins: Iterable[str]) -> dict[str, Declared | None]:

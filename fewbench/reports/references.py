@@ -294,10 +294,9 @@ def _plugin_default(kind: str, plugin: str, key: str) -> Any:
 
 
 def _registry() -> Any:
-    """The report's one registry (:func:`fewbench.reports.names.plugin_registry`, loaded once
+    """The report's one registry (:func:`fewbench.registry.plugin_registry`, loaded once
     per process); when the plugins cannot be loaded, loading them again raises their error."""
-    from fewbench.registry import Registry
-    from fewbench.reports.names import plugin_registry
+    from fewbench.registry import Registry, plugin_registry
 
     return plugin_registry() or Registry()
 

@@ -303,7 +303,7 @@ def planned_iterations(config: dict[str, Any]) -> int | None:
     (``Learner.iterations``: finetune's ``iterations``, Meta-Baseline's two stages) or
     ``train.iterations``. The learner plugin is asked (loaded only for a capped cell, whose
     caption must say "30 of 60,000"); where it is not installed, ``train.iterations``."""
-    from fewbench.reports.names import plugin_registry
+    from fewbench.registry import plugin_registry
 
     suite_iterations = (config.get("train") or {}).get("iterations")
     if isinstance(suite_iterations, bool) or not isinstance(suite_iterations, int):
