@@ -141,11 +141,6 @@ def index_listing(tmp_path_factory):
     return cache, payload
 
 
-@pytest.mark.xfail(
-    reason="known gap (issue 29.7 left open): an index whose fingerprint is intact but whose "
-    "descriptions or parameters were edited is still trusted; it needs a digest of the body",
-    strict=False,
-)
 @FUZZ
 @given(data=st.data())
 def test_a_tampered_index_file_never_changes_the_listing(index_listing, data, capsys):

@@ -388,13 +388,15 @@ def test_refresh_and_the_environment_variable_load_the_plugins(
 
 
 @pytest.mark.parametrize(
-    "kind", ["fifo", "dev-zero", "deep", "escapes", "ghost", "foreign-module", "extra-kind"]
+    "kind",
+    ["fifo", "dev-zero", "deep", "escapes", "edited", "ghost", "foreign-module", "extra-kind"],
 )
 def test_a_hostile_index_file_is_rebuilt_not_trusted(cache, kind, capsys):
     """A FIFO at the index path made `fewbench plugins` hang, a link to /dev/zero gave a
     MemoryError, a 200,000-deep document a RecursionError, a tampered entry printed terminal
-    escapes, and one listed a learner that does not exist: each is a file the index does not
-    trust, so the listing is built afresh."""
+    escapes, one listed a learner that does not exist, and one with edited descriptions was
+    printed: each is a file the index does not trust, so the listing is built afresh. A
+    document whose digest was made again still lists no class that is not in the sources."""
     assert main(["plugins"]) == 0
     expected = capsys.readouterr().out
     path = plugin_index.index_path()
@@ -410,6 +412,9 @@ def test_a_hostile_index_file_is_rebuilt_not_trusted(cache, kind, capsys):
         learners = payload["plugins"]["learner"]
         if kind == "escapes":
             learners[0]["description"] = "\x1b[2J\x1b]0;owned\x07"
+        elif kind == "edited":  # fingerprint intact, the body's digest now wrong
+            learners[0]["description"] = "ghost: the best learner there is"
+            learners[0]["params"] = []
         elif kind == "ghost":  # a learner that exists nowhere, fingerprint left intact
             learners.append({**learners[0], "name": "ghost", "qualname": "GhostLearner"})
         elif kind == "foreign-module":  # a class the fingerprint does not cover
@@ -418,6 +423,8 @@ def test_a_hostile_index_file_is_rebuilt_not_trusted(cache, kind, capsys):
         else:
             payload["kinds"].append("ghosts")
             payload["plugins"]["ghosts"] = []
+        if kind in ("ghost", "foreign-module", "extra-kind"):  # digest made again: the
+            payload["digest"] = plugin_index.body_digest(payload)  # class check must catch it
         path.write_text(json.dumps(payload))
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out

@@ -20,7 +20,8 @@ keyed by a fingerprint computed without importing any plugin:
   ``sys.path``; a name holds the version), so installing, removing or upgrading any
   package, an optional dependency included, makes a new index; and the Python version.
 
-When the fingerprint matches and every class the index lists is defined where it says (a
+The document carries a digest of its own body (:func:`body_digest`); when that digest and
+the fingerprint match and every class the index lists is defined where it says (a
 ``class Name`` in a module whose source the fingerprint covers), the index is the answer; otherwise the registry is loaded as
 before, the answer comes from it, and the index is written again (atomically; a write that
 fails is ignored, the command never fails for it). A plugin whose registration depends on
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from fewbench.data.root import DataStatus
     from fewbench.registry import Registry
 
-FORMAT = 1
+FORMAT = 2  # 2: the body carries its digest
 GROUP = "fewbench"  # the entry-point group (fewbench.plugin.hookspecs.PROJECT_NAME)
 DISABLE_ENV = "FEWBENCH_NO_PLUGIN_INDEX"
 MAX_VERIFIED = 256  # verified folders remembered
@@ -357,18 +358,30 @@ def to_json(index: PluginIndex) -> dict[str, Any]:
             record["data"] = None if data is None else asdict(data)
         return record
 
-    return {
+    body = {
         "format": FORMAT,
         "fingerprint": index.fingerprint,
         "kinds": list(index.kinds),
         "plugins": {kind: [plugin(i) for i in index.items(kind)] for kind in index.kinds},
     }
+    return {**body, "digest": body_digest(body)}
+
+
+def body_digest(payload: dict[str, Any]) -> str:
+    """A digest of everything in the document but the digest itself. It binds the listing
+    to the fingerprint it was made for: an index whose descriptions, parameters or names were
+    edited (by hand, a bad disk, a tool gone wrong) no longer matches and is rebuilt. It is
+    no defence against someone who can write the user's cache and recompute it, who could
+    as well edit the plugins' sources."""
+    body = {key: value for key, value in payload.items() if key != "digest"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def from_json(payload: Any) -> PluginIndex | None:
     """The index a JSON document holds, or None when it is not one (of this format)."""
     try:
-        if payload.get("format") != FORMAT:
+        if payload.get("format") != FORMAT or payload.get("digest") != body_digest(payload):
             return None
         kinds = tuple(str(kind) for kind in payload["kinds"])
         plugins = {}
@@ -400,7 +413,7 @@ def from_json(payload: Any) -> PluginIndex | None:
                 )
             plugins[kind] = tuple(infos)
         return PluginIndex(payload["fingerprint"], kinds, plugins)
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError, RecursionError):
         return None
 
 
