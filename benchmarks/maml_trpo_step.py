@@ -27,7 +27,6 @@ across the jump is meaningless (it grows as 1/eps) and the KL has no Hessian. ``
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -36,6 +35,7 @@ import torch
 import fewbench.methods.policy_gradient as pg
 import fewbench_plugins.learners.rl as rl
 from fewbench.plugin.learner import LearnerContext
+from fewbench.running.cost import cpu_model
 from fewbench_plugins.backbones.standard import MLP
 from fewbench_plugins.environments.navigation2d import Navigation2D
 
@@ -147,7 +147,7 @@ def main() -> None:
         f"maml_trpo train_step, 2-D navigation: {args.tasks} tasks x {args.trajectories} "
         f"trajectories x horizon {args.horizon}, policy {hidden}, "
         f"{'first' if args.first_order else 'second'} order; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"{torch.get_num_threads()} threads, {cpu_model()}; "
         f"medians of {args.repeat} rounds"
     )
     print()

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fewbench.running.cost import cpu_model  # reads /proc/cpuinfo; imports no torch
+
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "scipy", "pandas", "matplotlib")
 
@@ -166,7 +168,10 @@ def main() -> int:
             measure(label, arguments, cold, args.repeat, cache)
             for label, arguments, cold in commands(args.data_root, run_dir)
         ]
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.repeat} runs each\n")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs ({cpu_model()}), "
+        f"{args.repeat} runs each\n"
+    )
     print(table(rows))
     if args.json:
         args.json.write_text(

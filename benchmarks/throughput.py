@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -341,12 +340,9 @@ def machine_description(device: str) -> str:
 
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from fewbench.running.cost import cpu_model
+
+    cpu = cpu_model()
     threads = torch.get_num_threads()
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
 

@@ -144,6 +144,7 @@ def cmd_reports(args: argparse.Namespace) -> int:
             names=tuple(given.items()),
             ids=args.ids,
             protocol=args.protocol,
+            cost=args.cost,
             interval=args.interval,
         )
         write_output(render(args.run_dirs, args.format, options), args.out)

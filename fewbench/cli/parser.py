@@ -222,6 +222,12 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
         "seen, test episodes, test-time steps, batch norm at test, inductive or transductive",
     )
     report.add_argument(
+        "--cost",
+        action="store_true",
+        help="after the table, what each setting cost: device model, parameters, training "
+        "time per seed, inference time per episode, peak memory, GPU-hours (and per method)",
+    )
+    report.add_argument(
         "--interval",
         choices=("episodes", "population"),
         default="episodes",

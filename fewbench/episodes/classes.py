@@ -51,6 +51,7 @@ class DrawnTestClasses:
     def __call__(self, s: Setting) -> np.ndarray | None:
         import numpy as np
 
+        from fewbench.episodes.draw import drawn_by_class_pool
         from fewbench.plugin.dataset import ClassPool
         from fewbench.running.evaluation import EpisodeSpec, dataset_identity
         from fewbench.suite.cell import Cell
@@ -66,11 +67,7 @@ class DrawnTestClasses:
                 "episodes come from no pool of classes fewbench can draw again; use --interval "
                 "episodes"
             )
-        pool_type = type(source)
-        if (
-            pool_type.sample_episodes is not ClassPool.sample_episodes
-            or pool_type.draw is not ClassPool.draw
-        ):
+        if not drawn_by_class_pool(source, classes_first=True):
             raise FewbenchError(
                 f"--interval population: {setting_words(s)}: dataset {config['name']} draws "
                 "its episodes its own way, so their classes cannot be drawn again; use "
@@ -95,10 +92,11 @@ class DrawnTestClasses:
                 from fewbench.registry import Registry
 
                 self._registry = Registry()
-            params = {k: v for k, v in config.items() if k != "name"}
+            from fewbench.episodes.draw import build_dataset, load_split
+
             try:
-                dataset = self._registry.get("dataset", config["name"]).build(**params)
-                source = dataset.load(self.data_root, self.cache_dir)["test"]
+                dataset = build_dataset(config, self._registry)
+                source = load_split(dataset, self.data_root, self.cache_dir)
             except (FewbenchError, OSError, ValueError, KeyError) as exc:
                 raise FewbenchError(
                     f"--interval population: {setting_words(s)}: the test episodes' classes "

@@ -129,6 +129,28 @@ def as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def build_dataset(config: dict[str, Any], registry: Registry) -> Any:
+    """The dataset plugin a stored dataset configuration (``name`` and parameters) names."""
+    params = {k: v for k, v in config.items() if k != "name"}
+    return registry.get("dataset", config["name"]).build(**params)
+
+
+def load_split(dataset: Any, data_root: Path, cache_dir: Path, split: str = SPLIT) -> Any:
+    return dataset.load(Path(data_root), Path(cache_dir))[split]
+
+
+def drawn_by_class_pool(source: Any, *, classes_first: bool = False) -> bool:
+    """Whether ``source`` draws its episodes as :class:`ClassPool` does, so that they can be
+    drawn again here: its ``sample_episodes`` is ClassPool's; with ``classes_first``, its
+    ``draw`` too (then :meth:`ClassPool.draw_classes` gives an episode's classes alone)."""
+    if not isinstance(source, ClassPool):
+        return False
+    kind = type(source)
+    if kind.sample_episodes is not ClassPool.sample_episodes:
+        return False
+    return not classes_first or kind.draw is ClassPool.draw
+
+
 def draw_episodes(
     setting: EpisodeSetting, data_root: Path, cache_dir: Path, registry: Registry | None = None
 ) -> DrawnEpisodes:
@@ -138,18 +160,14 @@ def draw_episodes(
     registry = registry or Registry()
     config = setting.dataset
     name = config["name"]
-    dataset = registry.get("dataset", name).build(
-        **{k: v for k, v in config.items() if k != "name"}
-    )
+    dataset = build_dataset(config, registry)
     if task_type_of(dataset.task_type).name != CLASSIFICATION.name:
         raise FewbenchError(
             f"dataset {name}: its tasks are {task_type_of(dataset.task_type).name}, not "
             "classification; episode manifests name the examples of classification episodes"
         )
     source = dataset.load(Path(data_root), Path(cache_dir)).get(SPLIT)
-    if not isinstance(source, ClassPool) or type(source).sample_episodes is not (
-        ClassPool.sample_episodes
-    ):
+    if not drawn_by_class_pool(source):
         raise FewbenchError(
             f"dataset {name}: its episodes are not drawn from a pool of stored examples "
             "(fewbench.plugin.ClassPool), so they have no examples a manifest could name"

@@ -59,6 +59,9 @@ class Options:
     ids: bool = False
     # ``--protocol``: each entry's protocol card (fewbench.reports.protocol) after the table.
     protocol: bool = False
+    # ``--cost``: what each setting cost (fewbench.reports.cost) after the table, and in the
+    # CSV and JSON records.
+    cost: bool = False
     # ``--interval``: which 95% interval the ± is (fewbench.reports.stats.INTERVALS): over the
     # episodes of these test classes (the default), or also over the draw of the classes.
     interval: str = "episodes"
@@ -340,6 +343,10 @@ def records(table: ReportTable) -> list[dict[str, Any]]:
                 ),
                 protocol=s.protocol,
             )
+            if table.options.cost:
+                from fewbench.reports.cost import summary
+
+                record.update({f"cost_{k}": v for k, v in summary(s).items()})
             if table.options.interval != "episodes":  # the default's records stay as they were
                 record.update(
                     interval=table.options.interval,

@@ -148,6 +148,30 @@ def protocol_html(table: ReportTable) -> str:
     return "".join(parts)
 
 
+def cost_html(table: ReportTable) -> str:
+    """``--cost``: what each setting cost (fewbench.reports.cost)."""
+    from fewbench.reports import cost
+
+    entries = [
+        (
+            table.name(s.keys["learner"]),
+            f"{table.name(s.keys['learner'])}, {s.keys['backbone']}, {setting_name(s)}",
+            s,
+        )
+        for s in table.settings
+    ]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("setting", *cost.COLUMNS))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in (title, *cost.row(s))) + "</tr>"
+        for _, title, s in entries
+    )
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in cost.notes(entries))
+    return (
+        f'<h2>Cost</h2><table class="results"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table>{notes}"
+    )
+
+
 def to_html(table: ReportTable, results: Results) -> str:
     captions: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +203,7 @@ def to_html(table: ReportTable, results: Results) -> str:
 <h2>Settings that ran</h2>
 {settings_html(table)}
 {protocol_html(table) if table.options.protocol else ""}
+{cost_html(table) if table.options.cost else ""}
 <h2>Figures</h2>
 {figures or "<p>No figures: nothing has finished yet.</p>"}
 <h2>Suites and environments</h2>

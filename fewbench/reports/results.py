@@ -72,6 +72,9 @@ class Setting:
     # The protocol card of its first finished cell (fewbench.running.protocol), None when none
     # was stored: how the number was measured (fewbench.reports.protocol renders it).
     protocol: dict[str, Any] | None = None
+    # The cost records of its finished cells (fewbench.running.cost), one per seed that has
+    # one: what the number cost (fewbench.reports.cost renders them).
+    costs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -119,17 +122,17 @@ def load_runs(run_dirs: list[Path]) -> Results:
     """Read every cell, curve and per-episode value of ``run_dirs``."""
     if not run_dirs:
         raise FewbenchError("give at least one run directory")
-    runs, rows, values, curves, extras, protocols = [], {}, {}, {}, {}, {}
+    runs, rows, values, curves, extras, protocols, costs = [], {}, {}, {}, {}, {}, {}
     for run_dir in run_dirs:
         store = ResultsStore.open_run(run_dir, must_exist=True, readonly=True)
         try:
             with damage_reported(store.path):
                 runs.append(RunInfo(Path(run_dir), store.meta("suite") or "", _environment(store)))
-                _read_cells(store, Path(run_dir), rows, values, curves, extras, protocols)
+                _read_cells(store, Path(run_dir), rows, values, curves, extras, protocols, costs)
         finally:
             store.close()
     cells = _frame(list(rows.values()))
-    return Results(runs, _settings(cells, values, extras, protocols), curves, cells)
+    return Results(runs, _settings(cells, values, extras, protocols, costs), curves, cells)
 
 
 def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -150,6 +153,7 @@ def _read_cells(
     curves: dict[str, pd.DataFrame],
     extras: dict[str, dict[str, list[float]]],
     protocols: dict[str, dict[str, Any]] | None = None,
+    costs: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Add one run's cells; a cell an earlier run holds (same id) counts once. A cell whose
     stored record cannot be read (settings that are not JSON, a per-episode value or curve
@@ -167,6 +171,9 @@ def _read_cells(
             card = store.protocol(cell["id"])
             if card is not None and protocols is not None:
                 protocols[cell["id"]] = card
+            cost = store.cost(cell["id"])
+            if cost is not None and costs is not None:
+                costs[cell["id"]] = cost
             try:
                 values[cell["id"]] = _numbers(store.episode_values(cell["id"]))
                 extras[cell["id"]] = {
@@ -234,8 +241,9 @@ def _settings(
     values: dict[str, np.ndarray],
     extras: dict[str, dict[str, list[float]]] | None = None,
     protocols: dict[str, dict[str, Any]] | None = None,
+    costs: dict[str, dict[str, Any]] | None = None,
 ) -> list[Setting]:
-    extras, protocols = extras or {}, protocols or {}
+    extras, protocols, costs = extras or {}, protocols or {}, costs or {}
     if cells.empty:
         return []
     settings = []
@@ -274,6 +282,7 @@ def _settings(
                 iterations=ran,
                 cap=_cap(config),
                 protocol=next((protocols[c] for c in done["id"] if c in protocols), None),
+                costs=[costs[c] for c in done["id"] if c in costs],
             )
         )
     return settings

@@ -377,6 +377,22 @@ def protocol_cards(table: ReportTable, fmt: str) -> str:
     return protocol.section(entries, fmt, latex_escape)
 
 
+def cost_section(table: ReportTable, fmt: str) -> str:
+    """``--cost``: what each setting cost, after the table (fewbench.reports.cost)."""
+    from fewbench.reports import cost
+    from fewbench.reports.formats import latex_escape
+
+    entries = [
+        (
+            table.name(s.keys["learner"]),
+            f"{table.name(s.keys['learner'])}, {s.keys['backbone']}, {_setting_words(s)}",
+            s,
+        )
+        for s in table.settings
+    ]
+    return cost.section(entries, fmt, latex_escape)
+
+
 def _setting_words(s: Setting) -> str:
     if not by_metric(s.metric).has_ways:
         return str(s.keys["dataset"])
@@ -459,6 +475,8 @@ def render(
     text = RENDERERS[fmt](table)
     if options.protocol and fmt in ("table", "markdown", "latex"):
         text += protocol_cards(table, fmt)
+    if options.cost and fmt in ("table", "markdown", "latex") and not options.ranks:
+        text += cost_section(table, fmt)
     if fmt in ("table", "markdown"):
         from fewbench.reports.tuning import (
             tuning_sections,  # a tuned run: the trial chosen, and why

@@ -48,9 +48,10 @@ def plugin_version(distribution: str) -> str | None:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    """The GPU's name, or the CPU's model (``platform.processor()`` is empty on Linux)."""
+    from fewbench.running.cost import device_model
+
+    return device_model(device)
 
 
 def collect(device: torch.device, registry: Registry) -> dict[str, Any]:

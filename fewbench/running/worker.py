@@ -42,6 +42,7 @@ from fewbench.plugin.task_types import TaskType, by_metric, task_type_of
 from fewbench.registry import Registry
 from fewbench.reports.stats import mean_ci95
 from fewbench.running import cpu_heap
+from fewbench.running.cost import PeakMemory, cost_record
 from fewbench.running.durations import in_words
 from fewbench.running.evaluation import EpisodeSpec, dataset_identity, evaluate_with_extras
 from fewbench.running.heartbeat import STALE_AFTER_META, interval_for
@@ -385,6 +386,7 @@ class CellRunner:
         follower: bool,
         trackers: CellLogging,
     ) -> CellResult | None:
+        peak = PeakMemory(self.device).start()
         setup = self.set_up(cell)
         learner = setup.learner
         sink.started(learner.describe_engine(), metric=setup.task_type.metric)
@@ -439,6 +441,7 @@ class CellRunner:
             eval_seconds=eval_seconds,
             extras={name: value.tolist() for name, value in extras.items()},
             protocol=card,
+            cost=cell_cost(learner, self.device, peak, outcome.seconds, eval_seconds, len(values)),
         )
         self.stored = sink.complete(result)
         trackers.finish(result)  # after the store: a tracker never holds what the store lacks
@@ -461,6 +464,35 @@ def protocol_card(cell: Cell, setup: CellSetup, outcome: Any) -> dict[str, Any]:
         return card_of_run(cell, setup, outcome)
     except Exception as exc:
         return failed_card(exc)
+
+
+def cell_cost(
+    learner: Any,
+    device: torch.device,
+    peak: PeakMemory,
+    train_seconds: float,
+    eval_seconds: float,
+    episodes: int,
+) -> dict[str, Any] | None:
+    """The cell's cost record (:mod:`fewbench.running.cost`); None, never a lost result, when
+    it cannot be taken."""
+    from fewbench.running.protocol import learner_modules, parameter_count
+
+    try:
+        parameters = parameter_count(learner_modules(learner))
+    except Exception:  # noqa: BLE001 - a plugin's modules that cannot be listed
+        parameters = None
+    try:
+        return cost_record(
+            device=device,
+            peak=peak,
+            train_seconds=train_seconds,
+            eval_seconds=eval_seconds,
+            test_episodes=episodes,
+            parameters=parameters,
+        )
+    except Exception:  # noqa: BLE001 - the result matters more than its cost
+        return None
 
 
 NUMERICS_FILE = "numerics.json"

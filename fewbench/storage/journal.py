@@ -160,6 +160,7 @@ RESULT_FIELDS: dict[str, tuple[type, ...]] = {
     "worker": (str, NONE),
     "attempts": (int,),
     "protocol": (dict, NONE),
+    "cost": (dict, NONE),
 }
 STATE_FIELDS: dict[str, tuple[type, ...]] = {
     "status": (str,),

@@ -41,6 +41,9 @@ class CellResult:
     # The cell's protocol card (fewbench.running.protocol): how the number was measured,
     # derived from what ran; None from a worker of before cards.
     protocol: dict[str, Any] | None = None
+    # What the number cost (fewbench.running.cost): device and its model, peak memory,
+    # parameters, inference time per episode; None from a worker of before cost records.
+    cost: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "curve": [list(p) for p in self.curve]}

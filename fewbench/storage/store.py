@@ -3,9 +3,10 @@
 Tables: ``meta`` (suite text, environment), ``cells`` (configuration, status and
 summary of each cell), ``episodes`` (per-episode test metric, so that methods can
 be paired episode by episode), ``curve`` (training loss and validation metric
-by iteration) and ``protocols`` (each finished cell's protocol card, JSON:
-:mod:`fewbench.running.protocol`; a table of its own, added later, so a store written
-before it opens read-only without it). A cell's completion is written in one
+by iteration), ``protocols`` (each finished cell's protocol card, JSON:
+:mod:`fewbench.running.protocol`) and ``costs`` (each finished cell's cost record, JSON:
+:mod:`fewbench.running.cost`); the last two are tables of their own, added later, so a store
+written before them opens read-only without them. A cell's completion is written in one
 transaction, so a crash leaves either the whole result or none of it.
 
 Units: metrics are stored as the task type computes them, unscaled: accuracy as a
@@ -89,6 +90,10 @@ CREATE TABLE IF NOT EXISTS episode_extras (
 CREATE TABLE IF NOT EXISTS protocols (
     cell_id TEXT PRIMARY KEY REFERENCES cells(id),
     card TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS costs (
+    cell_id TEXT PRIMARY KEY REFERENCES cells(id),
+    record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS curve (
     cell_id TEXT NOT NULL REFERENCES cells(id),
@@ -340,6 +345,12 @@ class ResultsStore:
                     "INSERT INTO protocols (cell_id, card) VALUES (?, ?)",
                     (cell_id, json.dumps(result.protocol, sort_keys=True)),
                 )
+            self.db.execute("DELETE FROM costs WHERE cell_id = ?", (cell_id,))
+            if result.cost is not None:
+                self.db.execute(
+                    "INSERT INTO costs (cell_id, record) VALUES (?, ?)",
+                    (cell_id, json.dumps(result.cost, sort_keys=True)),
+                )
             crash_point("results-commit")
             self.db.execute(
                 "UPDATE cells SET status = 'done', error = NULL, metric = ?, mean = ?, ci95 = ?, iterations = ?,"
@@ -507,17 +518,22 @@ class ResultsStore:
     def protocol(self, cell_id: str) -> dict[str, Any] | None:
         """The cell's protocol card; None when none was stored (a cell of before cards, a
         read-only store written before the table existed, or a card that is not JSON)."""
+        return self._json_record("SELECT card FROM protocols WHERE cell_id = ?", cell_id)
+
+    def cost(self, cell_id: str) -> dict[str, Any] | None:
+        """The cell's cost record; None when none was stored (as :meth:`protocol`)."""
+        return self._json_record("SELECT record FROM costs WHERE cell_id = ?", cell_id)
+
+    def _json_record(self, query: str, cell_id: str) -> dict[str, Any] | None:
         try:
-            row = self.db.execute(
-                "SELECT card FROM protocols WHERE cell_id = ?", (cell_id,)
-            ).fetchone()
+            row = self.db.execute(query, (cell_id,)).fetchone()
         except sqlite3.OperationalError:  # a read-only store written before the table existed
             return None
         try:
-            card = json.loads(row[0]) if row is not None else None
+            record = json.loads(row[0]) if row is not None else None
         except (TypeError, ValueError):
             return None
-        return card if isinstance(card, dict) else None
+        return record if isinstance(record, dict) else None
 
     def curve(self, cell_id: str) -> list[sqlite3.Row]:
         return self.db.execute(
