@@ -79,3 +79,37 @@ def test_documented_dry_runs_show_what_the_command_prints(tmp_path, monkeypatch,
                 )
             elif re.fullmatch(r"\d+ cells?", line):
                 assert real[-1] == line, f"{name}: `{command}` ends with {real[-1]!r}"
+
+
+def test_the_readme_cost_table_is_the_committed_result_file():
+    """The README's ``report --cost`` example shows the figures of the committed report export
+    (each cost column formatted as ``report --cost`` formats it), not figures typed by hand."""
+    import json
+
+    from fewbench.reports import cost
+
+    readme = (REPO / "README.md").read_text()
+    block = next(
+        b for b in re.findall(r"```text\n(.*?)```", readme, flags=re.DOTALL) if "--cost" in b
+    )
+    source = re.search(r"benchmarks/results/[\w.-]+-report\.json", readme[: readme.index(block)])
+    assert source, "the README names the result file its cost example comes from"
+    entries = json.loads((REPO / source.group(0)).read_text())["entries"]
+    assert entries
+    for entry in entries:
+        row = next(
+            line
+            for line in block.splitlines()
+            if line.strip().startswith(entry["learner_name"] + ",")
+        )
+        shown = [
+            entry["cost_device_model"],
+            cost.parameters(entry["cost_parameters"]),
+            cost.duration(entry["cost_train_seconds"]),
+            cost.per_episode(entry["cost_inference_seconds_per_episode"]),
+            cost.memory(entry["cost_peak_memory_bytes"]),
+        ]
+        for text in shown:
+            assert f" {text} " in f" {row} ", f"README row {row.strip()!r} lacks {text!r}"
+        mean = f"{entry['mean']:.2f} ± {entry['ci95']:.2f}"
+        assert mean in block, f"README lacks {entry['learner_name']}'s {mean}"
