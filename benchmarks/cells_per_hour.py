@@ -49,6 +49,19 @@ def layouts(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     ]
 
 
+def _machine(args: argparse.Namespace) -> str:
+    """The machine the layouts ran on: the CPU model and cores, and the GPUs when used."""
+    from fewbench.running.cost import cpu_model
+
+    text = f"{cpu_model()}, {os.cpu_count()} cores"
+    if args.gpus is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", GPUs {args.gpus} ({torch.cuda.get_device_name(0)})"
+    return text
+
+
 def run_layout(suite: Path, flags: list[str], args: argparse.Namespace, folder: Path) -> float:
     command = [
         sys.executable, "-m", "fewbench", "run", str(suite), "--out", str(folder),
@@ -92,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((label, seconds, 3600 * args.cells / seconds))
     print(
         f"{args.cells} cells of Omniglot 5-way 1-shot MAML (Conv-4, meta-batch 32), "
-        f"{args.iterations} meta-iterations and {args.episodes} test episodes each\n"
+        f"{args.iterations} meta-iterations and {args.episodes} test episodes each; "
+        f"{_machine(args)}\n"
     )
     print("| layout | wall time (s) | cells per hour | ratio |\n|---|---:|---:|---:|")
     for label, seconds, per_hour in rows:
