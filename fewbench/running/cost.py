@@ -14,8 +14,10 @@ ResNet-12), and a reviewer asks for them. A cell's cost record holds:
 * ``peak_memory_bytes`` with ``peak_memory_of``: on CUDA the most memory the caching
   allocator handed out (``torch.cuda.max_memory_allocated``, reset when the cell starts);
   on the CPU the peak resident set of the worker process (``VmHWM``), reset when the cell
-  starts where Linux allows it (``/proc/self/clear_refs``), and marked ``process`` where it
-  could not be reset (then it covers the cells the worker ran before);
+  starts where Linux allows it (``/proc/self/clear_refs``; it then starts from what the
+  process holds, Python and torch and heap earlier cells freed but kept, so it bounds the
+  cell's own need from above), and marked ``process`` where it could not be reset (then it
+  covers the cells the worker ran before);
 * ``parameters``: the learner's trainable and adapted tensors, each counted once;
 * ``gpu_hours``: (training + evaluation) x devices / 3600 on CUDA, 0 on the CPU.
 """
