@@ -95,3 +95,36 @@ def test_cifar_fs_takes_its_classes_by_name(installed):
     assert val == list(range(16)) and test == list(range(16, 36))
     assert sorted(sources["train"].images[:, 0, 0, 0, 0].tolist()) == list(range(36, 100))
     assert CifarFS(normalize=False).split_sizes(root)["train"].classes == 64
+
+
+@pytest.mark.parametrize("kind", [FC100, CifarFS])
+def test_example_ids_name_the_pickled_images_the_pool_holds(installed, kind):
+    """``<pickle>#<row>``: each class's train images, then its test image, as the pool."""
+    root, cache = installed
+    dataset = kind(normalize=False)
+    sources = dataset.load(root, cache)
+    rows = {}
+    for name in ("train", "test"):
+        path = root / "cifar100" / "cifar-100-python" / name
+        rows[path.relative_to(root).as_posix()] = pickle.loads(path.read_bytes())["data"]
+    for split, pool in sources.items():
+        ids = dataset.example_ids(root, split)
+        assert [len(row) for row in ids] == [6] * pool.num_classes
+        assert ["test" in n.split("#")[0] for n in ids[0]] == [False] * 5 + [True]
+        last = pool.num_classes - 1
+        for c, e in [(0, 0), (0, 5), (1, 3), (last, 0), (last, 5)]:
+            path, _, row = ids[c][e].partition("#")
+            pixels = rows[path][int(row)].reshape(3, 32, 32).transpose(1, 2, 0)  # as a user's
+            decoded = dataset.decode_examples([pixels])[0]
+            assert torch.equal(decoded, pool.images[c, e]), (split, c, e)
+
+
+def test_draw_episodes_names_examples_by_pickle_and_row(installed, registry):
+    from fewbench.episodes.draw import EpisodeSetting, draw_episodes
+
+    root, cache = installed
+    setting = EpisodeSetting({"name": "fc100"}, ways=3, shots=1, query=2, seed=0, episodes=2)
+    drawn = draw_episodes(setting, root, cache, registry)
+    names = [name for _, name in drawn.episode(0)["support"] + drawn.episode(0)["query"]]
+    assert len(names) == 9
+    assert all(name.startswith("cifar100/cifar-100-python/") and "#" in name for name in names)

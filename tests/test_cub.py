@@ -78,3 +78,30 @@ def test_normalised_with_training_statistics(root, tmp_path):
     scaled = train._scale(real)
     torch.testing.assert_close(scaled.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-3, rtol=0)
     assert torch.equal(sources["test"].mean, train.mean)
+
+
+def test_example_ids_name_the_files_the_pool_holds(root, tmp_path):
+    """Every real image of a class, none for the padding, in the order the pool holds them."""
+    dataset = CUB(image_size=32, normalize=False)
+    sources = dataset.load(root, tmp_path)
+    for split in ("train", "val", "test"):
+        ids, pool = dataset.example_ids(root, split), sources[split]
+        assert [len(row) for row in ids] == pool.counts.tolist()
+    ids, pool = dataset.example_ids(root, "train"), sources["train"]
+    assert [len(row) for row in ids] == [COUNTS[0], COUNTS[2], COUNTS[4], COUNTS[6]]
+    assert ids[1][0] == "cub/CUB_200_2011/images/003.Bird_2/Bird_2_0000.jpg"
+    last = len(ids) - 1
+    for c, e in [(0, 0), (0, COUNTS[0] - 1), (1, 2), (last, 0), (last, len(ids[last]) - 1)]:
+        decoded = dataset.decode_examples([root / ids[c][e]])[0]
+        assert torch.equal(decoded, pool.images[c, e]), (c, e)
+
+
+def test_draw_episodes_names_examples_by_file(root, tmp_path, registry):
+    from fewbench.episodes.draw import EpisodeSetting, draw_episodes
+
+    config = {"name": "cub", "image_size": 16, "normalize": False}
+    setting = EpisodeSetting(config, ways=2, shots=1, query=2, seed=0, episodes=2)
+    drawn = draw_episodes(setting, root, tmp_path, registry)
+    names = [name for _, name in drawn.episode(1)["support"] + drawn.episode(1)["query"]]
+    assert len(names) == 6 and all(name.startswith("cub/CUB_200_2011/images/") for name in names)
+    assert all((root / name).is_file() for name in names)

@@ -277,3 +277,76 @@ def test_suite_validates(tmp_path):
     result = run_cli("run", "suites/miniimagenet.yaml", "--dry-run", "--data-root", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("4 cells")
+
+
+# -- example_ids: what stands behind each example, in the pool's order -------------------------
+UNEVEN = {"train": [3, 2], "val": [2, 3], "test": [4, 3, 5]}  # images per class, unequal
+
+
+def make_uneven(root: Path, form: str, seed: int = 1) -> Path:
+    """A small mini-ImageNet in ``form`` whose classes hold unequal counts (the pool cuts them
+    to the smallest), listed out of order: shuffled CSV rows, or pickled class indices in
+    neither label nor index order."""
+    rng = np.random.default_rng(seed)
+    folder = root / "miniimagenet"
+    (folder / "images").mkdir(parents=True)
+    (folder / "splits" / "ravi").mkdir(parents=True)
+    for split, counts in UNEVEN.items():
+        wnids = [f"n{split[:2]}{c:06d}" for c in range(len(counts))]
+        if form == "images":
+            rows = []
+            for wnid, count in zip(wnids, counts, strict=True):
+                for i in range(count):
+                    name = f"{wnid}{i:08d}.jpg"
+                    pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / "images" / name, quality=95)
+                    rows.append((name, wnid))
+            rng.shuffle(rows)
+            with open(folder / "splits" / "ravi" / f"{split}.csv", "w", newline="") as f:
+                csv.writer(f).writerows([("filename", "label"), *rows])
+        else:
+            images = rng.integers(0, 256, (sum(counts), SIZE, SIZE, 3), dtype=np.uint8)
+            where = rng.permutation(len(images)).tolist()
+            class_dict, start = {}, 0
+            for wnid, count in reversed(list(zip(wnids, counts, strict=True))):
+                class_dict[wnid] = where[start : start + count]
+                start += count
+            with open(folder / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
+                pickle.dump({"image_data": images, "class_dict": class_dict}, f)
+    return root
+
+
+@pytest.mark.parametrize("form", ["images", "pickle"])
+def test_example_ids_name_the_files_the_pool_holds(tmp_path, form):
+    root = make_uneven(tmp_path / "root", form)
+    dataset = MiniImageNet(image_size=8, normalize=False)
+    sources = dataset.load(root, tmp_path / "cache")
+    for split, counts in UNEVEN.items():
+        ids, pool = dataset.example_ids(root, split), sources[split]
+        assert [len(row) for row in ids] == [min(counts)] * len(counts)
+        assert pool.images.shape[:2] == (len(ids), min(counts))
+        assert len({name for row in ids for name in row}) == len(counts) * min(counts)
+    ids, pool = dataset.example_ids(root, "test"), sources["test"]
+    last_c, last_e = len(ids) - 1, len(ids[0]) - 1
+    for c, e in [(0, 0), (0, last_e), (1, 1), (last_c, 0), (last_c, last_e)]:
+        name = ids[c][e]
+        if form == "images":
+            assert name.startswith("miniimagenet/images/") and "#" not in name
+            example = root / name
+        else:
+            path, _, index = name.partition("#")
+            assert path == "miniimagenet/mini-imagenet-cache-test.pkl"
+            example = read_cache(root / path)[0][int(index)]  # an 84 x 84 x 3 array
+        assert torch.equal(dataset.decode_examples([example])[0], pool.images[c, e]), (c, e)
+
+
+def test_draw_episodes_names_examples_by_file(tmp_path, registry):
+    from fewbench.episodes.draw import EpisodeSetting, draw_episodes
+
+    root = make_uneven(tmp_path / "root", "pickle")
+    config = {"name": "miniimagenet", "image_size": 8, "normalize": False}
+    setting = EpisodeSetting(config, ways=2, shots=1, query=2, seed=0, episodes=2)
+    drawn = draw_episodes(setting, root, tmp_path / "cache", registry)
+    support = drawn.episode(0)["support"]
+    assert len(support) == 2
+    assert all(name.startswith("miniimagenet/mini-imagenet-cache-test.pkl#") for _, name in support)

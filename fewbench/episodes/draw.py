@@ -186,7 +186,8 @@ def draw_episodes(
         raise FewbenchError(
             f"dataset {name}: example_ids names {len(ids)} classes of "
             f"{sorted({len(row) for row in ids})} examples, but its {SPLIT} split holds "
-            f"{source.num_classes} classes of {source.images.shape[1]} (a bug in the plugin)"
+            f"{source.num_classes} classes of {sorted(set(_stored_counts(source)))} "
+            "(a bug in the plugin)"
         )
     return DrawnEpisodes(setting, identity, source, indices, ids)
 

@@ -173,20 +173,8 @@ class CifarFewShot(Dataset):
             return cached
         parts = [_read(base / "train"), _read(base / "test")]
         data = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32)
-        fine = np.concatenate([p["fine_labels"] for p in parts])
-        coarse = np.concatenate([p["coarse_labels"] for p in parts])
-        order = np.argsort(
-            fine, kind="stable"
-        )  # each class: its train images, then its test images
-        counts = np.bincount(fine, minlength=100)
-        if counts.min() != counts.max():
-            raise DataError(
-                f"{base}: classes hold between {counts.min()} and {counts.max()} images"
-            )
-        array = data[order].reshape(100, counts[0], 3, 32, 32)
-        coarse_of_fine = [int(coarse[fine == c][0]) for c in range(100)]
-        names = list(_read(base / "meta")["fine_label_names"])
-        save_array_cache(path, array, {"coarse": coarse_of_fine, "names": names}, sources=sources)
+        rows, meta = _class_rows(base, parts)
+        save_array_cache(path, data[rows], meta, sources=sources)  # [100, 600, 3, 32, 32]
         return load_array_cache(path, {})
 
     def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
@@ -199,12 +187,44 @@ class CifarFewShot(Dataset):
         images = torch.from_numpy(array)
         return {split: ClassPool(images[classes], mean, std) for split, classes in splits.items()}
 
+    def example_ids(self, root: Path, split: str) -> list[list[str]]:
+        """Each image of ``split`` as the pickle that holds it, relative to ``root``, and its
+        row in that pickle's ``data`` (``cifar100/cifar-100-python/train#4321``; ``test#…``
+        for CIFAR-100's test images), for the archive has no image files. In :meth:`load`'s
+        order (:func:`_class_rows`: each class's train images, then its test images). Reads
+        both pickles, as building the cache does."""
+        base = self._base(root)
+        parts = [_read(base / "train"), _read(base / "test")]
+        rows, meta = _class_rows(base, parts)
+        train_count = len(parts[0]["fine_labels"])
+        train, test = ((base / n).relative_to(root).as_posix() for n in ("train", "test"))
+        names = [f"{train}#{r}" for r in range(train_count)]
+        names += [f"{test}#{r}" for r in range(len(parts[1]["fine_labels"]))]
+        return [[names[r] for r in rows[c]] for c in self.split_classes(meta)[split]]
+
     def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
         """A user's images as the loader stores CIFAR-100's: uint8 ``[N, 3, 32, 32]``, RGB.
         The dataset's images are 32 x 32 and its loader resizes nothing, so neither does
         this: another size is refused (resize it yourself, knowingly). :meth:`preprocess`
         then normalises them with the training classes' statistics."""
         return torch.from_numpy(decode_examples(examples, _cifar_image))
+
+
+def _class_rows(base: Path, parts: list[dict]) -> tuple[np.ndarray, dict]:
+    """Where each class's images are among the ``train`` then ``test`` pickles' images
+    (``parts``, read): ``[100, per class]`` rows, fine classes in label order, each class's
+    train images then its test images in file order; and each fine class's superclass
+    (``coarse``) and name (``names``), read from ``meta``. The one place that order is set,
+    for the cache and :meth:`CifarFewShot.example_ids`."""
+    fine = np.concatenate([p["fine_labels"] for p in parts])
+    coarse = np.concatenate([p["coarse_labels"] for p in parts])
+    counts = np.bincount(fine, minlength=CLASSES)
+    if counts.min() != counts.max():
+        raise DataError(f"{base}: classes hold between {counts.min()} and {counts.max()} images")
+    rows = np.argsort(fine, kind="stable").reshape(CLASSES, counts[0])
+    coarse_of_fine = [int(coarse[fine == c][0]) for c in range(CLASSES)]
+    names = list(_read(base / "meta")["fine_label_names"])
+    return rows, {"coarse": coarse_of_fine, "names": names}
 
 
 def _cifar_image(image: Image.Image) -> np.ndarray:

@@ -117,7 +117,7 @@ class CUB(Dataset):
         their names, sizes, times and sampled bytes, so another data root or changed
         files are decoded afresh instead of served images cached from other files."""
         size = self.config["image_size"]
-        files = [sorted(str(p) for p in f.glob("*.jpg")) for f in folders]
+        files = _class_files(folders)
         counts = [len(f) for f in files]
         flat = [p for f in files for p in f]
         path = Path(cache_dir) / "cub" / f"{split}-{size}.npy"
@@ -152,6 +152,14 @@ class CUB(Dataset):
             for split, (array, meta) in arrays.items()
         }
 
+    def example_ids(self, root: Path, split: str) -> list[list[str]]:
+        """Each image's file relative to ``root`` (``cub/CUB_200_2011/images/<class>/<name>.jpg``),
+        in :meth:`load`'s order: classes as Chen et al.'s split takes them, and every file of
+        a class (the pool's padding is no example) in the order the decoding takes them
+        (:func:`_class_files`), so a ragged class's row is as long as its count."""
+        files = _class_files(self._classes(root)[split])
+        return [[Path(p).relative_to(root).as_posix() for p in row] for row in files]
+
     def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
         """A user's images as the loader stores CUB's: uint8 ``[N, 3, size, size]`` by Chen et
         al.'s test transform (shorter side to 1.15 x size, centre square), the very function
@@ -160,6 +168,11 @@ class CUB(Dataset):
         size = self.config["image_size"]
         decoded = decode_examples(examples, partial(rgb_square_image, size=size, crop_ratio=1.15))
         return torch.from_numpy(decoded)
+
+
+def _class_files(folders: list[Path]) -> list[list[str]]:
+    """Each class folder's images, in name order: the order the pool stores them in."""
+    return [sorted(str(p) for p in f.glob("*.jpg")) for f in folders]
 
 
 @hookimpl

@@ -247,13 +247,12 @@ class MiniImageNet(Dataset):
         size = self.config["image_size"]
         if form == "pickle":
             images, class_dict = read_cache(_pickle_path(folder, split))
-            labels = sorted(class_dict)
-            per_class = min(len(class_dict[c]) for c in labels)
-            picked = images[[i for c in labels for i in list(class_dict[c])[:per_class]]]
+            rows = _pickle_rows(class_dict)
+            picked = images[[i for row in rows for i in row]]
             picked = picked.transpose(0, 3, 1, 2)  # NHWC -> NCHW
             if picked.shape[-1] != size:
                 picked = np.stack([_resize(x, size) for x in picked])
-            return picked.reshape(len(labels), per_class, 3, size, size)
+            return picked.reshape(len(rows), len(rows[0]), 3, size, size)
         labels, per_class, paths = self._image_paths(folder, split)
         out = decode_rgb(paths, size)
         return out.reshape(len(labels), per_class, 3, size, size)
@@ -289,6 +288,23 @@ class MiniImageNet(Dataset):
             for split, (array, _) in arrays.items()
         }
 
+    def example_ids(self, root: Path, split: str) -> list[list[str]]:
+        """Each image of ``split`` in :meth:`load`'s order (classes by label, each cut to the
+        smallest class's count). The image folder: the file relative to ``root``
+        (``miniimagenet/images/n0153282900000005.jpg``). The pickles: the pickle relative to
+        ``root`` and the image's index in its ``image_data``
+        (``miniimagenet/mini-imagenet-cache-test.pkl#1234``), for the pickle has no files.
+        The order comes from the helpers the decoding uses, so the two cannot drift."""
+        folder = self._folder(root)
+        if self._form(folder) == "pickle":
+            path = _pickle_path(folder, split)
+            name = path.relative_to(root).as_posix()
+            _, class_dict = read_cache(path)
+            return [[f"{name}#{i}" for i in row] for row in _pickle_rows(class_dict)]
+        labels, per_class, paths = self._image_paths(folder, split)
+        names = [Path(p).relative_to(root).as_posix() for p in paths]
+        return [names[c * per_class : (c + 1) * per_class] for c in range(len(labels))]
+
     def decode_examples(self, examples: Sequence[Any]) -> torch.Tensor:
         """A user's images as the loader stores mini-ImageNet's: uint8 ``[N, 3, size,
         size]``, RGB, resized (bilinear, not cropped) to the square unless already that size:
@@ -297,6 +313,15 @@ class MiniImageNet(Dataset):
         classes' statistics, which it reads from the data root's cache."""
         size = self.config["image_size"]
         return torch.from_numpy(decode_examples(examples, partial(rgb_square_image, size=size)))
+
+
+def _pickle_rows(class_dict: dict[str, list[int]]) -> list[list[int]]:
+    """A pickle's image indices, class by class: labels sorted (as the image folder's), each
+    class's indices in ``class_dict``'s order, cut to the smallest class's count so that the
+    classes fill one array."""
+    labels = sorted(class_dict)
+    per_class = min(len(class_dict[c]) for c in labels)
+    return [list(class_dict[c])[:per_class] for c in labels]
 
 
 def _resize(image_chw: np.ndarray, size: int) -> np.ndarray:
