@@ -54,7 +54,9 @@ def _checked_arguments(
 @dataclass
 class Results:
     """A run's results as DataFrames: ``cells`` (one row per cell: label, status, metric,
-    mean, ci95, iterations, times, engine, and the configuration's main keys), ``episodes``
+    mean, ci95, iterations, times, engine, the configuration's main keys, and ``protocol``
+    and ``cost``: the cell's protocol card and cost record, dicts, None where none was
+    stored), ``episodes``
     (cell_id, label, episode, value) and ``curves`` (cell_id, label, iteration, loss,
     val_metric). The metric is stored as a fraction (accuracy 0.97); reports print percent."""
 
@@ -98,8 +100,12 @@ def load_results(run_dir: str | Path) -> Results:
 
 
 def _stored_rows(store: Any) -> tuple[list[dict], list[tuple], list[tuple]]:
-    """Cells, per-episode values and curve points as the store holds them."""
-    rows = [dict(row) for row in store.cells()]
+    """Cells (with each finished cell's protocol card and cost record, None where none was
+    stored), per-episode values and curve points as the store holds them."""
+    rows = [
+        {**dict(row), "protocol": store.protocol(row["id"]), "cost": store.cost(row["id"])}
+        for row in store.cells()
+    ]
     episodes = [
         (row["id"], row["label"], i, v)
         for row in rows

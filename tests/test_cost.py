@@ -124,6 +124,8 @@ def test_a_finished_cell_records_its_cost_and_report_shows_it(tmp_path, capsys):
     assert record["inference_seconds_per_episode"] == pytest.approx(cell["eval_seconds"] / 6)
     assert record["gpu_hours"] == 0.0 and record["peak_memory_bytes"] > 10 * 2**20
 
+    cells = fewbench.load_results(run).cells
+    assert cells.set_index("learner").loc["maml", "cost"] == record  # the Python API too
     capsys.readouterr()
     assert main(["report", str(run), "--cost"]) == 0
     text = capsys.readouterr().out
