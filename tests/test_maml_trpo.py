@@ -81,14 +81,17 @@ def test_a_fisher_step_equals_an_exact_step(cls, config):
 def test_a_fisher_step_in_float32_matches_exact_and_finite_difference():
     """In the learner's own dtype, and against the finite difference (float64) away from the
     ReLU's kink. Ten conjugate-gradient iterations amplify float32's rounding of the products:
-    the three steps agree to about 1e-2 of the update (float64: 1e-7, above)."""
+    fisher and exact agree to about 1e-2 of the update (float64: 1e-7, above). The finite
+    difference also carries its own truncation and cancellation error, which depends on the
+    CPU's float32 kernels: 3.6e-2 of the update on an AMD EPYC, under 2e-2 on an Intel Xeon; a
+    wrong product is off by the order of the update itself."""
     start, exact, exact_record, _ = step(MAMLTRPO, "exact", torch.float32)
     _, fisher, fisher_record, _ = step(MAMLTRPO, "fisher", torch.float32)
     _, fd, fd_record, _ = step(MAMLTRPO, "finite_difference", torch.float32)
     update = (exact - start).abs().max()
     assert fisher_record.step_fraction == exact_record.step_fraction == fd_record.step_fraction
     assert (fisher - exact).abs().max() <= 2e-2 * update
-    assert (fd - exact).abs().max() <= 2e-2 * update
+    assert (fd - exact).abs().max() <= 6e-2 * update
 
 
 def test_fisher_is_a_choice_of_every_trpo_learner_and_passes_a_product(monkeypatch):
