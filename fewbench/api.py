@@ -55,10 +55,10 @@ def _checked_arguments(
 class Results:
     """A run's results as DataFrames: ``cells`` (one row per cell: label, status, metric,
     mean, ci95, iterations, times, engine, the configuration's main keys, and ``protocol``
-    and ``cost``: the cell's protocol card and cost record, dicts, None where none was
-    stored), ``episodes``
-    (cell_id, label, episode, value) and ``curves`` (cell_id, label, iteration, loss,
-    val_metric). The metric is stored as a fraction (accuracy 0.97); reports print percent."""
+    and ``cost``, the cell's protocol card and cost record as dicts, None where none was
+    stored), ``episodes`` (cell_id, label, episode, value) and ``curves`` (cell_id, label,
+    iteration, loss, val_metric). The metric is stored as a fraction (accuracy 0.97);
+    reports print percent."""
 
     cells: Any
     episodes: Any
