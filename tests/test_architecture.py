@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 PLUGIN_NAMESPACE = "fewbench.plugin"
 SHARED_MATHEMATICS = {
     "fewbench.methods.adaptation", "fewbench.methods.cuda_graphs", "fewbench.methods.policy_gradient",
+    "fewbench.methods.feature_heads", "fewbench.methods.transductive",
 }  # fmt: skip
 
 

@@ -107,3 +107,40 @@ def test_hours_on_a_cpu_point_to_the_cpu_counterpart_and_a_smoke_run(tmp_path):
     )
     short = estimating.Estimate({"a": 600.0}, {}, 1, 0.0, "cpu", 2)
     assert len(estimating.describe(short, 1, tmp_path / "omniglot.yaml")) == 1
+
+
+FROZEN = """\
+name: estimate-frozen
+seeds: [0]
+datasets: [{name: omniglot}]
+tasks: {ways: 5, shots: 1, query: 5}
+backbones: [{name: conv4, hidden: 8, batch_norm: running}]
+learners: [{name: simpleshot, batch_size: 64}]
+train: {iterations: 300, validate_every: 100, val_episodes: 20}
+eval: {episodes: 600, query: 5, seed: 0}
+"""
+
+
+def test_a_cost_paid_once_per_evaluation_is_not_counted_per_episode(
+    data_root, cache_dir, registry, tmp_path, monkeypatch, capsys
+):
+    """SimpleShot computes its base-class mean over every training example (82,240 Omniglot
+    images) once per validation and once before the test. The probe timed it inside its 4
+    episodes and multiplied it by 600 test episodes: 18 minutes estimated for a 1-minute run.
+    Now it is a fixed cost per evaluation, and the estimate is within a factor of two."""
+    monkeypatch.setenv("FEWBENCH_CACHE", str(cache_dir))
+    monkeypatch.delenv("FEWBENCH_NO_ESTIMATE", raising=False)
+    suite = tmp_path / "frozen.yaml"
+    suite.write_text(FROZEN)
+    request = RunRequest(suite=suite, data_root=data_root)
+    expanded, _ = load(request, registry, None)
+    runner = CellRunner(WorkerSettings(data_root=str(data_root)), registry, torch.device("cpu"))
+    result = estimating.estimate(expanded.cells, registry, runner, tmp_path / "estimates")
+    (timing,) = [estimating.probe(expanded.cells[0], runner)]
+    assert timing.evaluation_seconds > 10 * timing.episode_seconds
+    began = time.perf_counter()
+    assert main(["run", str(suite), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--data-root", str(data_root)]) == 0  # fmt: skip
+    measured = time.perf_counter() - began
+    capsys.readouterr()
+    assert measured / 2 < result.total < measured * 2, (result.seconds, measured)

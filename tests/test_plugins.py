@@ -170,4 +170,4 @@ def test_unknown_name_lists_known_names_and_suggests(registry):
     with pytest.raises(PluginError) as info:
         registry.get("learner", "fomamll")
     assert "did you mean 'fomaml'" in str(info.value)
-    assert "finetune, fomaml, maml" in str(info.value)
+    assert "finetune, fomaml, knn" in str(info.value)

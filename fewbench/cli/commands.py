@@ -199,8 +199,20 @@ def cmd_plugins(registry: Registry | None = None, *, refresh: bool = False) -> i
     return 0
 
 
-def cmd_export(run_dir: Path, cell: str | None, out: Path, force: bool = False) -> int:
-    """``fewbench export``: the cell's self-describing model file, for fewbench.load_learner."""
+def cmd_export(
+    run_dir: Path, cell: str | None, out: Path, force: bool = False, *, backbone: bool = False
+) -> int:
+    """``fewbench export``: the cell's self-describing model file, for fewbench.load_learner;
+    with ``--backbone``, its trained feature extractor, for a backbone's ``weights``."""
+    if backbone:
+        from fewbench.models.loading import export_backbone
+
+        written = export_backbone(run_dir, cell, out, force=force)
+        print(
+            f"fewbench: wrote {written} (give it to a backbone as weights: {written})",
+            file=sys.stderr,
+        )
+        return 0
     from fewbench.api import export_model
 
     written = export_model(run_dir, cell, out, force=force)

@@ -269,6 +269,12 @@ def build_parser(executor_options: list[ExecutorOption] = ()) -> argparse.Argume
     export.add_argument("cell", nargs="?", help="label or id (may be left out with one cell)")
     export.add_argument("-o", "--out", type=Path, required=True, help="the model file to write")
     export.add_argument("--force", action="store_true", help="replace an existing file")
+    export.add_argument(
+        "--backbone",
+        action="store_true",
+        help="write the trained feature extractor alone, as a state_dict a backbone's "
+        "weights parameter loads",
+    )
 
     status = commands.add_parser("status", help="every cell of a run directory and where it stands")
     status.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -409,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return commands.cmd_status(args.run_dir, protocol=args.protocol)
         if args.command == "export":
-            return commands.cmd_export(args.run_dir, args.cell, args.out, args.force)
+            return commands.cmd_export(
+                args.run_dir, args.cell, args.out, args.force, backbone=args.backbone
+            )
         if args.command == "episodes":
             return commands.cmd_episodes(args)
         if args.command == "collect":

@@ -182,18 +182,12 @@ def _refuse_unknown_parameters(path: Path, registry: Any, stored: Any) -> None:
             )
 
 
-def export_model(
-    run_dir: str | Path, cell: str | None, destination: str | Path, *, force: bool = False
-) -> Path:
-    """Copy a cell's model file out of its run directory (``fewbench export``).
-
-    Never destroys a result: an existing destination is replaced only with ``force``, and
-    nothing is written inside a run directory (a folder holding a ``results.sqlite``, or
-    under one). The copy is written atomically and readable by its owner only, as the source."""
-    from fewbench.storage.atomic import write_atomically
+def _checked_destination(destination: str | Path, source: Path, force: bool) -> Path:
+    """``destination`` as ``fewbench export -o`` may write it, or one line saying why not: a
+    folder, the source itself, a place inside a run directory, a missing folder, or an
+    existing file without ``force``."""
     from fewbench.storage.store import DB_NAME
 
-    source = _model_file(run_dir, cell)
     destination = Path(destination)
     target = destination.resolve()
     if destination.is_dir():
@@ -210,11 +204,55 @@ def export_model(
         raise FewbenchError(f"-o {destination}: the folder {destination.parent} does not exist")
     if destination.exists() and not force:
         raise FewbenchError(f"-o {destination}: exists; give --force to replace it")
+    return destination
+
+
+def _write(destination: Path, write: Any) -> Path:
+    """Write through ``write(file)`` atomically, readable by its owner only."""
+    from fewbench.storage.atomic import write_atomically
+
     try:
-        with open(source, "rb") as model:
-            write_atomically(destination, lambda out: shutil.copyfileobj(model, out))
+        write_atomically(destination, write)
     except PermissionError:
         raise FewbenchError(
             f"-o {destination}: cannot write in {destination.parent} (permission denied)"
         ) from None
     return destination
+
+
+def export_model(
+    run_dir: str | Path, cell: str | None, destination: str | Path, *, force: bool = False
+) -> Path:
+    """Copy a cell's model file out of its run directory (``fewbench export``).
+
+    Never destroys a result: an existing destination is replaced only with ``force``, and
+    nothing is written inside a run directory (a folder holding a ``results.sqlite``, or
+    under one). The copy is written atomically and readable by its owner only, as the source."""
+    source = _model_file(run_dir, cell)
+    destination = _checked_destination(destination, source, force)
+    with open(source, "rb") as model:
+        return _write(destination, lambda out: shutil.copyfileobj(model, out))
+
+
+def export_backbone(
+    run_dir: str | Path, cell: str | None, destination: str | Path, *, force: bool = False
+) -> Path:
+    """Write a cell's trained feature extractor as a plain state_dict (``fewbench export
+    --backbone``), which a backbone's ``weights`` parameter loads: several cells can then
+    classify the features of one trained backbone. The learner must keep its extractor as
+    ``features`` (the frozen-feature learners, RFS, ...); the same rules as
+    :func:`export_model` for the destination."""
+    import torch
+    from torch import nn
+
+    source = _model_file(run_dir, cell)
+    destination = _checked_destination(destination, source, force)
+    model = load_learner(source)
+    features = getattr(model.learner, "features", None)
+    if not isinstance(features, nn.Module):
+        raise FewbenchError(
+            f"{source}: learner {model.cell.learner.name} keeps no feature extractor "
+            "(features) to export; export the whole model instead"
+        )
+    state = {k: v.detach().cpu() for k, v in features.state_dict().items()}
+    return _write(destination, lambda out: torch.save(state, out))

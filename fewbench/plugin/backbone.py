@@ -2,11 +2,77 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import ClassVar
 
 from torch import nn
 
+from fewbench.errors import FewbenchError
 from fewbench.plugin.base import Plugin
+from fewbench.plugin.params import Param
+
+WEIGHTS_PARAM = Param(
+    None,
+    type=str,
+    nullable=True,
+    added_later=True,
+    help="a file of trained weights for the feature extractor (a state_dict, as fewbench "
+    "export --backbone writes); learners of frozen features then train nothing",
+)
+
+
+def weights_digest(path: str | Path) -> str:
+    """The first 12 hex digits of a weights file's SHA-256, so a card names what was loaded."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def check_weights_file(name: str, path: str | None) -> None:
+    """A backbone's ``weights`` must name a readable file: said before any cell trains."""
+    if path is not None and not Path(path).expanduser().is_file():
+        raise FewbenchError(f"backbone {name}: weights {path}: no such file")
+
+
+def load_weights(name: str, module: nn.Module, path: str) -> None:
+    """Load the state_dict in ``path`` into ``module`` (a feature extractor just built), or
+    one line saying what does not fit: a file that is not a state_dict, or keys and shapes
+    that are not this network's (weights of another architecture or size)."""
+    import torch
+
+    try:
+        state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one line
+        raise FewbenchError(
+            f"backbone {name}: weights {path}: not a readable state_dict "
+            f"({type(exc).__name__}: {str(exc)[:120]})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FewbenchError(
+            f"backbone {name}: weights {path}: not a state_dict of tensors (write one with "
+            "fewbench export --backbone)"
+        )
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        what = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
+            if unexpected
+            else f"{wrong[0]} is {list(state[wrong[0]].shape)}, the network's "
+            f"{list(own[wrong[0]].shape)}"
+        )
+        raise FewbenchError(
+            f"backbone {name}: weights {path} do not fit this network ({what}); were they "
+            "trained with other backbone parameters?"
+        )
+    module.load_state_dict(state)
 
 
 class Backbone(Plugin):
@@ -20,6 +86,20 @@ class Backbone(Plugin):
     """
 
     kind: ClassVar[str] = "backbone"
+    # The ``weights`` parameter, for a backbone whose feature extractor can start from a file:
+    # declare ``"weights": Backbone.WEIGHTS_PARAM`` and call :meth:`load_weights` on the
+    # extractor :meth:`build_features` builds.
+    WEIGHTS_PARAM: ClassVar[Param] = WEIGHTS_PARAM
+
+    def check(self) -> None:
+        """A ``weights`` file must exist before any cell trains."""
+        check_weights_file(self.name, self.config.get("weights"))
+
+    def load_weights(self, features: nn.Module) -> nn.Module:
+        """``features`` with the ``weights`` file loaded, when the backbone has one."""
+        if self.config.get("weights"):
+            load_weights(self.name, features, self.config["weights"])
+        return features
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         self.not_implemented("build_features")
@@ -44,8 +124,17 @@ class Backbone(Plugin):
 
     def pretraining(self) -> str:
         """External data its weights were pretrained on before the cell trained it, in words;
-        ``none`` (the default): it starts from a random initialisation."""
-        return "none"
+        ``none`` (the default): it starts from a random initialisation. A backbone with a
+        ``weights`` file names it and its digest: where the weights were trained, the file's
+        maker must say."""
+        path = self.config.get("weights")
+        if not path:
+            return "none"
+        try:
+            digest = weights_digest(Path(path).expanduser())
+        except OSError:
+            digest = "unreadable"
+        return f"weights from {Path(path).name} (sha256 {digest})"
 
     def build(self, input_shape: tuple[int, ...], num_outputs: int) -> nn.Sequential:
         features, width = self.build_features(input_shape)

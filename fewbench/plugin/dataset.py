@@ -12,7 +12,7 @@ example sinusoid regression) implements :class:`EpisodeSource` directly.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -107,6 +107,12 @@ class EpisodeSource:
 
     def sample_labelled(self, batch_size: int, generator: torch.Generator) -> LabelledBatch:
         raise NotImplementedError(f"{type(self).__name__} cannot give labelled batches")
+
+    def labelled_in_order(self, batch_size: int) -> Iterator[LabelledBatch]:
+        """Every example of the split once, class by class, in batches of at most
+        ``batch_size``: what a statistic over the whole training split needs (SimpleShot's
+        base-class mean), where :meth:`sample_labelled` would draw with replacement."""
+        raise NotImplementedError(f"{type(self).__name__} cannot give its examples in order")
 
     def to(self, device: torch.device | str) -> EpisodeSource:
         return self
@@ -241,6 +247,22 @@ class ClassPool(EpisodeSource):
         device = self.images.device
         x = self._scale(self.images[classes.to(device), examples.to(device)])
         return LabelledBatch(x, classes.to(device))
+
+    def labelled_in_order(self, batch_size: int) -> Iterator[LabelledBatch]:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        stored = self.images.shape[1]
+        counts = (
+            torch.full((self.num_classes,), stored) if self.counts is None else self.counts.cpu()
+        )
+        classes = torch.repeat_interleave(torch.arange(self.num_classes), counts)
+        starts = counts.cumsum(0) - counts
+        examples = torch.arange(len(classes)) - starts[classes]
+        device = self.images.device
+        for begin in range(0, len(classes), batch_size):
+            picked_classes = classes[begin : begin + batch_size].to(device)
+            picked = examples[begin : begin + batch_size].to(device)
+            yield LabelledBatch(self._scale(self.images[picked_classes, picked]), picked_classes)
 
 
 class Dataset(Plugin):

@@ -53,7 +53,7 @@ What arrives, and what the core does around the calls:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -87,6 +87,12 @@ class LearnerContext:
     # Reinforcement learning: the cell's environment (fewbench.plugin.environment.Environment),
     # through which the learner rolls its policies out; None for datasets.
     environment: Any = None
+    # Every training example once, in a fixed order, in batches of the size asked
+    # (EpisodeSource.labelled_in_order): for a statistic over the whole training split, such as
+    # SimpleShot's base-class mean. None where the split cannot give them (task generators)
+    # and for a learner loaded from a model file, which has no data: keep such a statistic in
+    # the learner's state.
+    base_examples: Callable[[int], Iterator[LabelledBatch]] | None = None
 
     def __post_init__(self) -> None:
         for name, value in (

@@ -65,6 +65,9 @@ class Timing:
     step_seconds: dict[str, float]  # batch kind -> seconds per training step
     episode_seconds: float  # per validation or test episode
     setup_seconds: float  # building the learner (and, the first time, loading the data)
+    # Once per validation and per test, whatever their episodes (a statistic over the
+    # training split computed before predicting); 0 for timings cached before it was kept.
+    evaluation_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,15 +150,20 @@ def probe(cell: Cell, runner: Any) -> Timing:
     for kind, start in first.items():
         step_seconds[kind] = _seconds_per_step(loop, start, runner.device)
     episodes = max(1, min(PROBE_EPISODES, cell.eval.chunk))
-    began = time.perf_counter()
-    evaluate(
-        setup.learner, setup.sources["val"], EpisodeSpec.of(cell, setup.identity, "val"),
-        episodes=episodes, chunk=cell.eval.chunk, device=runner.device,
-        task_type=setup.task_type,
-    )  # fmt: skip
-    _synchronize(runner.device)
-    episode_seconds = (time.perf_counter() - began) / episodes
-    return Timing(step_seconds, episode_seconds, setup_seconds)
+
+    def evaluation() -> float:
+        began = time.perf_counter()
+        evaluate(
+            setup.learner, setup.sources["val"], EpisodeSpec.of(cell, setup.identity, "val"),
+            episodes=episodes, chunk=cell.eval.chunk, device=runner.device,
+            task_type=setup.task_type,
+        )  # fmt: skip
+        _synchronize(runner.device)
+        return time.perf_counter() - began
+
+    after_training = evaluation()  # the first after a step: with any once-per-evaluation cost
+    again = evaluation()
+    return Timing(step_seconds, again / episodes, setup_seconds, max(0.0, after_training - again))
 
 
 def _seconds_per_step(loop: Any, start: int, device: torch.device) -> float:
@@ -193,8 +201,14 @@ def _synchronize(device: torch.device) -> None:
 def cell_seconds(cell: Cell, timing: Timing, counts: Counter[str]) -> float:
     steps = sum(counts.values())
     training = sum(n * timing.step_seconds.get(kind, 0.0) for kind, n in counts.items())
+    evaluations = validations(cell, steps) + 1
     episodes = validations(cell, steps) * cell.train.val_episodes + cell.eval.episodes
-    return timing.setup_seconds + training + episodes * timing.episode_seconds
+    return (
+        timing.setup_seconds
+        + training
+        + episodes * timing.episode_seconds
+        + evaluations * timing.evaluation_seconds
+    )
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -211,7 +225,12 @@ def _read_cache(path: Path) -> dict[str, Any]:
 def _timing_of(record: Any) -> Timing | None:
     try:
         steps = {str(k): float(v) for k, v in record["step_seconds"].items()}
-        return Timing(steps, float(record["episode_seconds"]), float(record["setup_seconds"]))
+        return Timing(
+            steps,
+            float(record["episode_seconds"]),
+            float(record["setup_seconds"]),
+            float(record.get("evaluation_seconds", 0.0)),
+        )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 

@@ -35,7 +35,7 @@ import torch
 
 from fewbench.data.cache import save_atomically
 from fewbench.errors import DiskFull, FewbenchError, one_line
-from fewbench.plugin.dataset import EpisodeSource, derive_seed
+from fewbench.plugin.dataset import EpisodeSource, LabelledBatch, derive_seed
 from fewbench.plugin.learner import Learner, LearnerContext
 from fewbench.plugin.logger import CellLogging
 from fewbench.plugin.task_types import TaskType, by_metric, task_type_of
@@ -252,6 +252,14 @@ class CellSetup:
     test_identity: tuple = ()
 
 
+def ordered_examples(source: EpisodeSource) -> Callable[[int], Iterator[LabelledBatch]] | None:
+    """The split's examples in order (:attr:`LearnerContext.base_examples`), or None where the
+    source cannot give them."""
+    if type(source).labelled_in_order is EpisodeSource.labelled_in_order:
+        return None
+    return source.labelled_in_order
+
+
 class CellRunner:
     """Runs cells in this process: set up, train (resuming from the cell's checkpoint),
     evaluate on the fixed test episodes, report to a sink."""
@@ -295,6 +303,7 @@ class CellRunner:
             train_shots=cell.tasks.training[1],
             train_query=cell.tasks.training[2],
             environment=getattr(sources["train"], "environment", None),
+            base_examples=ordered_examples(sources["train"]),
         )
         learner.setup(context)
         plugins = {}

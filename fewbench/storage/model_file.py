@@ -12,8 +12,9 @@ from fewbench.version import __version__
 MODEL_FORMAT = "fewbench-model/1"
 
 
-# The fields of a LearnerContext that are rebuilt from the cell, not saved as values.
-REBUILT = ("backbone", "device", "task_type")
+# The fields of a LearnerContext that are rebuilt from the cell (or, the training data, left
+# out), not saved as values.
+REBUILT = ("backbone", "device", "task_type", "base_examples")
 
 
 def model_record(

@@ -41,6 +41,7 @@ class Conv4(Backbone):
             "relation-network embedding: 2, so the relation module still has a map to read)",
             added_later=True,
         ),
+        "weights": Backbone.WEIGHTS_PARAM,
     }
 
     def check(self) -> None:
@@ -49,6 +50,7 @@ class Conv4(Backbone):
                 f"backbone conv4: pool_blocks {self.config['pool_blocks']} needs pool: max "
                 "(pool: stride downsamples in every block)"
             )
+        super().check()
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         blocks, _ = self.build_feature_map(input_shape)
@@ -56,7 +58,7 @@ class Conv4(Backbone):
         features = nn.Sequential(*blocks, pooled)
         with torch.no_grad():
             width = features(torch.zeros(2, *input_shape)).shape[-1]
-        return features, width
+        return self.load_weights(features), width
 
     def build_feature_map(
         self, input_shape: tuple[int, ...]

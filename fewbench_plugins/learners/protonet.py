@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fewbench.methods.feature_heads import class_means, squared_distances
 from fewbench.plugin import (
     EpisodeBatch,
     FewbenchError,
@@ -71,22 +72,6 @@ def embed_episodes(features: nn.Module, episodes: EpisodeBatch) -> tuple[Tensor,
         support.append(both[:n_support])
         query.append(both[n_support:])
     return torch.stack(support), torch.stack(query)
-
-
-def class_means(support: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """Prototypes ``[T, ways, D]``: the mean support embedding of each class (Eq. 1)."""
-    one_hot = nn.functional.one_hot(labels, ways).to(support.dtype)  # [T, NK, N]
-    return one_hot.transpose(1, 2) @ support / one_hot.sum(1)[:, :, None]
-
-
-def squared_distances(query: Tensor, prototypes: Tensor) -> Tensor:
-    """``||q - c_k||^2`` for every query and prototype, ``[T, NQ, N]``.
-
-    Expanded as ``|q|^2 - 2 q.c + |c|^2`` (a batched matrix product, no ``[T, NQ, N, D]``
-    tensor); clamped at 0 against rounding."""
-    cross = query @ prototypes.transpose(1, 2)
-    norms = query.pow(2).sum(-1, keepdim=True) + prototypes.pow(2).sum(-1)[:, None, :]
-    return (norms - 2 * cross).clamp_min(0)
 
 
 def cosine_similarities(query: Tensor, keys: Tensor) -> Tensor:
