@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 PLUGIN_NAMESPACE = "fewbench.plugin"
 SHARED_MATHEMATICS = {
     "fewbench.methods.adaptation", "fewbench.methods.cuda_graphs", "fewbench.methods.policy_gradient",
-    "fewbench.methods.feature_heads", "fewbench.methods.transductive",
+    "fewbench.methods.feature_heads", "fewbench.methods.transductive", "fewbench.methods.svm",
 }  # fmt: skip
 
 

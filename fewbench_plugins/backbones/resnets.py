@@ -110,15 +110,21 @@ class GlobalAveragePool(nn.Module):
 
 
 class SpatialBackbone(Backbone):
-    """A backbone defined by its feature map; the features are its global average."""
+    """A backbone defined by its feature map; the features are its global average, or the
+    whole map flattened where a backbone declares ``global_pool`` and it is false. A
+    ``weights`` file (every subclass takes one) is loaded into the features."""
 
     def build_feature_map(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, Shape]:
         network = self.build_network(image_shape(self.name, input_shape))
         return network, map_shape(network, input_shape)
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
-        network, (channels, _, _) = self.build_feature_map(input_shape)
-        return nn.Sequential(network, GlobalAveragePool()), channels
+        network, (channels, height, width) = self.build_feature_map(input_shape)
+        if self.config.get("global_pool", True):
+            features, size = nn.Sequential(network, GlobalAveragePool()), channels
+        else:
+            features, size = nn.Sequential(network, nn.Flatten()), channels * height * width
+        return self.load_weights(features), size
 
     def build_network(self, shape: Shape) -> nn.Module:
         raise NotImplementedError
@@ -233,10 +239,17 @@ class ResNet12(SpatialBackbone):
             help="channels of the four blocks (MetaOptNet: 64-160-320-640)",
         ),
         "batch_norm": BATCH_NORM,
+        "weights": Backbone.WEIGHTS_PARAM,
         "dropblock": Param(
             False, help="MetaOptNet's regularisation: dropout in blocks 1-2, DropBlock in 3-4"
         ),
         "drop_rate": Param(0.1, minimum=0.0, help="dropblock: the drop rate (MetaOptNet: 0.1)"),
+        "global_pool": Param(
+            True,
+            help="average the last map (the features of RFS, Meta-Baseline, ...); false: flatten "
+            "it, as MetaOptNet's embedding (640 x 5 x 5 = 16,000 at 84x84)",
+            added_later=True,
+        ),
         "dropblock_size": Param(
             0,
             minimum=0,
@@ -321,6 +334,7 @@ class ChenResNet(SpatialBackbone):
             help="channels of the four stages (Chen et al.: 64-128-256-512; the stem has 64)",
         ),
         "batch_norm": BATCH_NORM,
+        "weights": Backbone.WEIGHTS_PARAM,
     }
 
     def build_network(self, shape: Shape) -> nn.Module:
@@ -414,6 +428,7 @@ class WideResNet(SpatialBackbone):
             0.0, minimum=0.0, help="dropout between a block's convolutions (WRN paper: 0.3)"
         ),
         "batch_norm": BATCH_NORM,
+        "weights": Backbone.WEIGHTS_PARAM,
     }
 
     def build_network(self, shape: Shape) -> nn.Module:
