@@ -347,3 +347,22 @@ def test_relation_network_embedding_pools_in_the_first_two_blocks_only():
 def test_pool_blocks_without_max_pooling_is_refused_in_one_line():
     with pytest.raises(FewbenchError, match="pool_blocks 2 needs pool: max"):
         make(Conv4, pool="stride", pool_blocks=2).check()
+
+
+def test_resnet12_without_global_pooling_is_metaoptnets_flattened_map(tmp_path):
+    """MetaOptNet's embedding keeps the last 640 x 5 x 5 map of an 84x84 image: 16,000 values.
+    A weights file of that network loads into a freshly built one."""
+    built = ResNet12(**{**ParamSet.of(ResNet12).defaults(), "global_pool": False})
+    features, width = built.build_features((3, 84, 84))
+    assert width == 16_000
+    assert features(torch.zeros(1, 3, 84, 84)).shape == (1, 16_000)
+    pooled = ResNet12(**ParamSet.of(ResNet12).defaults()).build_features((3, 84, 84))[1]
+    assert pooled == 640
+    path = tmp_path / "resnet12.pt"
+    torch.save(features.state_dict(), path)
+    given = ResNet12(
+        **{**ParamSet.of(ResNet12).defaults(), "global_pool": False, "weights": str(path)}
+    )
+    loaded, _ = given.build_features((3, 84, 84))
+    for key, value in features.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
