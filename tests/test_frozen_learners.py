@@ -200,3 +200,18 @@ def test_export_backbone_then_frozen_heads_on_its_weights(data_root, cache_dir, 
     protocols = dict(zip(two.cells["learner"], two.cells["protocol"], strict=True))
     assert protocols["tim"]["transductive"] is True
     assert protocols["simpleshot"]["transductive"] is False
+
+
+def test_weights_on_the_meta_device_are_checked_without_a_warning(tmp_path, recwarn):
+    """Protocol cards and model files build networks on PyTorch's meta device to count their
+    parameters; loading weights there warned once per tensor that the copy was a no-op."""
+    torch.manual_seed(1)
+    trained, _ = conv4().build_features((1, 8, 8))
+    path = tmp_path / "conv4.pt"
+    torch.save(trained.state_dict(), path)
+    with torch.device("meta"):
+        built, _ = conv4(weights=str(path)).build_features((1, 8, 8))
+    assert all(p.is_meta for p in built.parameters())
+    assert not [w for w in recwarn if "meta parameter" in str(w.message)]
+    with torch.device("meta"), pytest.raises(FewbenchError, match="do not fit"):
+        conv4(weights=str(path), hidden=6).build_features((1, 8, 8))

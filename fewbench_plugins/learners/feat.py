@@ -44,7 +44,6 @@ from torch import Tensor, nn
 from fewbench.methods.feature_heads import class_means, squared_distances
 from fewbench.plugin import (
     EpisodeBatch,
-    FewbenchError,
     Learner,
     LearnerContext,
     Param,
@@ -52,6 +51,8 @@ from fewbench.plugin import (
     hookimpl,
     supervised_step,
 )
+from fewbench_plugins.learners.protonet import embed_episodes, refuse_non_classification
+from fewbench_plugins.learners.schedules import halved_every
 
 # The README's ConvNet settings by shots: (temperature, temperature2, balance).
 ONE_SHOT = (64.0, 16.0, 1.0)
@@ -122,8 +123,7 @@ class FEAT(Learner):
 
     def setup(self, ctx: LearnerContext) -> None:
         super().setup(ctx)
-        if not ctx.task_type.predicts_classes:
-            raise FewbenchError(f"{self.name} classifies: it needs a classification dataset")
+        refuse_non_classification(self.name, ctx)
         self.network = nn.Module()
         self.network.features, width = ctx.backbone.build_features(ctx.input_shape)
         self.network.attention = SetAttention(width)
@@ -151,19 +151,12 @@ class FEAT(Learner):
 
     def learning_rate_factor(self, iteration: int) -> float:
         """StepLR over episodes: ``gamma`` per ``step_episodes`` trained before this step."""
-        every = self.config["step_episodes"]
-        if not every:
-            return 1.0
-        return self.config["gamma"] ** (((iteration - 1) * self.batch_size()) // every)
+        return halved_every(
+            1.0, self.config["step_episodes"], iteration, self.batch_size(), self.config["gamma"]
+        )
 
     def embed(self, episodes: EpisodeBatch) -> tuple[Tensor, Tensor]:
-        n_support = episodes.support_x.shape[1]
-        support, query = [], []
-        for t in range(len(episodes)):
-            both = self.network.features(torch.cat([episodes.support_x[t], episodes.query_x[t]]))
-            support.append(both[:n_support])
-            query.append(both[n_support:])
-        return torch.stack(support), torch.stack(query)
+        return embed_episodes(self.network.features, episodes)
 
     def logits(self, support: Tensor, query: Tensor, labels: Tensor, ways: int) -> Tensor:
         """Eq. 3 and the Euclidean classifier: ``[T, NQ, ways]``."""

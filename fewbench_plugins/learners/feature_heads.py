@@ -63,6 +63,8 @@ from fewbench.plugin import (
     hookimpl,
     supervised_step,
 )
+from fewbench_plugins.learners.protonet import embed_episodes, refuse_non_classification
+from fewbench_plugins.learners.schedules import step_decay
 
 BASE_MEAN_BATCH = 512  # training examples per forward pass when the base-class mean is computed
 
@@ -119,11 +121,7 @@ class FrozenFeatureLearner(Learner):
     # -- setup and training ---------------------------------------------------------------
     def setup(self, ctx: LearnerContext) -> None:
         super().setup(ctx)
-        if not ctx.task_type.predicts_classes:
-            raise FewbenchError(
-                f"{self.name} classifies frozen features: it needs a classification dataset, "
-                f"not {ctx.task_type.name}"
-            )
+        refuse_non_classification(self.name, ctx)
         self.features, self.width = ctx.backbone.build_features(ctx.input_shape)
         self.classifier = nn.Linear(self.width, ctx.num_train_classes)
         self.network = nn.Sequential(self.features, self.classifier).to(ctx.device)
@@ -154,11 +152,13 @@ class FrozenFeatureLearner(Learner):
 
     def learning_rate(self, iteration: int) -> float:
         """The step schedule at ``iteration``; undecayed until :meth:`iterations` is known."""
-        lr = self.config["lr"]
-        if not self.total_iterations:
-            return lr
-        passed = sum(iteration > f * self.total_iterations for f in self.config["lr_decay_at"])
-        return lr * self.config["lr_decay"] ** passed
+        return step_decay(
+            self.config["lr"],
+            self.config["lr_decay_at"],
+            self.config["lr_decay"],
+            iteration,
+            self.total_iterations,
+        )
 
     def train_step(self, batch: LabelledBatch, iteration: int) -> float:
         for group in self.optimizer.param_groups:
@@ -216,13 +216,7 @@ class FrozenFeatureLearner(Learner):
         """Support ``[T, S, D]`` and query ``[T, Q, D]`` features, one eval-mode pass per
         episode over both sets."""
         self.network.eval()
-        n_support = episodes.support_x.shape[1]
-        support, query = [], []
-        for t in range(len(episodes)):
-            both = self.features(torch.cat([episodes.support_x[t], episodes.query_x[t]]))
-            support.append(both[:n_support])
-            query.append(both[n_support:])
-        return torch.stack(support), torch.stack(query)
+        return embed_episodes(self.features, episodes)
 
     def transformed(self, features: Tensor) -> Tensor:
         return transform_features(

@@ -42,6 +42,8 @@ from fewbench.plugin import (
     hookimpl,
     supervised_step,
 )
+from fewbench_plugins.learners.protonet import embed_episodes, refuse_non_classification
+from fewbench_plugins.learners.schedules import decayed_at_fractions
 
 
 def smoothed_cross_entropy(logits: Tensor, labels: Tensor, epsilon: float) -> Tensor:
@@ -91,8 +93,7 @@ class MetaOptNetSVM(Learner):
 
     def setup(self, ctx: LearnerContext) -> None:
         super().setup(ctx)
-        if not ctx.task_type.predicts_classes:
-            raise FewbenchError(f"{self.name} classifies: it needs a classification dataset")
+        refuse_non_classification(self.name, ctx)
         self.network = nn.Module()
         self.network.features, _ = ctx.backbone.build_features(ctx.input_shape)
         self.network.scale = nn.Parameter(torch.tensor(1.0))
@@ -116,27 +117,20 @@ class MetaOptNetSVM(Learner):
 
     def learning_rate(self, iteration: int) -> float:
         """The step schedule at ``iteration``; the base rate until the total is known."""
-        rate = self.config["lr"]
-        if not self.total_iterations:
-            return rate
-        for fraction, factor in zip(
-            self.config["lr_steps"], self.config["lr_factors"], strict=True
-        ):
-            if iteration > fraction * self.total_iterations:
-                rate = self.config["lr"] * factor
-        return rate
+        return decayed_at_fractions(
+            self.config["lr"],
+            self.config["lr_steps"],
+            self.config["lr_factors"],
+            iteration,
+            self.total_iterations,
+        )
 
     def logits(self, episodes: EpisodeBatch) -> Tensor:
-        n_support = episodes.support_x.shape[1]
-        support, query = [], []
-        for t in range(len(episodes)):
-            both = self.network.features(torch.cat([episodes.support_x[t], episodes.query_x[t]]))
-            support.append(both[:n_support])
-            query.append(both[n_support:])
+        support, query = embed_episodes(self.network.features, episodes)
         scores = svm_logits(
-            torch.stack(support),
+            support,
             episodes.support_y,
-            torch.stack(query),
+            query,
             episodes.ways,
             C=self.config["C"],
             iterations=self.config["solver_iterations"],

@@ -53,6 +53,7 @@ from fewbench.plugin import (
     hookimpl,
     supervised_step,
 )
+from fewbench_plugins.learners.schedules import step_decay
 
 
 def logistic_regression_class() -> Any:
@@ -145,11 +146,13 @@ class RFS(Learner):
 
     def learning_rate(self, iteration: int) -> float:
         """The step schedule at ``iteration``; undecayed until :meth:`iterations` is known."""
-        lr = self.config["lr"]
-        if self.total_iterations is None:
-            return lr
-        passed = sum(iteration > f * self.total_iterations for f in self.config["lr_decay_at"])
-        return lr * self.config["lr_decay"] ** passed
+        return step_decay(
+            self.config["lr"],
+            self.config["lr_decay_at"],
+            self.config["lr_decay"],
+            iteration,
+            self.total_iterations,
+        )
 
     def train_step(self, batch: LabelledBatch, iteration: int) -> float:
         for group in self.optimizer.param_groups:
