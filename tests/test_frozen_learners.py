@@ -4,6 +4,8 @@ refused in one line; nothing trained on given weights; fewbench export --backbon
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import run_cli
@@ -215,3 +217,36 @@ def test_weights_on_the_meta_device_are_checked_without_a_warning(tmp_path, recw
     assert not [w for w in recwarn if "meta parameter" in str(w.message)]
     with torch.device("meta"), pytest.raises(FewbenchError, match="do not fit"):
         conv4(weights=str(path), hidden=6).build_features((1, 8, 8))
+
+
+FROZEN_SUITES = sorted((Path(__file__).resolve().parents[1] / "suites" / "frozen").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FROZEN_SUITES, ids=[p.stem for p in FROZEN_SUITES])
+def test_the_frozen_suites_validate_with_their_weights_file(
+    registry, data_root, tmp_path, monkeypatch, path
+):
+    """Every stage validates; a stage that reads stage 1's weights is refused in one line until
+    the file exists (here a stand-in file), and then expands (mini-ImageNet without images)."""
+    from fewbench.data.check import expand_and_check
+    from fewbench.suite.loading import load_suite_file
+
+    monkeypatch.chdir(tmp_path)  # the suites name their weights file relative to the working folder
+    text = path.read_text()
+    copy = tmp_path / path.name
+    if "weights:" in text:
+        copy.write_text(text)
+        with pytest.raises(FewbenchError, match="weights .*: no such file"):
+            expand_and_check(load_suite_file(copy), registry, data_root, require_data=False)
+        weights = tmp_path / "weights.pt"
+        torch.save({}, weights)
+        name = text.split("weights: ")[1].split("}")[0].strip()
+        text = text.replace(f"weights: {name}", f"weights: {weights}")
+    copy.write_text(text)
+    suite = expand_and_check(
+        load_suite_file(copy), registry, data_root, require_data="omniglot" in path.name
+    )
+    assert suite.cells
+    learners = {cell.learner.name for cell in suite.cells}
+    assert learners <= {"simpleshot", "logistic_probe", "knn", "tim", "pt_map", "laplacianshot",
+                        "bd_cspn", "feat", "metaoptnet_svm"}  # fmt: skip

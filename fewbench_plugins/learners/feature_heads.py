@@ -32,8 +32,8 @@ Deliberate deviations from SimpleShot's code:
 * Model selection: the authors validate every 4 epochs on 500 1-shot episodes with the
   cosine rule on uncentred features; here the cell's validation episodes are classified by
   the cell's own method (``train.validate_every``).
-* No training-time augmentation (the authors' RandomResizedCrop and flips are ImageNet
-  augmentations; Omniglot's are rotations, already classes of their own).
+* Augmentation is the suite's ``train.augment`` (fewbench's flips and crops; the authors use
+  RandomResizedCrop and flips); the Omniglot suite uses none (rotations are classes there).
 * The schedule's steps are placed at fractions of the iterations, not at epochs.
 """
 
