@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +35,11 @@ class EpisodeBatch:
     query_x: Tensor
     query_y: Tensor
     ways: int
+    # Where the episodes' examples are, when a ClassPool drew them: the pool and the indices
+    # it gathered (a frozen backbone's features can then be looked up instead of computed:
+    # fewbench.data.feature_cache). None for episodes built otherwise (a user's own).
+    origin: Any = field(default=None, repr=False, compare=False)
+    indices: EpisodeIndices | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
@@ -46,16 +51,30 @@ class EpisodeBatch:
             self.query_x.to(device, non_blocking=True),
             self.query_y.to(device, non_blocking=True),
             self.ways,
+            self.origin,
+            self.indices,
         )
 
     @staticmethod
     def concat(parts: list[EpisodeBatch]) -> EpisodeBatch:
+        origin = parts[0].origin
+        traced = all(p.origin is origin and p.indices is not None for p in parts)
+        indices = (
+            EpisodeIndices(
+                torch.cat([p.indices.classes.cpu() for p in parts]),
+                torch.cat([p.indices.examples.cpu() for p in parts]),
+            )
+            if traced and origin is not None
+            else None
+        )
         return EpisodeBatch(
             torch.cat([p.support_x for p in parts]),
             torch.cat([p.support_y for p in parts]),
             torch.cat([p.query_x for p in parts]),
             torch.cat([p.query_y for p in parts]),
             parts[0].ways,
+            origin if indices is not None else None,
+            indices,
         )
 
 
@@ -230,6 +249,8 @@ class ClassPool(EpisodeSource):
             query_x,
             query_y.expand(count, -1).contiguous(),
             ways,
+            self,
+            indices,
         )
 
     def sample_labelled(self, batch_size: int, generator: torch.Generator) -> LabelledBatch:

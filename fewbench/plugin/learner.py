@@ -93,6 +93,12 @@ class LearnerContext:
     # and for a learner loaded from a model file, which has no data: keep such a statistic in
     # the learner's state.
     base_examples: Callable[[int], Iterator[LabelledBatch]] | None = None
+    # The cell's cache of frozen features (fewbench.data.feature_cache.FeatureCache): for a
+    # network that no longer changes, ``feature_cache.episode_features(module,
+    # feature_cache.digest(module), episodes)`` looks an episode's features up in a table of the
+    # whole split, computed once and kept in the cache folder, or gives None (then embed as
+    # usual). None for a learner loaded from a model file.
+    feature_cache: Any = None
 
     def __post_init__(self) -> None:
         for name, value in (

@@ -34,6 +34,7 @@ from typing import Any, TextIO
 import torch
 
 from fewbench.data.cache import save_atomically
+from fewbench.data.feature_cache import FeatureCache
 from fewbench.errors import DiskFull, FewbenchError, one_line
 from fewbench.plugin.dataset import EpisodeSource, LabelledBatch, derive_seed
 from fewbench.plugin.learner import Learner, LearnerContext
@@ -280,6 +281,7 @@ class CellRunner:
         self.datasets = DatasetCache(
             self.registry, Path(settings.data_root), cache_dir, self.device
         )
+        self.feature_cache = FeatureCache(cache_dir / "features")
 
     def set_up(self, cell: Cell) -> CellSetup:
         dataset, sources = self.datasets.get(cell)
@@ -304,6 +306,7 @@ class CellRunner:
             train_query=cell.tasks.training[2],
             environment=getattr(sources["train"], "environment", None),
             base_examples=ordered_examples(sources["train"]),
+            feature_cache=self.feature_cache,
         )
         learner.setup(context)
         plugins = {}

@@ -14,7 +14,7 @@ MODEL_FORMAT = "fewbench-model/1"
 
 # The fields of a LearnerContext that are rebuilt from the cell (or, the training data, left
 # out), not saved as values.
-REBUILT = ("backbone", "device", "task_type", "base_examples")
+REBUILT = ("backbone", "device", "task_type", "base_examples", "feature_cache")
 
 
 def model_record(

@@ -134,6 +134,7 @@ class FrozenFeatureLearner(Learner):
         self.base_mean = torch.zeros(self.width, device=ctx.device)
         self.base_mean_current = False
         self.total_iterations: int | None = None
+        self.features_key: str | None = None  # the frozen backbone's digest, for the cache
 
     @property
     def backbone_given(self) -> bool:
@@ -213,9 +214,17 @@ class FrozenFeatureLearner(Learner):
     # -- prediction -----------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, episodes: EpisodeBatch) -> tuple[Tensor, Tensor]:
-        """Support ``[T, S, D]`` and query ``[T, Q, D]`` features, one eval-mode pass per
-        episode over both sets."""
+        """Support ``[T, S, D]`` and query ``[T, Q, D]`` features: looked up in the cell's
+        feature cache when the backbone is given (frozen for the whole cell) and treats each
+        example alone; else one eval-mode pass per episode over both sets."""
         self.network.eval()
+        cache = self.ctx.feature_cache if self.ctx is not None else None
+        if cache is not None and self.backbone_given:
+            if self.features_key is None:
+                self.features_key = cache.digest(self.features)
+            found = cache.episode_features(self.features, self.features_key, episodes)
+            if found is not None:
+                return found
         return embed_episodes(self.features, episodes)
 
     def transformed(self, features: Tensor) -> Tensor:
