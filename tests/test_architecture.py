@@ -36,6 +36,7 @@ PLUGIN_NAMESPACE = "fewbench.plugin"
 SHARED_MATHEMATICS = {
     "fewbench.methods.adaptation", "fewbench.methods.cuda_graphs", "fewbench.methods.policy_gradient",
     "fewbench.methods.feature_heads", "fewbench.methods.transductive", "fewbench.methods.svm",
+    "fewbench.methods.finetuning",
 }  # fmt: skip
 
 

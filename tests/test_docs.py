@@ -113,3 +113,27 @@ def test_the_readme_cost_table_is_the_committed_result_file():
             assert f" {text} " in f" {row} ", f"README row {row.strip()!r} lacks {text!r}"
         mean = f"{entry['mean']:.2f} ± {entry['ci95']:.2f}"
         assert mean in block, f"README lacks {entry['learner_name']}'s {mean}"
+
+
+def test_the_frozen_feature_table_is_the_committed_result_file():
+    """docs/results.md's table of the frozen-feature methods shows the figures of the committed
+    report export, learner by learner and setting by setting, not figures typed by hand."""
+    import json
+
+    results = (REPO / "docs" / "results.md").read_text()
+    section = results[results.index("## `suites/frozen/`") :]
+    section = section[: section.index("\n## ", 1)]
+    export = REPO / "benchmarks" / "results" / "cpu-2core-2026-12-06-frozen-omniglot-heads.json"
+    entries = json.loads(export.read_text())["entries"]
+    by_cell = {(e["learner_name"], e["ways"], e["shots"]): e for e in entries}
+    settings = [(5, 1), (5, 5), (20, 1), (20, 5)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "±" in line]
+    shown = set()
+    for row in rows:
+        name, protocol, *cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for (ways, shots), cell in zip(settings, cells, strict=True):
+            entry = by_cell[(name, ways, shots)]
+            assert cell == f"{entry['mean']:.2f} ± {entry['ci95']:.2f}", (name, ways, shots)
+            assert protocol == ("transductive" if entry["transductive"] else "inductive")
+        shown.add(name)
+    assert shown == {e["learner_name"] for e in entries}, "every learner of the export is shown"

@@ -2,4 +2,4 @@
 gradients and TRPO (``policy_gradient``), a training step captured as one CUDA graph
 (``cuda_graphs``), the training-time augmentations (``augment``), classifiers on frozen
 features (``feature_heads``), transductive ones (``transductive``) and MetaOptNet's
-differentiable SVM (``svm``)."""
+differentiable SVM (``svm``) and P>M>F's fine-tuning on a support set (``finetuning``)."""
