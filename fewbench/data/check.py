@@ -50,6 +50,7 @@ def check_data(
                 cell,
                 {k: v for k, v in other.items() if k == "test"},
                 f"{tested_on['name']} (eval.dataset)",
+                trained_on=False,
             )
     return sorted(set(warnings))
 
@@ -93,7 +94,12 @@ def _check_tested_on(suite: Suite, cell: Cell, registry: Registry) -> None:
 
 
 def _check_episodes(
-    suite: Suite, cell: Cell, sizes: dict[str, SplitSize], name: str, skip_test: bool = False
+    suite: Suite,
+    cell: Cell,
+    sizes: dict[str, SplitSize],
+    name: str,
+    skip_test: bool = False,
+    trained_on: bool = True,
 ) -> None:
     source, label = suite.source, cell.label
     tasks = cell.tasks
@@ -107,6 +113,13 @@ def _check_episodes(
         ("val", cell.ways, cell.shots, cell.eval.query, "eval.query", "tasks.ways"),
         ("test", cell.ways, cell.shots, cell.eval.query, "eval.query", "tasks.ways"),
     ):
+        if trained_on and split == "train" and "train" not in sizes:
+            raise source.error(
+                "datasets",
+                f"cell {label}: {name} has no training split, only test classes (a "
+                f"cross-domain target): train on another dataset and test on it with "
+                f"eval.dataset: {{name: {name}}}",
+            )
         if split not in sizes or (split == "val" and cell.train.val_episodes == 0):
             continue
         if split == "test" and skip_test:
