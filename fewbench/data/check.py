@@ -39,6 +39,14 @@ def check_data(
 
     for cell in suite.cells:
         tested_on = cell.eval.dataset
+        if getattr(registry.get("dataset", cell.dataset.name).cls, "test_only", False):
+            name = cell.dataset.name
+            raise suite.source.error(
+                "datasets",
+                f"cell {cell.label}: {name} has no training split, only test classes (a "
+                f"cross-domain target): train on another dataset and test on it with "
+                f"eval.dataset: {{name: {name}}}",
+            )
         own = sizes_of(cell.config["dataset"])
         if own is not None:  # a cross-domain cell draws no test episodes from its own dataset
             _check_episodes(suite, cell, own, cell.dataset.name, skip_test=tested_on is not None)
@@ -50,7 +58,6 @@ def check_data(
                 cell,
                 {k: v for k, v in other.items() if k == "test"},
                 f"{tested_on['name']} (eval.dataset)",
-                trained_on=False,
             )
     return sorted(set(warnings))
 
@@ -99,7 +106,6 @@ def _check_episodes(
     sizes: dict[str, SplitSize],
     name: str,
     skip_test: bool = False,
-    trained_on: bool = True,
 ) -> None:
     source, label = suite.source, cell.label
     tasks = cell.tasks
@@ -113,13 +119,6 @@ def _check_episodes(
         ("val", cell.ways, cell.shots, cell.eval.query, "eval.query", "tasks.ways"),
         ("test", cell.ways, cell.shots, cell.eval.query, "eval.query", "tasks.ways"),
     ):
-        if trained_on and split == "train" and "train" not in sizes:
-            raise source.error(
-                "datasets",
-                f"cell {label}: {name} has no training split, only test classes (a "
-                f"cross-domain target): train on another dataset and test on it with "
-                f"eval.dataset: {{name: {name}}}",
-            )
         if split not in sizes or (split == "val" and cell.train.val_episodes == 0):
             continue
         if split == "test" and skip_test:

@@ -312,6 +312,9 @@ class Dataset(Plugin):
     resources: ClassVar[tuple[Any, ...]] = ()  # fewbench.data.download.Resource
     how_to_get: ClassVar[str] = ""
     needs_files: ClassVar[bool] = True
+    # Only test classes (a cross-domain target: BSCD-FSL's); its load gives a "test" split
+    # alone, and a suite that trains on it is refused before anything runs.
+    test_only: ClassVar[bool] = False
 
     @classmethod
     def folder_name(cls) -> str:

@@ -95,6 +95,7 @@ class CrossDomainTarget(Dataset):
         ),
     }
     episode_identity = ()  # the image size changes how examples look, not which are drawn
+    test_only = True
 
     def class_files(self, base: Path) -> list[list[str]]:
         """Each class's image files, in the benchmark's class order, files in name order."""
