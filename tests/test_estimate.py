@@ -144,3 +144,11 @@ def test_a_cost_paid_once_per_evaluation_is_not_counted_per_episode(
     measured = time.perf_counter() - began
     capsys.readouterr()
     assert measured / 2 < result.total < measured * 2, (result.seconds, measured)
+
+
+def test_a_timing_cached_without_the_fixed_cost_of_an_evaluation_is_probed_again():
+    """Timings cached before evaluation_seconds was kept counted that cost in every episode."""
+    old = {"step_seconds": {"examples": 0.08}, "episode_seconds": 2.5, "setup_seconds": 1.0}
+    assert estimating._timing_of(old) is None
+    new = {**old, "evaluation_seconds": 9.0}
+    assert estimating._timing_of(new) == estimating.Timing({"examples": 0.08}, 2.5, 1.0, 9.0)
