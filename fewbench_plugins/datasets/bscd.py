@@ -97,9 +97,30 @@ class CrossDomainTarget(Dataset):
     episode_identity = ()  # the image size changes how examples look, not which are drawn
     test_only = True
 
+    CLASSES: ClassVar[int] = 0
+    IMAGES: ClassVar[int | None] = None  # checked by verify when the count is known
+
+    @classmethod
+    def files_of(cls, base: Path) -> list[list[str]]:
+        """Each class's image files under ``base``, in the benchmark's class order, files in
+        name order; a :class:`DataError` for a layout that is not the benchmark's."""
+        raise NotImplementedError
+
     def class_files(self, base: Path) -> list[list[str]]:
-        """Each class's image files, in the benchmark's class order, files in name order."""
-        self.not_implemented("class_files")
+        return self.files_of(base)
+
+    @classmethod
+    def verify(cls, folder: Path) -> list[str]:
+        """The benchmark's layout, every listed file present, the class (and image) count, and
+        a sample of images decoded."""
+        try:
+            files = cls.files_of(folder)
+        except DataError as exc:
+            return [str(exc)]
+        missing = [p for f in files for p in f if not Path(p).is_file()]
+        if missing:
+            return [f"{missing[0]} is listed but missing"]
+        return cls._verify_files(files, cls.CLASSES, cls.IMAGES)
 
     def _base(self, root: Path) -> Path:
         base = Path(root) / self.folder_name()
@@ -172,6 +193,16 @@ def _folder_classes(folder: Path) -> list[list[str]]:
     ]
 
 
+def _labelled_files(
+    labels: list[tuple[str, int]], classes: int, folder: Path, suffix: str
+) -> list[list[str]]:
+    """Files of (image, class) rows, grouped by class, each class in name order."""
+    files: list[list[str]] = [[] for _ in range(classes)]
+    for image, label in labels:
+        files[label].append(str(folder / f"{image}{suffix}"))
+    return [sorted(f) for f in files]
+
+
 class CropDiseases(CrossDomainTarget):
     name = "cropdiseases"
     description = "BSCD-FSL target: CropDiseases, 38 plant-disease classes (test only)"
@@ -182,19 +213,9 @@ class CropDiseases(CrossDomainTarget):
     )
     CLASSES = 38
 
-    @staticmethod
-    def images_folder(base: Path) -> Path:
-        return base / "dataset" / "train"
-
-    def class_files(self, base: Path) -> list[list[str]]:
-        return _folder_classes(self.images_folder(base))
-
     @classmethod
-    def verify(cls, folder: Path) -> list[str]:
-        images = cls.images_folder(folder)
-        if not images.is_dir():
-            return [f"{images} does not exist"]
-        return cls._verify_files(_folder_classes(images), cls.CLASSES, None)
+    def files_of(cls, base: Path) -> list[list[str]]:
+        return _folder_classes(base / "dataset" / "train")
 
 
 class EuroSAT(CrossDomainTarget):
@@ -214,19 +235,9 @@ class EuroSAT(CrossDomainTarget):
     )
     CLASSES, IMAGES = 10, 27000
 
-    @staticmethod
-    def images_folder(base: Path) -> Path:
-        return base / "2750"
-
-    def class_files(self, base: Path) -> list[list[str]]:
-        return _folder_classes(self.images_folder(base))
-
     @classmethod
-    def verify(cls, folder: Path) -> list[str]:
-        images = cls.images_folder(folder)
-        if not images.is_dir():
-            return [f"{images} does not exist"]
-        return cls._verify_files(_folder_classes(images), cls.CLASSES, cls.IMAGES)
+    def files_of(cls, base: Path) -> list[list[str]]:
+        return _folder_classes(base / "2750")
 
 
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
@@ -241,7 +252,7 @@ class ISIC(CrossDomainTarget):
         "challenge.isic-archive.com/data (2018, task 3), unpack both into one folder and run: "
         "fewbench data import isic PATH"
     )
-    IMAGES = 10015
+    CLASSES, IMAGES = len(ISIC_CLASSES), 10015
     GROUND_TRUTH = "ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv"
     INPUT = "ISIC2018_Task3_Training_Input"
 
@@ -267,24 +278,9 @@ class ISIC(CrossDomainTarget):
             labelled.append((row[0].strip(), values.index(1.0)))
         return labelled
 
-    def class_files(self, base: Path) -> list[list[str]]:
-        files: list[list[str]] = [[] for _ in ISIC_CLASSES]
-        for image, label in self.labels(base):
-            files[label].append(str(base / self.INPUT / f"{image}.jpg"))
-        return [sorted(f) for f in files]
-
     @classmethod
-    def verify(cls, folder: Path) -> list[str]:
-        try:
-            files: list[list[str]] = [[] for _ in ISIC_CLASSES]
-            for image, label in cls.labels(folder):
-                files[label].append(str(folder / cls.INPUT / f"{image}.jpg"))
-        except DataError as exc:
-            return [str(exc)]
-        missing = [p for f in files for p in f if not Path(p).is_file()]
-        if missing:
-            return [f"{missing[0]} is listed in the ground truth but missing"]
-        return cls._verify_files(files, len(ISIC_CLASSES), cls.IMAGES)
+    def files_of(cls, base: Path) -> list[list[str]]:
+        return _labelled_files(cls.labels(base), len(ISIC_CLASSES), base / cls.INPUT, ".jpg")
 
 
 CHESTX_CLASSES = (
@@ -303,6 +299,7 @@ class ChestX(CrossDomainTarget):
         "unpack every archive into one images/ folder beside the CSV and run: "
         "fewbench data import chestx PATH"
     )
+    CLASSES = len(CHESTX_CLASSES)
     ENTRIES = "Data_Entry_2017.csv"
 
     @classmethod
@@ -323,24 +320,9 @@ class ChestX(CrossDomainTarget):
                 labelled.append((row[0].strip(), index[findings[0]]))
         return labelled
 
-    def class_files(self, base: Path) -> list[list[str]]:
-        files: list[list[str]] = [[] for _ in CHESTX_CLASSES]
-        for image, label in self.labels(base):
-            files[label].append(str(base / "images" / image))
-        return [sorted(f) for f in files]
-
     @classmethod
-    def verify(cls, folder: Path) -> list[str]:
-        try:
-            files: list[list[str]] = [[] for _ in CHESTX_CLASSES]
-            for image, label in cls.labels(folder):
-                files[label].append(str(folder / "images" / image))
-        except DataError as exc:
-            return [str(exc)]
-        missing = [p for f in files for p in f if not Path(p).is_file()]
-        if missing:
-            return [f"{missing[0]} is listed in {cls.ENTRIES} but missing"]
-        return cls._verify_files(files, len(CHESTX_CLASSES), None)
+    def files_of(cls, base: Path) -> list[list[str]]:
+        return _labelled_files(cls.labels(base), len(CHESTX_CLASSES), base / "images", "")
 
 
 DATASETS: tuple[type[Dataset], ...] = (CropDiseases, EuroSAT, ISIC, ChestX)
