@@ -231,6 +231,7 @@ def test_the_frozen_suites_validate_with_their_weights_file(
     from fewbench.data.check import expand_and_check
     from fewbench.suite.loading import load_suite_file
 
+    data_root = Path(data_root).resolve()  # FEWBENCH_DATA may be relative (CI: ../shared/data)
     monkeypatch.chdir(tmp_path)  # the suites name their weights file relative to the working folder
     text = path.read_text()
     copy = tmp_path / path.name

@@ -32,11 +32,15 @@ def install_demo_plugin(site: Path) -> Path:
 
 def test_builtins_come_through_the_entry_point_group(registry):
     assert registry.names("dataset") == [
+        "chestx",
         "cifar_fs",
+        "cropdiseases",
         "cub",
+        "eurosat",
         "fc100",
         "halfcheetah_dir",
         "halfcheetah_vel",
+        "isic",
         "miniimagenet",
         "navigation2d",
         "omniglot",
@@ -47,7 +51,8 @@ def test_builtins_come_through_the_entry_point_group(registry):
     ]  # fmt: skip
     assert set(registry.names("learner")) >= {
         "maml", "fomaml", "finetune", "protonet", "matchingnet", "relationnet", "r2d2", "rfs",
-        "meta_baseline",
+        "meta_baseline", "simpleshot", "logistic_probe", "knn", "tim", "pt_map", "laplacianshot",
+        "bd_cspn", "feat", "metaoptnet_svm", "finetune_pmf",
     }  # fmt: skip
     for kind in ("dataset", "backbone", "learner"):
         for item in registry.items(kind):
@@ -170,4 +175,4 @@ def test_unknown_name_lists_known_names_and_suggests(registry):
     with pytest.raises(PluginError) as info:
         registry.get("learner", "fomamll")
     assert "did you mean 'fomaml'" in str(info.value)
-    assert "finetune, fomaml, knn" in str(info.value)
+    assert "finetune, finetune_pmf, fomaml" in str(info.value)
