@@ -147,6 +147,7 @@ def probe(cell: Cell, runner: Any) -> Timing:
     for iteration in range(1, loop.total + 1):
         first.setdefault(setup.learner.batch_kind_at(iteration), iteration)
     step_seconds = {}
+    first_step = min(first.values(), default=0)
     for kind, start in first.items():
         step_seconds[kind] = _seconds_per_step(loop, start, runner.device)
     episodes = max(1, min(PROBE_EPISODES, cell.eval.chunk))
@@ -161,9 +162,13 @@ def probe(cell: Cell, runner: Any) -> Timing:
         _synchronize(runner.device)
         return time.perf_counter() - began
 
-    after_training = evaluation()  # the first after a step: with any once-per-evaluation cost
-    again = evaluation()
-    return Timing(step_seconds, again / episodes, setup_seconds, max(0.0, after_training - again))
+    fixed = evaluation()  # first calls' costs, and any once-per-evaluation cost
+    again = evaluation()  # episodes alone
+    if first_step:  # a cell that trains: one more step, then what an evaluation costs after one
+        loop.step(first_step, None)
+        _synchronize(runner.device)
+        fixed = evaluation()
+    return Timing(step_seconds, again / episodes, setup_seconds, max(0.0, fixed - again))
 
 
 def _seconds_per_step(loop: Any, start: int, device: torch.device) -> float:
