@@ -71,6 +71,16 @@ def episodes(perturbed: bool = False) -> EpisodeBatch:
     return EpisodeBatch(support_x, support_y, query_x, query_y, 3)
 
 
+def calibrate(features: torch.nn.Module) -> None:
+    """Running statistics from a few random batches: with the initial ones (mean 0, variance 1)
+    an untrained Conv-4 gives every image the same features, and nothing could move."""
+    features.train()
+    with torch.no_grad():
+        for seed in range(3):
+            features(torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(seed)))
+    features.eval()
+
+
 def depends_on_other_queries(learner: Any) -> bool:
     """Whether changing one query changes the predictions of the others: the definition of a
     transductive test, measured. Inductive predictions stay exactly equal."""
@@ -182,7 +192,24 @@ CLASSIFIERS = [
     ("reptile", {"eval_inner_steps": 2, "transductive": True}, True),
     ("matchingnet", {"fce": True}, True), ("relationnet", {}, True), ("r2d2", {}, True),
     ("finetune", {"finetune_steps": 3}, True), ("meta_baseline", {}, True), ("rfs", {}, True),
+    # Frozen features (no training data here: transforms that need no base-class mean).
+    ("simpleshot", {"transform": "L2N"}, True), ("logistic_probe", {}, True),
+    ("knn", {"transform": "L2N", "k": 3}, True), ("finetune_pmf", {"steps": 2}, True),
+    ("tim", {"tim_iterations": 5}, True), ("pt_map", {"epochs": 3}, True),
+    ("laplacianshot", {"transform": "L2N"}, True), ("bd_cspn", {}, True),
+    ("feat", {}, True), ("metaoptnet_svm", {"solver_iterations": 5}, True),
 ]  # fmt: skip
+# Transductive by their algorithm: with running statistics too.
+ALGORITHMIC = {"tim", "pt_map", "laplacianshot", "bd_cspn"}
+# Inductive with running statistics: each query predicted from the support set and itself.
+RUNNING_INDUCTIVE = {
+    "simpleshot",
+    "logistic_probe",
+    "knn",
+    "finetune_pmf",
+    "feat",
+    "metaoptnet_svm",
+}
 
 
 @pytest.mark.parametrize(("learner", "params", "transductive"), CLASSIFIERS)
@@ -196,12 +223,18 @@ def test_every_builtin_learner_s_card_is_what_its_predictions_do(
     if learner == "rfs":
         pytest.importorskip("sklearn")
     modes = {"batch": transductive}
-    if learner == "relationnet" or params.get("transductive"):
+    if learner == "relationnet" or params.get("transductive") or learner in ALGORITHMIC:
         modes["running"] = True
+    elif learner in RUNNING_INDUCTIVE:
+        modes["running"] = False
     for mode, expected in modes.items():
         # 4 filters: with 2, the untrained relation network's running-statistics features are
         # all zero (dead ReLUs) and nothing could move.
-        built = set_up(registry, learner, params, mode, hidden=4)
+        frozen = mode == "running" and learner in ALGORITHMIC | RUNNING_INDUCTIVE
+        # 16 filters for frozen features: with 4, most are dead and the rest point one way.
+        built = set_up(registry, learner, params, mode, hidden=16 if frozen else 4)
+        if frozen:
+            calibrate(built[0].features)
         assert depends_on_other_queries(built[0]) is expected, mode
         assert card(registry, learner, params, mode, built=built)["transductive"] is expected
 

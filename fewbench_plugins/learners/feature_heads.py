@@ -399,10 +399,11 @@ class FineTunedPrototypes(FrozenFeatureLearner):
         return torch.stack(scores)
 
     def prediction_protocol(self) -> PredictionProtocol:
-        """Fine-tuned on the support set alone (``steps`` Adam steps); support and query each
-        through the tuned copy in eval mode: inductive with running statistics."""
+        """Fine-tuned on the support set alone (``steps`` Adam steps); the query set through
+        the tuned copy in its own eval-mode pass: inductive with running statistics,
+        transductive with batch statistics (the query set normalised together)."""
         return PredictionProtocol(
-            PredictionProtocol.SUPPORT_ONLY,
+            PredictionProtocol.QUERY_SET,
             adaptation=self.adaptation,
             adaptation_steps=self.config["steps"] if self.config["finetune_lr"] else 0,
         )
