@@ -53,6 +53,7 @@ from fewbench.plugin import (
     hookimpl,
     supervised_step,
 )
+from fewbench_plugins.learners.schedules import step_decay
 
 
 def cosine_prototype_logits(
@@ -183,12 +184,13 @@ class MetaBaseline(Learner):
         return self._meta_step(batch)
 
     def _pretrain_step(self, batch: LabelledBatch, iteration: int) -> float:
-        lr = self.config["pretrain_lr"]
-        if self.pretrain_total:
-            passed = sum(
-                iteration > f * self.pretrain_total for f in self.config["pretrain_lr_decay_at"]
-            )
-            lr *= self.config["pretrain_lr_decay"] ** passed
+        lr = step_decay(
+            self.config["pretrain_lr"],
+            self.config["pretrain_lr_decay_at"],
+            self.config["pretrain_lr_decay"],
+            iteration,
+            self.pretrain_total,
+        )
         for group in self.pretrain_optimizer.param_groups:
             group["lr"] = lr
         return supervised_step(
