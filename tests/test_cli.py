@@ -217,10 +217,13 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path):
     assert result.returncode == 2 and "no results.sqlite" in result.stderr
 
 
-def test_readme_test_command_is_what_ci_runs():
-    ci_line = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci_line in (REPO / "README.md").read_text()
-    assert "pytest" in ci_line
+def test_readme_test_commands_are_what_ci_runs():
+    """The last two lines of .ci/run: the test command, then the pretrained-backbone tests'."""
+    tests, pretrained = (REPO / ".ci" / "run").read_text().strip().splitlines()[-3::2]
+    readme = (REPO / "README.md").read_text()
+    assert tests in readme and pretrained in readme
+    assert tests.endswith("python -m pytest")
+    assert "FEWBENCH_REQUIRE_PRETRAINED=1" in pretrained and "-m pretrained" in pretrained
 
 
 def test_readme_main_command_runs_the_cpu_suite():

@@ -140,6 +140,19 @@ def entries_of(name: str) -> dict[tuple[str, int, int], dict]:
     }
 
 
+def test_the_readme_s_frozen_feature_figures_are_the_committed_result_files():
+    """The README's SimpleShot, TIM-GD and PT-MAP figures (Omniglot 5-way 1-shot) are the
+    heads export's, and its line says which setting they are."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    line = readme[readme.index("On one frozen Conv-4 trained here") :][:300]
+    assert "Omniglot 5-way 1-shot" in line and "600 episodes" in line
+    by_cell = entries_of("heads")
+    for learner in ("SimpleShot", "TIM-GD", "PT-MAP"):
+        entry = by_cell[(learner, 5, 1)]
+        assert entry["episodes"] == 600 and not entry["capped"]
+        assert f"{learner} {entry['mean']:.2f} ± {entry['ci95']:.2f}" in line, learner
+
+
 def test_the_frozen_feature_tables_are_the_committed_result_files():
     """docs/results.md's three tables of the frozen-feature section show the figures of the
     committed report exports, learner by learner and setting by setting, not figures typed by

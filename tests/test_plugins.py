@@ -47,7 +47,7 @@ def test_builtins_come_through_the_entry_point_group(registry):
         "sinusoid",
     ]  # fmt: skip  (environments register as datasets of the grid)
     assert registry.names("backbone") == [
-        "conv4", "mlp", "resnet10", "resnet12", "resnet18", "wrn28_10",
+        "conv4", "mlp", "open_clip", "resnet10", "resnet12", "resnet18", "timm", "wrn28_10",
     ]  # fmt: skip
     assert set(registry.names("learner")) >= {
         "maml", "fomaml", "finetune", "protonet", "matchingnet", "relationnet", "r2d2", "rfs",

@@ -47,6 +47,7 @@ def check_data(
                 f"cross-domain target): train on another dataset and test on it with "
                 f"eval.dataset: {{name: {name}}}",
             )
+        _check_input_normalisation(suite, cell, registry)
         own = sizes_of(cell.config["dataset"])
         if own is not None:  # a cross-domain cell draws no test episodes from its own dataset
             _check_episodes(suite, cell, own, cell.dataset.name, skip_test=tested_on is not None)
@@ -83,6 +84,34 @@ def _split_sizes(
             raise
         warnings.append(f"data not checked: {exc}")
         return None
+
+
+def _check_input_normalisation(suite: Suite, cell: Cell, registry: Registry) -> None:
+    """A backbone that normalises its input with its pretraining statistics needs images on
+    [0, 1]: a dataset (or test dataset) that normalises them too would be normalised twice."""
+    backbone = registry.get("backbone", cell.backbone.name).build(**cell.backbone.params)
+    if not backbone.normalizes_input():
+        return
+    for section, config in (
+        ("datasets", cell.config["dataset"]),
+        ("eval.dataset", cell.eval.dataset),
+    ):
+        if config is None:
+            continue
+        params = (
+            registry.get("dataset", config["name"])
+            .build(**{k: v for k, v in config.items() if k != "name"})
+            .config
+        )
+        if params.get("normalize", False) not in (False, "none"):
+            raise suite.source.error(
+                section,
+                f"cell {cell.label}: backbone {cell.backbone.name} normalises images with its "
+                f"model's statistics, and {config['name']} normalises them too (normalize: "
+                f"{params['normalize']}); set the dataset's normalize: "
+                f"{'none' if isinstance(params['normalize'], str) else 'false'}, or the "
+                "backbone's normalize: none",
+            )
 
 
 def _check_tested_on(suite: Suite, cell: Cell, registry: Registry) -> None:

@@ -37,14 +37,18 @@ def check_weights_file(name: str, path: str | None) -> None:
         raise FewbenchError(f"backbone {name}: weights {path}: no such file")
 
 
-def load_weights(name: str, module: nn.Module, path: str) -> None:
-    """Load the state_dict in ``path`` into ``module`` (a feature extractor just built), or
-    one line saying what does not fit: a file that is not a state_dict, or keys and shapes
-    that are not this network's (weights of another architecture or size)."""
+def read_weights(name: str, path: str) -> dict:
+    """The state_dict in ``path`` (a torch file, or ``.safetensors`` where the safetensors
+    package is installed), or one line saying why it is not one."""
     import torch
 
     try:
-        state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(str(Path(path).expanduser()), device="cpu")
+        else:
+            state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one line
         raise FewbenchError(
             f"backbone {name}: weights {path}: not a readable state_dict "
@@ -55,6 +59,13 @@ def load_weights(name: str, module: nn.Module, path: str) -> None:
             f"backbone {name}: weights {path}: not a state_dict of tensors (write one with "
             "fewbench export --backbone)"
         )
+    return state
+
+
+def fit_weights(name: str, module: nn.Module, state: dict, path: str) -> None:
+    """Load ``state`` (read from ``path``) into ``module``, or one line saying what does not
+    fit: keys and shapes that are not this network's (weights of another architecture or
+    size)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -75,6 +86,11 @@ def load_weights(name: str, module: nn.Module, path: str) -> None:
     if any(value.is_meta for value in own.values()):
         return  # built on the meta device to count its parameters: the shapes fit, no values
     module.load_state_dict(state)
+
+
+def load_weights(name: str, module: nn.Module, path: str) -> None:
+    """Load the state_dict in ``path`` into ``module`` (a feature extractor just built)."""
+    fit_weights(name, module, read_weights(name, path), path)
 
 
 class Backbone(Plugin):
@@ -102,6 +118,24 @@ class Backbone(Plugin):
         if self.config.get("weights"):
             load_weights(self.name, features, self.config["weights"])
         return features
+
+    def read_weights(self, path: str) -> dict:
+        """The state_dict in ``path``, or one line saying why it is not one."""
+        return read_weights(self.name, path)
+
+    def fit_weights(self, module: nn.Module, state: dict, path: str) -> None:
+        """Load ``state`` into ``module``, or one line saying what does not fit."""
+        fit_weights(self.name, module, state, path)
+
+    def arrives_trained(self) -> bool:
+        """Whether the feature extractor is trained before the cell starts (a ``weights``
+        file, or a library's pretrained weights): frozen-feature learners then train nothing."""
+        return bool(self.config.get("weights"))
+
+    def normalizes_input(self) -> bool:
+        """Whether it normalises its input itself (a pretrained network with its pretraining
+        statistics): the suite check then refuses a dataset that normalises too."""
+        return False
 
     def build_features(self, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
         self.not_implemented("build_features")

@@ -14,7 +14,8 @@ at test time. The backbone comes from one of two places:
   training (epochs 45 and 67 of 90). TIM's and LaplacianShot's backbones were trained the
   same way with label smoothing 0.1 (``label_smoothing``).
 * **Given** (the backbone's ``weights``: a file of a backbone trained elsewhere, for example
-  by another cell, ``fewbench export --backbone``): nothing trains, and the cell evaluates
+  by another cell, ``fewbench export --backbone``; or a pretrained library backbone, ``timm``
+  or ``open_clip`` with hub weights): nothing trains, and the cell evaluates
   the frozen features. Several methods then share one trained backbone, so their numbers
   differ by the method alone.
 
@@ -141,8 +142,8 @@ class FrozenFeatureLearner(Learner):
 
     @property
     def backbone_given(self) -> bool:
-        """Whether the backbone arrived trained (its ``weights``): then nothing trains."""
-        return bool(self.ctx is not None and self.ctx.backbone.config.get("weights"))
+        """Whether the backbone arrived trained (weights or pretrained): then nothing trains."""
+        return bool(self.ctx is not None and self.ctx.backbone.arrives_trained())
 
     def batch_size(self) -> int:
         return self.config["batch_size"]
