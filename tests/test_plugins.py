@@ -45,6 +45,7 @@ def test_builtins_come_through_the_entry_point_group(registry):
         "navigation2d",
         "omniglot",
         "sinusoid",
+        "tieredimagenet",
     ]  # fmt: skip  (environments register as datasets of the grid)
     assert registry.names("backbone") == [
         "conv4", "mlp", "open_clip", "resnet10", "resnet12", "resnet18", "timm", "wrn28_10",

@@ -350,12 +350,17 @@ def download(dataset: type[Dataset], root: Path, *, progress: bool = True) -> Pa
 
 
 def import_path(dataset: type[Dataset], root: Path, source: Path) -> Path:
-    """Install from an unpacked folder, or from the official files (one file or a folder of them)."""
+    """Install from an unpacked folder, from the official files (one file or a folder of them),
+    or by building it from a source it is made from (:meth:`Dataset.builds_from`)."""
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist")
     _refuse_existing(dataset, root)
     remove_stale(root)
+    if dataset.builds_from(source):  # a source it is made from (ILSVRC-2012's training set)
+        if source.is_dir():
+            _refuse_root_inside(source, root)
+        return _build(dataset, root, lambda staging: dataset.build_from(source, staging))
     by_name = {r.filename: r for r in dataset.resources}
     if source.is_file() or (by_name and all((source / n).is_file() for n in by_name)):
         return _import_files(dataset, root, source, by_name)

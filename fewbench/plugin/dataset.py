@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from fewbench.plugin.base import Plugin
+from fewbench.plugin.base import Plugin, not_implemented_error
 from fewbench.plugin.task_types import CLASSIFICATION, TaskType
 
 SPLITS = ("train", "val", "test")
@@ -324,6 +324,19 @@ class Dataset(Plugin):
     def verify(cls, folder: Path) -> list[str]:
         """Problems with an installed folder (empty when it looks complete)."""
         return [] if folder.is_dir() else [f"{folder} does not exist"]
+
+    @classmethod
+    def builds_from(cls, source: Path) -> bool:
+        """Whether ``fewbench data import`` is given a source this dataset is *built* from
+        rather than a copy of it (mini-ImageNet from ILSVRC-2012's training images); cheap."""
+        return False
+
+    @classmethod
+    def build_from(cls, source: Path, folder: Path) -> None:
+        """Build the dataset's files in the empty ``folder`` from ``source`` (one
+        :meth:`builds_from` accepts); the core then verifies the folder and moves it into
+        place, or removes it, so a failure leaves nothing installed."""
+        raise not_implemented_error(cls, "build_from")
 
     def split_sizes(self, root: Path) -> dict[str, SplitSize]:
         self.not_implemented("split_sizes")

@@ -8,7 +8,16 @@ Under the data root, ``miniimagenet/`` holds one of:
   (uint8 ``[N, 84, 84, 3]``) and ``class_dict`` (label -> image indices).
 
 There is no download: the images derive from ImageNet, whose terms forbid
-redistribution. Each split is decoded once into a uint8 ``.npy`` cache (keyed by the
+redistribution. ``fewbench data import miniimagenet SOURCE`` builds the image folder from
+ILSVRC-2012's training images (``ILSVRC2012_img_train.tar``, MD5-checked, or its unpacked
+forms: :mod:`fewbench_plugins.datasets.ilsvrc`) with the Ravi split CSVs shipped with fewbench,
+the way the widely used tools do (github.com/yaoyao-liu/mini-imagenet-tools,
+``mini_imagenet_generator.py``; CloserLookFewShot's file lists agree): a class's training files
+sorted by the number after their last ``_``, the CSV name's last digits the 1-based position in
+that order (``n0153282900000005.jpg`` is the fifth), resized to 84 x 84 by area averaging
+(``cv2.INTER_AREA``; here PIL's box filter) and written as JPEG (quality 95, OpenCV's default).
+Ravi & Larochelle published no such mapping; that it gives their exact images is the tools'
+convention, not confirmed by the authors. Each split is decoded once into a uint8 ``.npy`` cache (keyed by the
 split's files: folder, names, sizes, times and sampled bytes) that is
 memory-mapped at run time (episodes read only the images they draw, and a second
 run starts in seconds). The pickles are received files: they are read with an
@@ -22,8 +31,10 @@ with the per-channel mean and standard deviation of the training classes.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +54,7 @@ from fewbench.plugin import (
     load_array_cache,
     save_array_cache,
 )
+from fewbench_plugins.datasets import ilsvrc
 from fewbench_plugins.datasets.imaging import (
     channel_statistics,
     decode_examples,
@@ -56,9 +68,10 @@ STANDARD = {"train": 64, "val": 16, "test": 20}  # classes; 600 images each
 IMAGES_PER_CLASS = 600
 HOW_TO_GET = (
     "mini-ImageNet cannot be downloaded (ImageNet's terms forbid redistribution). Build it from "
-    "ILSVRC-2012 with the Ravi & Larochelle split (84x84 images as images/<filename>.jpg and "
-    "splits/ravi/{train,val,test}.csv), or obtain the pickle files "
-    "mini-imagenet-cache-{train,val,test}.pkl; then run: fewbench data import miniimagenet PATH"
+    "ILSVRC-2012's training images: fewbench data import miniimagenet "
+    "ILSVRC2012_img_train.tar (or its unpacked folder); or import an image folder "
+    "(images/<filename>.jpg with splits/ravi/{train,val,test}.csv) or the pickle files "
+    "mini-imagenet-cache-{train,val,test}.pkl: fewbench data import miniimagenet PATH"
 )
 
 
@@ -119,14 +132,19 @@ def _csv_path(folder: Path, split: str) -> Path:
 
 def read_split(path: Path) -> dict[str, list[str]]:
     """label -> file names, from a Ravi split CSV."""
-    classes: dict[str, list[str]] = {}
     with open(path, newline="") as f:
-        for number, row in enumerate(csv.reader(f), start=1):
-            if number == 1 and row[:2] == ["filename", "label"]:
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}:{number}: expected 'filename,label', got {row!r}")
-            classes.setdefault(row[1], []).append(row[0])
+        return read_split_text(f.read(), str(path))
+
+
+def read_split_text(text: str, where: str) -> dict[str, list[str]]:
+    """label -> file names, from a Ravi split CSV's text (``where`` names it in errors)."""
+    classes: dict[str, list[str]] = {}
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if number == 1 and row[:2] == ["filename", "label"]:
+            continue
+        if len(row) < 2:
+            raise DataError(f"{where}:{number}: expected 'filename,label', got {row!r}")
+        classes.setdefault(row[1], []).append(row[0])
     return classes
 
 
@@ -193,6 +211,37 @@ class MiniImageNet(Dataset):
         if not problems and (unreadable := unreadable_image(sorted(listed))):
             problems.append(unreadable)
         return problems
+
+    @classmethod
+    def builds_from(cls, source: Path) -> bool:
+        return ilsvrc.is_source(source)
+
+    @classmethod
+    def build_from(cls, source: Path, folder: Path) -> None:
+        """The image folder from ILSVRC-2012's training images (see the module's docstring)."""
+        texts = {split: ilsvrc.split_bytes(f"ravi/{split}.csv") for split in SPLITS}
+        wanted: dict[str, list[str]] = {}
+        for split, text in texts.items():
+            for label, names in read_split_text(text.decode(), f"ravi/{split}.csv").items():
+                wanted.setdefault(label, []).extend(names)
+        (folder / "images").mkdir(parents=True)
+        (folder / "splits" / "ravi").mkdir(parents=True)
+        progress = ilsvrc.print_progress("miniimagenet", len(wanted))
+        images = ilsvrc.class_images(source, set(wanted), progress)
+        for wnid, files in groupby(images, key=lambda image: image[0]):
+            by_number = sorted(files, key=lambda image: ilsvrc.ilsvrc_number(image[1]))
+            for name in wanted[wnid]:
+                position = int(name[len(wnid) : -len(".jpg")])
+                if not 1 <= position <= len(by_number):
+                    raise DataError(
+                        f"{source}: the Ravi split's {name} names training image {position} "
+                        f"of {wnid}, which has {len(by_number)}"
+                    )
+                _, original, data = by_number[position - 1]
+                image = ilsvrc.resized(data, 84, "area", f"{source}: {wnid}/{original}")
+                image.save(folder / "images" / name, quality=95)
+        for split, text in texts.items():
+            _csv_path(folder, split).write_bytes(text)
 
     @staticmethod
     def _verify_pickles(folder: Path) -> list[str]:
