@@ -85,7 +85,9 @@ def _first_member_is_class_tar(path: Path) -> bool:
     return member is not None and CLASS_TAR.fullmatch(member.name) is not None
 
 
-def class_images(source: Path, wanted: set[str], progress: Callable[[str], None]) -> Iterator[Image]:
+def class_images(
+    source: Path, wanted: set[str], progress: Callable[[str], None]
+) -> Iterator[Image]:
     """Every training image of the ``wanted`` classes in ``source``, class by class.
 
     The outer tar's MD5 is checked after its last byte is read; a mismatch raises then,
@@ -107,7 +109,9 @@ def class_images(source: Path, wanted: set[str], progress: Callable[[str], None]
         progress(wnid)
 
 
-def _from_outer_tar(path: Path, wanted: set[str], progress: Callable[[str], None]) -> Iterator[Image]:
+def _from_outer_tar(
+    path: Path, wanted: set[str], progress: Callable[[str], None]
+) -> Iterator[Image]:
     digest = hashlib.md5(usedforsecurity=False)
     found = set()
     with open(path, "rb") as raw:

@@ -88,7 +88,9 @@ def _class_files(folder: Path, wnids: list[str]) -> list[list[Path]]:
     files = []
     for wnid in wnids:
         names = [n for n in os.listdir(folder / "images" / wnid) if n.endswith(".png")]
-        files.append([folder / "images" / wnid / n for n in sorted(names, key=ilsvrc.ilsvrc_number)])
+        files.append(
+            [folder / "images" / wnid / n for n in sorted(names, key=ilsvrc.ilsvrc_number)]
+        )
     return files
 
 
