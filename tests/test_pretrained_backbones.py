@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ needs_libraries = pytest.mark.skipif(
     not HAVE_LIBRARIES and not os.environ.get("FEWBENCH_REQUIRE_PRETRAINED"),
     reason="timm and open_clip are not installed (the README's pretrained-backbone command)",
 )
-pretrained = [pytest.mark.pretrained, needs_libraries]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_card_names_the_external_data_and_flags_imagenet_overlap():
@@ -223,3 +224,22 @@ def test_frozen_heads_run_on_a_library_backbone_and_export_round_trips(tmp_path)
     ).build_features((3, 16, 16))
     original = torch.load(weights, weights_only=True)
     assert all(torch.equal(again.model.state_dict()[k], v) for k, v in original.items())
+
+
+@pytest.mark.pretrained
+@needs_libraries
+def test_the_dino_suite_expands_with_imagenet_named_on_its_cards(tmp_path):
+    """suites/pretrained/miniimagenet-dino.yaml, checked and expanded (no images, no download):
+    every cell on DINO's ViT-S/16, the dataset on [0, 1], the card naming ImageNet-1k."""
+    from fewbench.data.check import expand_and_check
+
+    suite = load_suite_file(REPO / "suites" / "pretrained" / "miniimagenet-dino.yaml")
+    cells = expand_and_check(suite, Registry(), tmp_path, require_data=False).cells
+    assert len(cells) == 8
+    for cell in cells:
+        assert cell.backbone.params["model"] == "vit_small_patch16_224.dino"
+        assert cell.config["dataset"]["normalize"] is False
+    backbone = TimmBackbone(**cells[0].backbone.params)
+    assert backbone.arrives_trained()
+    assert "ImageNet-1k images without labels" in backbone.pretraining()
+    assert "test classes of mini-ImageNet" in backbone.pretraining()
