@@ -243,3 +243,16 @@ def test_the_dino_suite_expands_with_imagenet_named_on_its_cards(tmp_path):
     assert backbone.arrives_trained()
     assert "ImageNet-1k images without labels" in backbone.pretraining()
     assert "test classes of mini-ImageNet" in backbone.pretraining()
+
+
+@pytest.mark.pretrained
+@needs_libraries
+def test_counting_on_the_meta_device_downloads_nothing_and_builds_the_shapes():
+    """A card derived from a stored configuration builds the network on the meta device: hub
+    weights (``pretrained``, the default) are then not fetched, and open_clip is not moved."""
+    clip = OpenClipBackbone(model="ViT-B-32", pretrained="openai")
+    for backbone, width in ((TimmBackbone(), 384), (clip, 512)):
+        with torch.device("meta"):
+            features, got = backbone.build_features((3, 84, 84))
+        assert got == width
+        assert all(p.is_meta for p in features.parameters())

@@ -324,7 +324,11 @@ class OpenClipBackbone(LibraryBackbone):
     def build_model(self, library: Any, download: bool) -> tuple[nn.Module, dict[str, Any]]:
         self.check_model(library)
         tag = self.config["pretrained"] if download else None
-        clip = library.create_model(self.config["model"], pretrained=tag)
+        # Built where tensors are being made (the meta device when only counted): open_clip
+        # moves the model to its ``device``, which would fail from the meta device.
+        clip = library.create_model(
+            self.config["model"], pretrained=tag, device=torch.empty(0).device
+        )
         visual = clip.visual
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
         size = (
