@@ -12,6 +12,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image
 
 from fewbench.data.root import import_path
@@ -127,6 +128,17 @@ def test_a_source_lacking_classes_of_the_shipped_split_says_which(tmp_path):
     with pytest.raises(DataError, match=r"lacks 97 of the 100 classes needed, n\d{8} first"):
         import_path(MiniImageNet, tmp_path / "root", source)
     assert not (tmp_path / "root" / "miniimagenet").exists()
+    done = run_cli("data", "import", "tieredimagenet", str(source), "--data-root",
+                   str(tmp_path / "root"))  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    tiered = set()
+    for split in ("train", "val", "test"):
+        tiered |= set(class_lists(ilsvrc.split_bytes(f"tiered/{split}.csv").decode(), split))
+    lacking = len(tiered - set(wnids))
+    assert done.stderr.strip().splitlines() == [
+        f"fewbench: error: {source} lacks {lacking} of the 608 classes needed, n01440764 first "
+        "(neither n01440764/ nor n01440764.tar)"
+    ]
 
 
 def class_of_ravi() -> set[str]:
