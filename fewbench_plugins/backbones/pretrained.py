@@ -120,10 +120,10 @@ def _channel_tensor(values: tuple[float, ...] | None) -> Tensor | None:
     return None if values is None else torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
 
-def _building_on_meta_device() -> bool:
-    """Whether tensors are being created on the meta device (the run-time estimate counts a
-    network's parameters there): then no weights are downloaded or read."""
-    return torch.empty(0).device.type == "meta"
+def _device_being_built_on() -> torch.device:
+    """Where new tensors are being created: the meta device when a network's parameters are
+    only counted (a card derived from a stored configuration), where no weights are fetched."""
+    return torch.empty(0).device
 
 
 class LibraryBackbone(Backbone):
@@ -198,7 +198,7 @@ class LibraryBackbone(Backbone):
                 f"got {input_shape}"
             )
         library = self.import_library()
-        meta = _building_on_meta_device()
+        meta = _device_being_built_on().type == "meta"
         model, data = self.build_model(
             library, download=bool(self.config["pretrained"]) and not meta
         )
@@ -327,7 +327,7 @@ class OpenClipBackbone(LibraryBackbone):
         # Built where tensors are being made (the meta device when only counted): open_clip
         # moves the model to its ``device``, which would fail from the meta device.
         clip = library.create_model(
-            self.config["model"], pretrained=tag, device=torch.empty(0).device
+            self.config["model"], pretrained=tag, device=_device_being_built_on()
         )
         visual = clip.visual
         cfg = getattr(visual, "preprocess_cfg", {}) or {}

@@ -26,7 +26,6 @@ import torch
 
 from fewbench.plugin import (
     SPLITS,
-    ClassPool,
     DataError,
     Dataset,
     EpisodeSource,
@@ -42,6 +41,7 @@ from fewbench_plugins.datasets.imaging import (
     decode_examples,
     decode_rgb,
     rgb_square_image,
+    split_pools,
     unreadable_image,
 )
 
@@ -143,14 +143,7 @@ class CUB(Dataset):
         arrays = {
             s: self._split_array(base, s, f, cache_dir) for s, f in self._classes(root).items()
         }
-        mean = std = None
-        if self.config["normalize"]:
-            meta = arrays["train"][1]
-            mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
-        return {
-            split: ClassPool(torch.from_numpy(array), mean, std, torch.tensor(meta["counts"]))
-            for split, (array, meta) in arrays.items()
-        }
+        return split_pools(arrays, self.config["normalize"])
 
     def example_ids(self, root: Path, split: str) -> list[list[str]]:
         """Each image's file relative to ``root`` (``cub/CUB_200_2011/images/<class>/<name>.jpg``),

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image as PILImage
 
 from fewbench.plugin import DataError
+from fewbench_plugins.datasets.imaging import failure_reason
 
 # torchvision/datasets/imagenet.py, ARCHIVE_META["train"].
 TRAIN_TAR_MD5 = "1d675b47d978889d74fa0da5fadfb00e"
@@ -208,7 +209,7 @@ def resized(data: bytes, size: int, kernel: str, where: str) -> PILImage.Image:
         with PILImage.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ...
-        raise DataError(f"{where} is not a readable image ({str(exc)[:120]})") from None
+        raise DataError(f"{where} is not a readable image ({failure_reason(exc)})") from None
     if kernel == "area":
         return image.resize((size, size), resample=PILImage.BOX)
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float()

@@ -19,9 +19,10 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from fewbench.plugin import DataError
+from fewbench.plugin import ClassPool, DataError
 
 VERIFY_SAMPLE = 16  # images verify decodes, evenly spaced over the sorted file list
 
@@ -44,11 +45,12 @@ def unreadable_image(paths: list[str], count: int = VERIFY_SAMPLE) -> str | None
             with Image.open(path) as image:
                 image.load()
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ...
-            return f"{path} is not a readable image ({_reason(exc)})"
+            return f"{path} is not a readable image ({failure_reason(exc)})"
     return None
 
 
-def _reason(exc: Exception) -> str:
+def failure_reason(exc: Exception) -> str:
+    """The first line of why a file did not decode, at most 200 characters."""
     return (str(exc) or type(exc).__name__).splitlines()[0][:200]
 
 
@@ -145,7 +147,7 @@ def decode_examples(
                 message if message.startswith(where) else f"{where}: {message}"
             ) from None
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ...
-            raise DataError(f"{where} is not a readable image ({_reason(exc)})") from None
+            raise DataError(f"{where} is not a readable image ({failure_reason(exc)})") from None
     return np.stack(decoded)
 
 
@@ -160,7 +162,7 @@ def _decode_chunk(
         try:
             image = decode_one(path)
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ...
-            return out, (i, f"{path} is not a readable image ({_reason(exc)})")
+            return out, (i, f"{path} is not a readable image ({failure_reason(exc)})")
         out[i] = image
     return out, None
 
@@ -215,3 +217,24 @@ def channel_statistics(array: np.ndarray) -> tuple[list[float], list[float]]:
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return mean.tolist(), std.tolist()
+
+
+def split_pools(
+    arrays: dict[str, tuple[np.ndarray, dict]], normalize: bool
+) -> dict[str, ClassPool]:
+    """One :class:`ClassPool` per split from its cached uint8 array and metadata: normalised,
+    when ``normalize``, with the per-channel statistics recorded with the training split; a
+    split whose metadata has ``counts`` holds classes of different sizes (padded)."""
+    mean = std = None
+    if normalize:
+        train_meta = arrays["train"][1]
+        mean, std = torch.tensor(train_meta["mean"]), torch.tensor(train_meta["std"])
+    return {
+        split: ClassPool(
+            torch.from_numpy(array),
+            mean,
+            std,
+            torch.tensor(meta["counts"]) if "counts" in meta else None,
+        )
+        for split, (array, meta) in arrays.items()
+    }

@@ -44,7 +44,6 @@ from PIL import Image
 
 from fewbench.plugin import (
     SPLITS,
-    ClassPool,
     DataError,
     Dataset,
     EpisodeSource,
@@ -60,6 +59,7 @@ from fewbench_plugins.datasets.imaging import (
     decode_examples,
     decode_rgb,
     rgb_square_image,
+    split_pools,
     unreadable_image,
 )
 from fewbench_plugins.datasets.safe_pickle import load_numpy_pickle
@@ -328,14 +328,7 @@ class MiniImageNet(Dataset):
         folder = self._folder(root)
         form = self._form(folder)
         arrays = {s: self._split_array(folder, cache_dir, form, s) for s in SPLITS}
-        mean = std = None
-        if self.config["normalize"]:
-            train_meta = arrays["train"][1]
-            mean, std = torch.tensor(train_meta["mean"]), torch.tensor(train_meta["std"])
-        return {
-            split: ClassPool(torch.from_numpy(array), mean, std)
-            for split, (array, _) in arrays.items()
-        }
+        return split_pools(arrays, self.config["normalize"])
 
     def example_ids(self, root: Path, split: str) -> list[list[str]]:
         """Each image of ``split`` in :meth:`load`'s order (classes by label, each cut to the

@@ -42,7 +42,6 @@ import torch
 
 from fewbench.plugin import (
     SPLITS,
-    ClassPool,
     DataError,
     Dataset,
     EpisodeSource,
@@ -58,6 +57,7 @@ from fewbench_plugins.datasets.imaging import (
     decode_examples,
     decode_rgb,
     rgb_square_image,
+    split_pools,
     unreadable_image,
 )
 
@@ -210,14 +210,7 @@ class TieredImageNet(Dataset):
     def load(self, root: Path, cache_dir: Path) -> dict[str, EpisodeSource]:
         folder = self._folder(root)
         arrays = {s: self._split_array(folder, s, cache_dir) for s in SPLITS}
-        mean = std = None
-        if self.config["normalize"]:
-            train_meta = arrays["train"][1]
-            mean, std = torch.tensor(train_meta["mean"]), torch.tensor(train_meta["std"])
-        return {
-            split: ClassPool(torch.from_numpy(array), mean, std, torch.tensor(meta["counts"]))
-            for split, (array, meta) in arrays.items()
-        }
+        return split_pools(arrays, self.config["normalize"])
 
     def example_ids(self, root: Path, split: str) -> list[list[str]]:
         """Each image's file relative to ``root`` (``tieredimagenet/images/<wnid>/<name>.png``),
